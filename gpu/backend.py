@@ -1,0 +1,109 @@
+"""Choose the array module (NumPy or CuPy) and the matching FFT functions.
+
+Everything in ``gpu/`` takes ``xp`` (the array module) as an argument or infers it from its
+input with :func:`array_module`, so one code path runs on the CPU and on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # ImportError, or CUDA driver errors on machines without a GPU
+        return False
+
+
+def get_xp(device: str = "auto", gpu_id: int | None = None) -> ModuleType:
+    """``device``: "cpu" -> numpy; "gpu" -> cupy (error if none); "auto" -> cupy when present."""
+    if device == "cpu" or (device == "auto" and not gpu_available()):
+        return np
+    if not gpu_available():
+        raise RuntimeError("device=gpu requested but CuPy sees no CUDA device")
+    import cupy
+
+    if gpu_id is not None:
+        cupy.cuda.Device(gpu_id).use()
+    return cupy
+
+
+def array_module(a: Any) -> ModuleType:
+    """numpy or cupy, whichever owns ``a``."""
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy
+    return np
+
+
+def is_gpu(xp: ModuleType) -> bool:
+    return xp.__name__ == "cupy"
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Host copy (no copy for NumPy input)."""
+    if type(a).__module__.startswith("cupy"):
+        return a.get()
+    return np.asarray(a)
+
+
+_THREADS = {"n": 0}
+
+
+def set_threads(n: int) -> None:
+    """CPU FFT threads (scipy.fft ``workers``); 0 = all cores."""
+    _THREADS["n"] = int(n)
+
+
+def _workers() -> int:
+    return _THREADS["n"] or (os.cpu_count() or 1)
+
+
+def fft_module(xp: ModuleType) -> Any:
+    """``scipy.fft`` on CPU (keeps float32/complex64), ``cupyx.scipy.fft`` on GPU."""
+    if is_gpu(xp):
+        import cupyx.scipy.fft as cfft
+
+        return cfft
+    import scipy.fft as sfft
+
+    return sfft
+
+
+def rfft2(a: Any) -> Any:
+    """Real-to-complex 2-D FFT over the last two axes; float32 in -> complex64 out."""
+    xp = array_module(a)
+    if is_gpu(xp):
+        return fft_module(xp).rfft2(a, axes=(-2, -1))
+    return fft_module(xp).rfft2(a, axes=(-2, -1), workers=_workers())
+
+
+def irfft2(a: Any, s: tuple[int, int]) -> Any:
+    """Inverse of :func:`rfft2`; ``s`` = (h, w) of the real output."""
+    xp = array_module(a)
+    if is_gpu(xp):
+        return fft_module(xp).irfft2(a, s=s, axes=(-2, -1))
+    return fft_module(xp).irfft2(a, s=s, axes=(-2, -1), workers=_workers())
+
+
+def fft2(a: Any) -> Any:
+    xp = array_module(a)
+    if is_gpu(xp):
+        return fft_module(xp).fft2(a, axes=(-2, -1))
+    return fft_module(xp).fft2(a, axes=(-2, -1), workers=_workers())
+
+
+def ifft2(a: Any) -> Any:
+    xp = array_module(a)
+    if is_gpu(xp):
+        return fft_module(xp).ifft2(a, axes=(-2, -1))
+    return fft_module(xp).ifft2(a, axes=(-2, -1), workers=_workers())
