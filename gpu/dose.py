@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from gpu.backend import array_module
+
 _A, _B, _C = 0.24499, -1.6649, 2.8141
 _KV = (100.0, 200.0, 300.0)
 _KV_FACTOR = (0.532, 0.8, 1.0)
@@ -33,7 +35,7 @@ def voltage_factor(kv: float) -> float:
 
 def critical_exposure(k: Any, kv: float = 300.0) -> Any:
     """Ne(k) in e/Å² for spatial frequency ``k`` (1/Å, any shape); ``inf`` at k = 0."""
-    xp = np if isinstance(k, (float, int, np.ndarray)) else __import__("gpu.backend", fromlist=["x"]).array_module(k)
+    xp = array_module(k)
     k = xp.asarray(k, dtype=xp.float64)
     with np.errstate(divide="ignore"):
         ne = xp.where(k > 0, _A * xp.power(xp.maximum(k, 1e-30), _B) + _C, xp.inf)
