@@ -192,7 +192,7 @@ def processing_dict(cfg: Config) -> dict[str, Any]:
 def _base_type(tp: Any) -> type:
     """``int | None`` -> int; ``str`` -> str."""
     if isinstance(tp, str):
-        tp = eval(tp, {"str": str, "int": int, "float": float, "bool": bool, "None": None})  # noqa: S307
+        tp = eval(tp, {"str": str, "int": int, "float": float, "bool": bool, "None": None})
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0]

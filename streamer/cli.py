@@ -1,0 +1,215 @@
+"""The ``lmc`` command: run, watch, worker, status, keys, demo, simulate, boxsize.
+
+Every processing flag comes from the config schema (streamer/config.py), so flags and
+config.yaml keys share names; the frozen Config is built once here and passed down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from streamer import config as config_mod
+from streamer.config import Config, ConfigError
+
+
+def _cfg(ns: argparse.Namespace, **overrides: Any) -> Config:
+    return config_mod.build(ns, **overrides)
+
+
+def _add_session_flags(p: argparse.ArgumentParser) -> None:
+    config_mod.add_config_flags(p)
+    p.add_argument("--new", action="store_true", help="refuse nothing: start a new output folder OUT-2, OUT-3, ... if OUT holds other parameters")
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from streamer.session import run_session
+
+    cfg = _cfg(ns)
+    _need(cfg, "movies", "out")
+    summary = run_session(cfg, once=True, headless=True, new=ns.new)
+    return _print_summary(summary)
+
+
+def cmd_watch(ns: argparse.Namespace) -> int:
+    from streamer.session import run_session
+
+    cfg = _cfg(ns)
+    _need(cfg, "movies", "out")
+    headless = ns.headless or ns.no_console or not sys.stdout.isatty()
+    on_state = None
+    console = None
+    if not headless:
+        from streamer.console import LiveConsole
+
+        console = LiveConsole(cfg)
+        on_state = console.update
+    try:
+        if console is not None:
+            console.start()
+        summary = run_session(cfg, once=ns.once, headless=headless, new=ns.new, on_state=on_state,
+                              controls=console.controls if console is not None else None)
+    finally:
+        if console is not None:
+            console.stop()
+    return _print_summary(summary)
+
+
+def cmd_worker(ns: argparse.Namespace) -> int:
+    from streamer.worker import worker_main
+
+    cfg = _cfg(ns)
+    return int(worker_main(ns.connect, cfg, gpu=ns.gpu, keys=ns.keys_dir) or 0)
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    from streamer.status import print_status
+
+    return int(print_status(Path(ns.out), as_json=ns.json) or 0)
+
+
+def cmd_keys(ns: argparse.Namespace) -> int:
+    from streamer.keys import create_keys
+
+    paths = create_keys(Path(ns.dir))
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_simulate(ns: argparse.Namespace) -> int:
+    from streamer.simulate import SimParams, simulate_session
+
+    kwargs: dict[str, Any] = {}
+    for name in ("movies", "frames", "particles", "seed", "format", "apix", "dose_per_frame", "mass_kda", "local_A"):
+        value = getattr(ns, name)
+        if value is not None:
+            kwargs[name] = value
+    if ns.shape is not None:
+        kwargs["shape"] = tuple(ns.shape)
+    out = simulate_session(Path(ns.dir), SimParams(**kwargs))
+    print(f"synthetic session written to {out}")
+    info = json.loads((Path(ns.dir) / "session.json").read_text())
+    flags = info.get("lmc_flags") or {}
+    if flags:
+        print("process it with:\n  lmc run " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()))
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from streamer.demo import run_demo
+
+    return int(run_demo(ns) or 0)
+
+
+def cmd_boxsize(ns: argparse.Namespace) -> int:
+    from gpu.boxsize import recommended_box
+
+    rec = recommended_box(ns.diameter, ns.defocus, ns.resolution, ns.kv, ns.apix)
+    for key, value in rec.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _need(cfg: Config, *names: str) -> None:
+    missing = [n for n in names if not getattr(cfg, n)]
+    if missing:
+        raise ConfigError("missing " + ", ".join("--" + n.replace("_", "-") for n in missing))
+
+
+def _print_summary(summary: dict[str, Any]) -> int:
+    print(f"movies done: {summary.get('done', 0)}  failed: {summary.get('failed', 0)}  "
+          f"skipped: {summary.get('skipped', 0)}  particles written: {summary.get('particles', 0)}")
+    for movie, reason in summary.get("failures", []):
+        print(f"  failed: {movie}: {reason}")
+    if summary.get("out"):
+        print(f"output: {summary['out']}")
+    return 1 if summary.get("aborted") else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmc", description="Live per-particle motion correction for cryo-EM")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="process every movie that has picks, then exit with a summary")
+    _add_session_flags(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("watch", help="watch folders during a session and process movies as they arrive")
+    _add_session_flags(p)
+    p.add_argument("--once", action="store_true", help="process what is there now, then exit")
+    p.add_argument("--headless", action="store_true", help="no console: log lines and OUT/status.json")
+    p.add_argument("--no-console", action="store_true", help="same as --headless")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("worker", help="join a dispatcher's worker pool (e.g. from a Slurm job on another node)")
+    p.add_argument("--connect", required=True, help="dispatcher address, e.g. tcp://head:5555")
+    p.add_argument("--gpu", type=int, default=None, help="CUDA device to pin this worker to")
+    p.add_argument("--keys-dir", dest="keys_dir", default=None, help="folder from `lmc keys` (needed for non-loopback)")
+    config_mod.add_config_flags(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("status", help="print OUT/status.json for a human")
+    p.add_argument("out", help="output folder of a running or finished session")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("keys", help="create CurveZMQ keys for a dispatcher bound beyond localhost")
+    p.add_argument("dir", help="folder to create the keys in")
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("simulate", help="write a realistic synthetic session with ground truth")
+    p.add_argument("dir")
+    p.add_argument("--movies", type=int)
+    p.add_argument("--frames", type=int)
+    p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"))
+    p.add_argument("--particles", type=int, help="particles per movie")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--format", choices=["tiff", "mrc", "mrc.bz2", "eer"])
+    p.add_argument("--apix", type=float)
+    p.add_argument("--dose-per-frame", dest="dose_per_frame", type=float)
+    p.add_argument("--mass-kda", dest="mass_kda", type=float)
+    p.add_argument("--local-A", dest="local_A", type=float, help="amplitude of the smooth local motion (Å)")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("demo", help="a synthetic session arriving over time, processed live")
+    p.add_argument("dir", nargs="?", default=None, help="where to put it (default: a temporary folder)")
+    p.add_argument("--movies", type=int, default=None)
+    p.add_argument("--fast", action="store_true", help="tiny movies, for tests")
+    p.add_argument("--headless", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("boxsize", help="Rosenthal & Henderson box size: box >= d + 2 λ Δf / r")
+    p.add_argument("--diameter", type=float, required=True, help="particle diameter (Å)")
+    p.add_argument("--defocus", type=float, required=True, help="largest defocus (Å; 20000 = 2 µm)")
+    p.add_argument("--resolution", type=float, required=True, help="target resolution (Å)")
+    p.add_argument("--kv", type=float, default=300.0)
+    p.add_argument("--apix", type=float, default=1.0, help="pixel size (Å/px) to express the box in pixels")
+    p.set_defaults(func=cmd_boxsize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except ConfigError as exc:
+        print(f"lmc: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line for user-facing errors; tracebacks stay in the log
+        from streamer.errors import is_user_error
+
+        if is_user_error(exc):
+            print(f"lmc: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

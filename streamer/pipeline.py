@@ -1,0 +1,294 @@
+"""One movie + its picks -> motion-corrected, exposure-weighted particles (a MovieResult).
+
+Stages: read + decode -> gain (and hot/defect pixels) -> full-frame motion -> picks ->
+per-particle trajectories (``cfg.local``) -> extraction along the trajectories with Fourier
+sub-pixel shifts, exposure weighting and Fourier cropping -> normalisation -> statistics,
+trajectories STAR and diagnostic plot.
+
+Coordinates: picks and outputs are in *movie pixels* at EER upsampling 1 (the physical detector
+grid, pixel size ``cfg.apix``). With EER upsampling ``u`` the frames have pixel size
+``apix / u`` and physical pixel ``i`` covers frame pixels ``u*i .. u*i + u - 1``, whose centre is
+``u*i + (u - 1)/2``; ``box`` and ``fcrop_box`` stay in physical pixels (the extraction box on
+the frames is ``u * box``, Fourier-cropped to ``fcrop_box or box``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from gpu import backend
+from streamer.config import Config, GainConfig
+from streamer.types import MovieResult, Picks
+
+EARLY_EXPOSURE = 4.0  # e/Å²: "early" motion as in RELION's motion statistics
+
+
+@functools.lru_cache(maxsize=4)
+def _gain_multiplier(
+    path: str, mtime: float, gcfg: GainConfig, shape: tuple[int, int], upsampling: int
+) -> np.ndarray:
+    from streamer.gainref import read_gain
+
+    return read_gain(path, gcfg, shape, upsampling=upsampling)
+
+
+@functools.lru_cache(maxsize=4)
+def _defect_mask(path: str, mtime: float, shape: tuple[int, int]) -> np.ndarray:
+    from streamer.gainref import read_defects
+
+    return read_defects(path, shape)
+
+
+def load_gain(cfg: Config, frame_shape: tuple[int, int], upsampling: int = 1) -> np.ndarray | None:
+    """The oriented float32 gain multiplier for frames of ``frame_shape`` (cached per process)."""
+    if not cfg.gain.file:
+        return None
+    path = str(cfg.gain.file)
+    return _gain_multiplier(path, os.path.getmtime(path), cfg.gain, tuple(frame_shape), upsampling)
+
+
+def resolve_picks(cfg: Config, movie: str, picks: Any, frame_shape_phys: tuple[int, int]) -> Picks:
+    """Read the picks for ``movie`` from a PickSource, a pick file/folder path or ``cfg.picks.dir``."""
+    from streamer.picks import PickIndex, PicksError, read_picks
+
+    source = picks
+    if source is None or isinstance(source, (str, Path)):
+        where = source if source is not None else cfg.picks.dir
+        if where is None:
+            raise PicksError(f"{movie}: no picks given (--picks DIR)")
+        source = PickIndex(where, format=cfg.picks.format).lookup(movie)
+        if source is None:
+            raise PicksError(f"{movie}: no pick file matches this movie in {where}")
+    return read_picks(source, cfg.picks, frame_shape_phys)
+
+
+def path_length(traj: np.ndarray) -> float:
+    """Total path length of a (F, 2) trajectory."""
+    if len(traj) < 2:
+        return 0.0
+    return float(np.sum(np.linalg.norm(np.diff(traj, axis=0), axis=-1)))
+
+
+def process_movie(
+    cfg: Config,
+    movie: str,
+    picks: Any = None,
+    xp: ModuleType | None = None,
+    gain: np.ndarray | None = None,
+    write_sidecars: bool = True,
+) -> MovieResult:
+    """Process one movie end to end (see module docstring). Raises MovieError/PicksError/GainError."""
+    from gpu.extract import cut_patches, extract_particles
+    from gpu.gain import apply_gain, hot_pixel_mask, replace_pixels
+    from gpu.motion import aligned_sum, estimate_frame_shifts
+    from gpu.normalize import normalize_background
+
+    from streamer.movies import read_movie
+
+    xp = xp or backend.get_xp(cfg.device)
+    if cfg.threads:
+        backend.set_threads(cfg.threads)
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    tick = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        if backend.is_gpu(xp):
+            xp.cuda.Stream.null.synchronize()
+        now = time.perf_counter()
+        timings[f"seconds_{name}"] = round(now - tick, 4)
+        tick = now
+
+    mov = read_movie(movie, cfg.eer, threads=cfg.threads)
+    warnings.extend(mov.warnings)
+    if mov.leftover_raw_frames:
+        warnings.append(f"{mov.leftover_raw_frames} raw EER frames left over after {cfg.eer.fractions} fractions (not used)")
+    u = int(mov.upsampling)
+    eer_leftover = int(mov.leftover_raw_frames)
+    n_frames, h, w = mov.frames.shape
+    phys_shape = (h // u, w // u)
+    apix = cfg.apix / u
+    lap("decode")
+
+    multiplier = gain if gain is not None else load_gain(cfg, (h, w), u)
+    frames = apply_gain(xp.asarray(mov.frames), None if multiplier is None else xp.asarray(multiplier))
+    del mov
+    bad = None
+    if cfg.gain.hot_pixel_sigma > 0:
+        bad = hot_pixel_mask(frames.sum(axis=0), cfg.gain.hot_pixel_sigma)
+    if cfg.gain.defects:
+        defects = xp.asarray(_defect_mask(cfg.gain.defects, os.path.getmtime(cfg.gain.defects), (h, w)))
+        bad = defects if bad is None else (bad | defects)
+    n_bad = int(bad.sum()) if bad is not None else 0
+    if n_bad:
+        frames = replace_pixels(frames, bad)
+    lap("gain")
+
+    shifts_px = estimate_frame_shifts(
+        frames,
+        apix,
+        max_resolution_A=cfg.motion.max_resolution,
+        bfactor=cfg.motion.bfactor,
+        iterations=cfg.motion.iterations,
+        tolerance_px=cfg.motion.tolerance * u,
+        reference_frame=cfg.motion.reference_frame,
+    )
+    shifts_px = np.asarray(shifts_px, dtype=np.float64)
+    lap("motion")
+
+    pk = resolve_picks(cfg, movie, picks, phys_shape)
+    skipped: list[tuple[float, float, str]] = list(pk.rejected)
+    px = pk.x * u + (u - 1) / 2.0
+    py = pk.y * u + (u - 1) / 2.0
+    positions = np.stack([px, py], axis=-1) if len(pk) else np.zeros((0, 2))
+    n_picks = len(pk) + len(pk.rejected)
+
+    # per-particle trajectories (local residual on top of the full-frame motion), px
+    local_raw = np.zeros((len(pk), n_frames, 2))
+    local_smooth = np.zeros((len(pk), n_frames, 2))
+    local_info: dict[str, Any] = {}
+    if cfg.local.enabled and len(pk) > 0:
+        from gpu.local import estimate_local
+
+        a = (cfg.local.align_box or cfg.box) * u
+        centres = positions[:, None, :] + shifts_px[None, :, :]
+        centres_int = np.rint(centres)
+        inside = _inside(centres_int, a, h, w)
+        if inside.any():
+            patches = cut_patches(frames, xp.asarray(centres_int[inside].astype(np.int64)), a)
+            res = estimate_local(
+                patches,
+                centres[inside] - centres_int[inside],
+                positions[inside],
+                apix=apix,
+                dose_per_frame=cfg.dose_per_frame,
+                pre_exposure=cfg.pre_exposure,
+                kv=cfg.kv,
+                cfg=cfg.local,
+            )
+            local_raw[inside] = backend.to_numpy(res.raw)
+            local_smooth[inside] = backend.to_numpy(res.smooth)
+            local_info = dict(res.info)
+            del patches
+        if not inside.all():
+            warnings.append(f"{int((~inside).sum())} particles too close to the edge for the alignment box: full-frame motion only")
+    lap("local")
+
+    traj_smooth_px = shifts_px[None] + local_smooth
+    traj_raw_px = shifts_px[None] + local_raw
+    dose = {"dose_per_frame": cfg.dose_per_frame, "pre_exposure": cfg.pre_exposure, "kv": cfg.kv} if cfg.dose_weighting else None
+    particles, kept, reasons = extract_particles(
+        frames,
+        positions,
+        traj_smooth_px,
+        box=cfg.box * u,
+        out_box=cfg.out_box,
+        apix=apix,
+        dose=dose,
+        edge=cfg.edge,
+    )
+    kept = np.asarray(backend.to_numpy(kept), dtype=np.int64)
+    kept_set = set(kept.tolist())
+    for i, reason in _reason_items(reasons):
+        if i not in kept_set:
+            skipped.append((float(pk.x[i]), float(pk.y[i]), reason))
+    if cfg.normalize or cfg.invert_contrast:
+        particles = normalize_background(
+            particles, radius_px=0.75 * cfg.out_box / 2, invert=cfg.invert_contrast, normalize=cfg.normalize
+        )
+    particles_np = backend.to_numpy(particles).astype(np.float32, copy=False)
+    lap("extract")
+
+    quality_gain = float("nan")
+    if cfg.local.enabled and len(kept) > 0 and local_info:
+        try:
+            from gpu.quality import evenodd_gain
+
+            quality_gain = float(
+                evenodd_gain(frames, positions[kept], shifts_px, traj_smooth_px[kept], apix=apix, cfg=cfg.local,
+                             dose_per_frame=cfg.dose_per_frame)
+            )
+        except ImportError:
+            pass
+    aligned, binning = aligned_sum(frames, shifts_px, apix=apix, max_resolution_A=max(cfg.motion.max_resolution, 4 * apix))
+    micrograph = backend.to_numpy(aligned)
+    del frames
+    lap("quality")
+
+    frame_shifts_A = shifts_px * apix
+    local_mag = np.linalg.norm(local_smooth[kept] - local_smooth[kept].mean(axis=1, keepdims=True), axis=-1) * apix
+    per_particle = np.sqrt((local_mag**2).mean(axis=1)) if len(kept) else np.zeros(0)
+    cumulative = cfg.pre_exposure + cfg.dose_per_frame * np.arange(1, n_frames + 1)
+    n_early = int(np.searchsorted(cumulative, EARLY_EXPOSURE + cfg.pre_exposure, side="right")) + 1
+    stats: dict[str, Any] = {
+        "motion_total_A": round(path_length(frame_shifts_A), 3),
+        "motion_early_A": round(path_length(frame_shifts_A[: max(n_early, 1)]), 3),
+        "local_mean_A": round(float(per_particle.mean()), 3) if len(per_particle) else 0.0,
+        "local_max_A": round(float(per_particle.max()), 3) if len(per_particle) else 0.0,
+        "quality_gain": None if np.isnan(quality_gain) else round(quality_gain, 5),
+        "n_picks": n_picks,
+        "n_particles": len(kept),
+        "n_skipped": len(skipped),
+        "frames": int(n_frames),
+        "hot_pixels": n_bad,
+        "eer_leftover": eer_leftover,
+        "local_fallback": bool(local_info.get("fallback", False)),
+        "warnings": [f"{pk.source}: {p}" for p in pk.problems] + warnings,
+        **timings,
+    }
+    result = MovieResult(
+        movie=str(movie),
+        particles=particles_np,
+        x=np.asarray(pk.x)[kept],
+        y=np.asarray(pk.y)[kept],
+        columns={k: np.asarray(v)[kept] for k, v in pk.columns.items()},
+        skipped=skipped,
+        frame_shifts=frame_shifts_A,
+        traj_raw=traj_raw_px[kept] * apix,
+        traj_smooth=traj_smooth_px[kept] * apix,
+        micrograph_shape=phys_shape,
+        apix=cfg.apix,
+        stats=stats,
+    )
+    if write_sidecars and cfg.out:
+        write_sidecar_files(cfg, result, micrograph, binning * u)
+        stats["seconds_sidecars"] = round(time.perf_counter() - tick, 4)
+    return result
+
+
+def write_sidecar_files(cfg: Config, result: MovieResult, micrograph: np.ndarray, binning_phys: float) -> None:
+    """trajectories/<stem>.star and plots/<stem>.png (idempotent, atomic replace)."""
+    from streamer.picks import movie_stem
+    from streamer.trajectories import write_trajectories
+
+    out = Path(cfg.out)
+    stem = movie_stem(result.movie)
+    (out / "trajectories").mkdir(parents=True, exist_ok=True)
+    write_trajectories(out / "trajectories" / f"{stem}.star", result)
+    if cfg.plots:
+        from streamer.plot import plot_trajectories
+
+        (out / "plots").mkdir(parents=True, exist_ok=True)
+        plot_trajectories(out / "plots" / f"{stem}.png", micrograph, binning_phys, result)
+
+
+def _inside(centres_int: np.ndarray, box: int, h: int, w: int) -> np.ndarray:
+    """(P,) True where a box of size ``box`` centred (index box//2) at every frame's centre fits."""
+    lo = centres_int - box // 2
+    hi = lo + box
+    ok = (lo[..., 0] >= 0) & (lo[..., 1] >= 0) & (hi[..., 0] <= w) & (hi[..., 1] <= h)
+    return ok.all(axis=1)
+
+
+def _reason_items(reasons: Any) -> list[tuple[int, str]]:
+    if isinstance(reasons, dict):
+        return [(int(i), str(r)) for i, r in reasons.items()]
+    return [(int(i), str(r)) for i, r in reasons]
