@@ -238,6 +238,8 @@ def process_movie(
         "n_particles": len(kept),
         "n_skipped": len(skipped),
         "frames": int(n_frames),
+        "dose_per_frame": cfg.dose_per_frame,
+        "pre_exposure": cfg.pre_exposure,
         "hot_pixels": n_bad,
         "eer_leftover": eer_leftover,
         "local_fallback": bool(local_info.get("fallback", False)),

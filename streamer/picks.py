@@ -1,0 +1,731 @@
+"""Particle picks: find the pick file for a movie, read it, validate it; writers for round trips.
+
+Formats (``picks.format``; ``auto`` goes by extension):
+
+* ``star`` (``.star``): RELION coordinate STAR, the first data block holding a loop with
+  ``rlnCoordinateX``/``rlnCoordinateY`` (particle centres). With ``rlnMicrographName`` the file may
+  hold many micrographs (a RELION particles STAR). CTF columns are carried (``CARRIED_COLUMNS``).
+* ``box`` (``.box``): EMAN box, whitespace-separated ``x y w h`` per line where ``(x, y)`` is the
+  box's lower-left corner; centre = ``(x + w/2, y + h/2)``. Coordinates are taken as image
+  column/row exactly as written, with no y flip (EMAN, RELION and crYOLO write .box in the
+  same array orientation as the MRC the picks were made on).
+* ``cbox`` (``.cbox``, chosen with ``box``): crYOLO; a STAR with ``_CoordinateX _CoordinateY _Width
+  _Height [_Confidence]`` (lower-left corner, as .box) or, in old versions, .box columns plus a
+  confidence. Confidence becomes ``rlnAutopickFigureOfMerit``.
+* ``topaz`` (``.txt``): tab-separated, header ``image_name x_coord y_coord score`` (centres);
+  ``image_name`` optional (then the file is one micrograph); may hold many micrographs.
+* ``cs`` (``.cs``): cryoSPARC particles (NumPy structured array; compressed CSDAT files need
+  cryosparc-tools). Centre = ``(center_x_frac * micrograph_shape[1], center_y_frac *
+  micrograph_shape[0])`` from the ``location/*`` fields; ``ctf/df1_A``, ``ctf/df2_A``,
+  ``ctf/df_angle_rad`` (-> degrees), ``ctf/phase_shift_rad`` (-> degrees) become rlnDefocusU/V/Angle
+  and rlnPhaseShift. Without ``location/micrograph_shape`` the fractions are applied to the movie
+  frame and ``picks.scale`` is not applied (fractions need no scale).
+
+Matching: a pick file (or a micrograph named inside a multi-micrograph file) belongs to the movie
+with the same *stem*: see ``movie_stem`` and ``pick_stem``. ``PickIndex.lookup`` normalises the
+movie's stem with the same rules as picks, so both sides meet on one key.
+
+All coordinates are multiplied by ``picks.scale`` and then validated against the movie frame:
+NaN -> "NaN coordinate", x < 0 or y < 0 -> "negative coordinate", x >= w or y >= h ->
+"outside the {w}x{h} frame". Malformed files raise ``PicksError`` whose message starts with the path.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from streamer.config import PicksConfig
+from streamer.types import Picks
+
+
+class PicksError(ValueError):
+    """A pick file is unreadable or malformed; the message starts with the file's path."""
+
+
+# -- stems ----------------------------------------------------------------------------------
+
+_MOVIE_EXTS = (".mrc.bz2", ".mrcs.bz2", ".tif.bz2", ".tiff.bz2", ".mrcs", ".mrc", ".tiff", ".tif", ".eer")
+_PICK_EXTS = (".star", ".cbox", ".box", ".txt", ".cs")
+# micrograph names inside multi-micrograph files carry image extensions too
+_IMAGE_EXTS = (*_MOVIE_EXTS, ".jpg", ".png")
+_MOVIE_SUFFIXES = ("_fractions", "_Fractions", "_EER", ".frames")
+_PICKER_SUFFIXES = (
+    "_autopick",
+    "_manualpick",
+    "_manualPick",
+    "_picks",
+    "_coords",
+    "_topaz",
+    "_cryolo",
+    "_particles",
+)
+_MICROGRAPH_SUFFIXES = (
+    "_patch_aligned_doseweighted",
+    "_patch_aligned",
+    "_rigid_aligned",
+    "_doseweighted",
+    "_aligned",
+    "_noDW",
+    "_DW",
+)
+# longest first so "_patch_aligned" is removed whole rather than leaving "_patch"
+_ALL_PICK_SUFFIXES = tuple(sorted({*_MOVIE_SUFFIXES, *_PICKER_SUFFIXES, *_MICROGRAPH_SUFFIXES}, key=len, reverse=True))
+# cryoSPARC prefixes output file names with the exposure's 21-digit zero-padded uid
+_CS_UID_PREFIX = re.compile(r"^\d{21}_")
+
+
+def _strip_ext(name: str, exts: tuple[str, ...]) -> str:
+    low = name.lower()
+    for ext in exts:
+        if low.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _strip_suffixes(name: str, suffixes: tuple[str, ...]) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for suf in suffixes:
+            if name.endswith(suf) and len(name) > len(suf):
+                name = name[: -len(suf)]
+                changed = True
+    return name
+
+
+def movie_stem(path: str | os.PathLike[str]) -> str:
+    """File name without movie extension (case-insensitive) and without ``_fractions``,
+    ``_Fractions``, ``_EER``, ``.frames`` (repeatedly, so ``_fractions_EER`` goes too).
+
+    ``raw/FoilHole_1_Data_2_fractions.tiff`` -> ``FoilHole_1_Data_2``; the rest is kept as is.
+    """
+    return _strip_suffixes(_strip_ext(Path(path).name, _MOVIE_EXTS), _MOVIE_SUFFIXES)
+
+
+def pick_stem(path: str | os.PathLike[str]) -> str:
+    """The matching key of a pick file or of a micrograph name found inside one.
+
+    Removes one pick or image extension, a cryoSPARC 21-digit uid prefix, then repeatedly the
+    picker suffixes (``_autopick``, ``_manualpick``, ``_picks``, ``_coords``, ``_topaz``,
+    ``_cryolo``, ``_particles``...), micrograph suffixes (``_DW``, ``_noDW``, ``_aligned``,
+    ``_doseweighted``, ``_patch_aligned_doseweighted``...) and movie suffixes (``_fractions``, ``_EER``).
+    ``FoilHole_1_Data_2_fractions_autopick.star`` -> ``FoilHole_1_Data_2``.
+    """
+    name = Path(path).name
+    base = _strip_ext(name, _PICK_EXTS)
+    if base == name:
+        base = _strip_ext(name, _IMAGE_EXTS)
+    base = _CS_UID_PREFIX.sub("", base) or base
+    return _strip_suffixes(base, _ALL_PICK_SUFFIXES)
+
+
+def match_key(movie_path: str | os.PathLike[str]) -> str:
+    """The key ``PickIndex`` looks a movie up by: its stem, normalised as pick stems are."""
+    return pick_stem(movie_stem(movie_path))
+
+
+# -- sources and the index ---------------------------------------------------------------------
+
+_FORMAT_EXTS: dict[str, tuple[str, ...]] = {
+    "star": (".star",),
+    "box": (".box", ".cbox"),
+    "topaz": (".txt",),
+    "cs": (".cs",),
+}
+_EXT_FORMAT = {".star": "star", ".box": "box", ".cbox": "cbox", ".txt": "topaz", ".cs": "cs"}
+
+
+@dataclass(frozen=True)
+class PickSource:
+    """Where one movie's picks are: a file (``format`` star|box|cbox|topaz|cs) as it was when indexed
+    (``mtime`` seconds, ``size`` bytes), and for multi-micrograph files the micrograph name exactly
+    as written in the file (``micrograph``; None for one-micrograph files)."""
+
+    path: str
+    format: str
+    mtime: float
+    size: int
+    micrograph: str | None = None
+
+    @property
+    def stamp(self) -> tuple[float, int]:
+        """(mtime, size): changes when the file is rewritten."""
+        return (self.mtime, self.size)
+
+
+@dataclass
+class _Entry:
+    mtime_ns: int
+    size: int
+    sources: dict[str, PickSource] = field(default_factory=dict)
+
+
+def _file_format(path: Path, fmt: str) -> str | None:
+    """The reader for ``path`` under ``picks.format`` = ``fmt``, or None if it is not a pick file."""
+    ext = path.suffix.lower()
+    if fmt == "auto":
+        return _EXT_FORMAT.get(ext)
+    if ext not in _FORMAT_EXTS[fmt]:
+        return None
+    return "cbox" if ext == ".cbox" else fmt
+
+
+class PickIndex:
+    """Stem -> pick source, for a folder (scanned recursively) or a single file.
+
+    ``refresh()`` rescans: it stats every candidate file and re-reads only those whose size or
+    mtime changed, so calling it every poll is cheap. Multi-micrograph files (STAR with
+    rlnMicrographName, .cs with location/micrograph_path, Topaz with image_name) index every
+    micrograph they hold. When several sources give one stem, a one-micrograph file beats a
+    multi-micrograph file, then the newest file wins, then the first path; ``conflicts`` lists them.
+    Files that are not usable pick files are listed in ``unusable`` (path -> reason) and skipped;
+    hidden files (``.name``, e.g. partial transfers) are ignored.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], format: str = "auto") -> None:
+        if format not in ("auto", *_FORMAT_EXTS):
+            raise PicksError(f"{path}: unknown pick format {format!r} (auto, star, box, topaz, cs)")
+        self.path = Path(path)
+        self.format = format
+        self._entries: dict[str, _Entry] = {}
+        self._by_stem: dict[str, PickSource] = {}
+        self.conflicts: dict[str, list[str]] = {}
+        self.unusable: dict[str, str] = {}
+        self.refresh()
+
+    # -- scanning --------------------------------------------------------------------------
+    def _candidates(self) -> list[tuple[Path, str]]:
+        if self.path.is_file():
+            fmt = self.format if self.format != "auto" else _EXT_FORMAT.get(self.path.suffix.lower())
+            if fmt == "box" and self.path.suffix.lower() == ".cbox":
+                fmt = "cbox"
+            if fmt is None:
+                self.unusable[str(self.path)] = f"{self.path}: unknown pick file extension"
+                return []
+            return [(self.path, fmt)]
+        out = []
+        for root, dirs, files in os.walk(self.path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if name.startswith("."):
+                    continue
+                p = Path(root, name)
+                fmt = _file_format(p, self.format)
+                if fmt is not None:
+                    out.append((p, fmt))
+        return out
+
+    def refresh(self) -> list[str]:
+        """Rescan; returns the stems whose source is new or changed (sorted). Stems whose files
+        disappeared are dropped from the index and not returned."""
+        seen: set[str] = set()
+        for p, fmt in self._candidates():
+            key = str(p)
+            try:
+                st = p.stat()
+            except OSError:
+                continue  # vanished between listing and stat
+            seen.add(key)
+            old = self._entries.get(key)
+            if old is not None and old.mtime_ns == st.st_mtime_ns and old.size == st.st_size:
+                continue
+            entry = _Entry(st.st_mtime_ns, st.st_size)
+            self.unusable.pop(key, None)
+            try:
+                entry.sources = _index_file(key, fmt, st.st_mtime_ns / 1e9, st.st_size)
+            except (PicksError, OSError) as exc:
+                self.unusable[key] = str(exc)
+            if not entry.sources and key not in self.unusable:
+                self.unusable[key] = f"{key}: holds no particle coordinates"
+            self._entries[key] = entry
+        for key in set(self._entries) - seen:
+            del self._entries[key]
+            self.unusable.pop(key, None)
+        before = self._by_stem
+        self._by_stem, self.conflicts = _choose(self._entries)
+        return sorted(s for s, src in self._by_stem.items() if before.get(s) != src)
+
+    # -- queries -----------------------------------------------------------------------------
+    def lookup(self, movie_path: str | os.PathLike[str]) -> PickSource | None:
+        """The pick source for a movie (by ``match_key``), or None when none is indexed."""
+        return self._by_stem.get(match_key(movie_path))
+
+    def stems(self) -> set[str]:
+        return set(self._by_stem)
+
+    def __len__(self) -> int:
+        return len(self._by_stem)
+
+
+def _choose(entries: dict[str, _Entry]) -> tuple[dict[str, PickSource], dict[str, list[str]]]:
+    candidates: dict[str, list[PickSource]] = {}
+    for entry in entries.values():
+        for stem, src in entry.sources.items():
+            candidates.setdefault(stem, []).append(src)
+    chosen: dict[str, PickSource] = {}
+    conflicts: dict[str, list[str]] = {}
+    for stem, srcs in candidates.items():
+        srcs.sort(key=lambda s: (s.micrograph is not None, -s.mtime, s.path))
+        chosen[stem] = srcs[0]
+        if len(srcs) > 1:
+            conflicts[stem] = [s.path for s in srcs]
+    return chosen, conflicts
+
+
+_PEEK_BYTES = 1 << 18
+
+
+def _index_file(path: str, fmt: str, mtime: float, size: int) -> dict[str, PickSource]:
+    """stem -> source for every micrograph in one file (one entry for one-micrograph files)."""
+    single = {pick_stem(path): PickSource(path, fmt, mtime, size)}
+    if size == 0 or fmt in ("box", "cbox"):
+        return single
+    if fmt == "star":
+        with open(path, "rb") as fh:
+            head = fh.read(_PEEK_BYTES).decode("utf-8", "replace")
+        if "_rlnCoordinateX" not in head:
+            return {} if _has_content(head) else single
+        if "_rlnMicrographName" not in head:
+            return single
+    elif fmt == "topaz":
+        with open(path, "rb") as fh:
+            first = fh.readline(_PEEK_BYTES).decode("utf-8", "replace").split()
+        if first and "x_coord" not in first:
+            return {}
+        if "image_name" not in first:
+            return single
+    table = _load_table(path, fmt, os.stat(path).st_mtime_ns, size)
+    if table.names is None:
+        return single
+    out: dict[str, PickSource] = {}
+    for name in np.unique(table.names):
+        out.setdefault(pick_stem(str(name)), PickSource(path, fmt, mtime, size, str(name)))
+    return out
+
+
+def _has_content(text: str) -> bool:
+    return any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines())
+
+
+# -- reading -------------------------------------------------------------------------------
+
+CARRIED_COLUMNS = (
+    "rlnDefocusU",
+    "rlnDefocusV",
+    "rlnDefocusAngle",
+    "rlnCtfBfactor",
+    "rlnCtfMaxResolution",
+    "rlnCtfFigureOfMerit",
+    "rlnPhaseShift",
+    "rlnAutopickFigureOfMerit",
+)
+# cryoSPARC field -> (RELION label, factor)
+_CS_COLUMNS = {
+    "ctf/df1_A": ("rlnDefocusU", 1.0),
+    "ctf/df2_A": ("rlnDefocusV", 1.0),
+    "ctf/df_angle_rad": ("rlnDefocusAngle", 180.0 / np.pi),
+    "ctf/phase_shift_rad": ("rlnPhaseShift", 180.0 / np.pi),
+    "pick_stats/ncc_score": ("rlnAutopickFigureOfMerit", 1.0),
+}
+_NAN_WORDS = {"nan", "-nan", "+nan", "<na>", "na", "none", "null"}
+
+
+@dataclass
+class _Table:
+    """A parsed pick file: centres (unscaled), carried columns and, for multi-micrograph files,
+    each row's micrograph name. ``fractions``: x, y are fractions of the frame (cs without shape)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    columns: dict[str, np.ndarray]
+    names: np.ndarray | None = None
+    fractions: bool = False
+    empty_file: bool = False
+    shapes: np.ndarray | None = None  # (n, 2) micrograph (h, w) per row, cs only
+
+
+def read_picks(source: PickSource, cfg: PicksConfig, frame_shape: tuple[int, int]) -> Picks:
+    """Read, scale (``cfg.scale``) and validate one movie's picks against ``frame_shape`` = (h, w).
+
+    Returns ``Picks`` with the valid picks (x, y, columns) and the rejected ones with reasons;
+    an empty file gives n = 0 and problems ["no picks in file"]. Raises ``PicksError`` for a
+    missing or malformed file.
+    """
+    path = source.path
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise PicksError(f"{path}: pick file not found (removed after it was indexed?)") from None
+    table = _load_table(path, source.format, st.st_mtime_ns, st.st_size)
+    h, w = int(frame_shape[0]), int(frame_shape[1])
+    problems: list[str] = []
+    x, y, columns, shapes = table.x, table.y, table.columns, table.shapes
+    if source.micrograph is not None and table.names is not None:
+        sel = table.names == source.micrograph
+        x, y, columns = x[sel], y[sel], {k: v[sel] for k, v in columns.items()}
+        shapes = shapes[sel] if shapes is not None else None
+    if shapes is not None and shapes.size:
+        # picks from a binned micrograph without picks.scale would all land in one corner
+        mh, mw = (shapes * cfg.scale).max(axis=0)
+        if abs(mw - w) > 0.02 * w or abs(mh - h) > 0.02 * h:
+            problems.append(
+                f"micrograph_shape {int(shapes[0, 1])}x{int(shapes[0, 0])} times picks.scale {cfg.scale:g} "
+                f"does not match the {w}x{h} frame"
+            )
+    if table.fractions:
+        x, y = x * w, y * h
+    else:
+        x, y = x * cfg.scale, y * cfg.scale
+    if x.size == 0:
+        if source.micrograph is not None and not table.empty_file:
+            problems.append(f"no picks for {source.micrograph} in file")
+        else:
+            problems.append("no picks in file")
+    picks = _validate(x, y, columns, h, w)
+    picks.source = path
+    picks.problems = problems
+    return picks
+
+
+def _validate(x: np.ndarray, y: np.ndarray, columns: dict[str, np.ndarray], h: int, w: int) -> Picks:
+    nan = np.isnan(x) | np.isnan(y)
+    with np.errstate(invalid="ignore"):
+        neg = ~nan & ((x < 0) | (y < 0))
+        out = ~nan & ~neg & ((x >= w) | (y >= h))
+    reasons = np.full(x.shape, "", dtype=object)
+    reasons[nan] = "NaN coordinate"
+    reasons[neg] = "negative coordinate"
+    reasons[out] = f"outside the {w}x{h} frame"
+    bad = nan | neg | out
+    rejected = [(float(a), float(b), str(r)) for a, b, r in zip(x[bad], y[bad], reasons[bad], strict=True)]
+    keep = ~bad
+    return Picks(
+        x=np.ascontiguousarray(x[keep], dtype=np.float64),
+        y=np.ascontiguousarray(y[keep], dtype=np.float64),
+        columns={k: np.ascontiguousarray(v[keep], dtype=np.float64) for k, v in columns.items()},
+        rejected=rejected,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _load_table(path: str, fmt: str, mtime_ns: int, size: int) -> _Table:
+    """Parse a pick file once per (mtime, size): multi-micrograph files are read by every movie."""
+    del mtime_ns  # part of the cache key only
+    if size == 0:
+        return _empty_table()
+    try:
+        if fmt == "star":
+            return _read_star(path)
+        if fmt == "cbox":
+            return _read_cbox(path)
+        if fmt == "box":
+            return _read_box(path, with_confidence=False)
+        if fmt == "topaz":
+            return _read_topaz(path)
+        if fmt == "cs":
+            return _read_cs(path)
+    except UnicodeDecodeError:
+        raise PicksError(f"{path}: not a text file (binary content where {fmt} picks were expected)") from None
+    raise PicksError(f"{path}: unknown pick format {fmt!r}")
+
+
+def _empty_table() -> _Table:
+    return _Table(np.zeros(0), np.zeros(0), {}, empty_file=True)
+
+
+def _numeric(path: str, frame: pd.DataFrame, col: str) -> np.ndarray:
+    """Column as float64; NaN words stay NaN, anything else unparseable is an error."""
+    series = frame[col]
+    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+        return series.to_numpy(dtype=np.float64, na_value=np.nan)
+    values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    words = series.astype(str).str.strip().str.lower()
+    bad = np.isnan(values) & ~words.isin(_NAN_WORDS).to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise PicksError(f"{path}: row {i + 1}: {col} = {series.iloc[i]!r} is not a number")
+    return values
+
+
+def _read_star_blocks(path: str) -> dict[str, Any]:
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as exc:  # starfile/pandas raise many types on malformed text
+        msg = str(exc).strip().splitlines()
+        raise PicksError(f"{path}: not a readable STAR file ({msg[0] if msg else type(exc).__name__})") from None
+    if not blocks:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            if _has_content(fh.read()):
+                raise PicksError(f"{path}: not a STAR file (no data_ block)")
+    return blocks
+
+
+def _find_loop(path: str, blocks: dict[str, Any], xcol: str, ycol: str) -> pd.DataFrame | None:
+    for block in blocks.values():
+        if isinstance(block, dict):
+            block = pd.DataFrame([block])
+        if isinstance(block, pd.DataFrame) and xcol in block.columns and ycol in block.columns:
+            return block
+    if blocks:
+        names = ", ".join(f"data_{n}" for n in blocks)
+        raise PicksError(f"{path}: no data block with {xcol} and {ycol} (found {names})")
+    return None
+
+
+def _read_star(path: str) -> _Table:
+    blocks = _read_star_blocks(path)
+    frame = _find_loop(path, blocks, "rlnCoordinateX", "rlnCoordinateY")
+    if frame is None:
+        return _empty_table()
+    x = _numeric(path, frame, "rlnCoordinateX")
+    y = _numeric(path, frame, "rlnCoordinateY")
+    columns = {c: _numeric(path, frame, c) for c in CARRIED_COLUMNS if c in frame.columns}
+    names = frame["rlnMicrographName"].astype(str).to_numpy() if "rlnMicrographName" in frame.columns else None
+    return _Table(x, y, columns, names)
+
+
+def _read_cbox(path: str) -> _Table:
+    with open(path, encoding="utf-8") as fh:
+        head = fh.read(_PEEK_BYTES)
+    if not re.search(r"^\s*data_", head, re.MULTILINE):
+        return _read_box(path, with_confidence=True)
+    blocks = _read_star_blocks(path)
+    frame = _find_loop(path, blocks, "CoordinateX", "CoordinateY")
+    if frame is None:
+        return _empty_table()
+    for col in ("Width", "Height"):
+        if col not in frame.columns:
+            raise PicksError(f"{path}: crYOLO cbox loop lacks _{col} (needed to find box centres)")
+    x = _numeric(path, frame, "CoordinateX") + _numeric(path, frame, "Width") / 2
+    y = _numeric(path, frame, "CoordinateY") + _numeric(path, frame, "Height") / 2
+    columns = {}
+    if "Confidence" in frame.columns:
+        columns["rlnAutopickFigureOfMerit"] = _numeric(path, frame, "Confidence")
+    return _Table(x, y, columns)
+
+
+def _read_box(path: str, with_confidence: bool) -> _Table:
+    """EMAN .box: x y w h (lower-left corner) per line; centre = corner + size/2."""
+    rows: list[list[float]] = []
+    conf: list[float] = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            fields = text.split()
+            try:
+                if len(fields) < 4:
+                    raise ValueError
+                rows.append([float(v) for v in fields[:4]])
+                if with_confidence:
+                    conf.append(float(fields[4]) if len(fields) > 4 else np.nan)
+            except ValueError:
+                raise PicksError(
+                    f"{path}: line {number}: expected numbers x y width height, got {text[:80]!r}"
+                ) from None
+    if not rows:
+        return _empty_table()
+    a = np.asarray(rows, dtype=np.float64)
+    columns = {"rlnAutopickFigureOfMerit": np.asarray(conf)} if with_confidence else {}
+    return _Table(a[:, 0] + a[:, 2] / 2, a[:, 1] + a[:, 3] / 2, columns)
+
+
+def _read_topaz(path: str) -> _Table:
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if not _has_content(text):
+        return _empty_table()
+    first = next(line for line in text.splitlines() if line.strip())
+    sep = "\t" if "\t" in first else r"\s+"
+    header = first.split("\t") if sep == "\t" else first.split()
+    header = [h.strip() for h in header]
+    if "x_coord" not in header or "y_coord" not in header:
+        raise PicksError(f"{path}: not a Topaz file: header {first.strip()[:80]!r} lacks x_coord and y_coord")
+    for number, line in enumerate(text.splitlines(), start=1):
+        count = len(line.split("\t") if sep == "\t" else line.split())
+        if line.strip() and count != len(header):
+            raise PicksError(f"{path}: line {number}: {count} fields, the Topaz header has {len(header)}")
+    try:
+        frame = pd.read_csv(
+            io.StringIO(text),
+            sep=sep,
+            dtype={"image_name": str},
+            index_col=False,
+            engine="c" if sep == "\t" else "python",
+        )
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise PicksError(f"{path}: malformed Topaz table ({str(exc).strip().splitlines()[0]})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    x = _numeric(path, frame, "x_coord")
+    y = _numeric(path, frame, "y_coord")
+    columns = {"rlnAutopickFigureOfMerit": _numeric(path, frame, "score")} if "score" in frame.columns else {}
+    names = frame["image_name"].astype(str).to_numpy() if "image_name" in frame.columns else None
+    return _Table(x, y, columns, names)
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _read_cs(path: str) -> _Table:
+    with open(path, "rb") as fh:
+        magic = fh.read(len(_NPY_MAGIC))
+    if magic == _NPY_MAGIC:
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise PicksError(f"{path}: unreadable cryoSPARC .cs ({str(exc).strip().splitlines()[0]})") from None
+    else:
+        arr = _read_csdat(path)
+    names = arr.dtype.names or ()
+    for need in ("location/center_x_frac", "location/center_y_frac"):
+        if need not in names:
+            raise PicksError(f"{path}: cryoSPARC .cs lacks the {need} field (not a particle pick file)")
+    fx = np.asarray(arr["location/center_x_frac"], dtype=np.float64)
+    fy = np.asarray(arr["location/center_y_frac"], dtype=np.float64)
+    fractions = "location/micrograph_shape" not in names
+    shapes = np.zeros((0, 2))
+    if fractions:
+        x, y = fx, fy
+    else:
+        shapes = np.asarray(arr["location/micrograph_shape"], dtype=np.float64).reshape(-1, 2)
+        x, y = fx * shapes[:, 1], fy * shapes[:, 0]
+    columns = {label: np.asarray(arr[f], dtype=np.float64) * k for f, (label, k) in _CS_COLUMNS.items() if f in names}
+    mic = None
+    if "location/micrograph_path" in names:
+        raw = arr["location/micrograph_path"]
+        mic = np.char.decode(raw, "utf-8") if raw.dtype.kind == "S" else raw.astype(str)
+        mic = np.asarray(mic, dtype=str)
+    return _Table(x, y, columns, mic, fractions=fractions, shapes=None if fractions else shapes)
+
+
+def _read_csdat(path: str) -> np.ndarray:
+    """cryoSPARC's compressed .cs (not NumPy): needs cryosparc-tools."""
+    try:
+        from cryosparc.dataset import Dataset
+    except ImportError:
+        raise PicksError(
+            f"{path}: not a NumPy .cs file (a compressed cryoSPARC CSDAT file needs cryosparc-tools: pip install cryosparc-tools)"
+        ) from None
+    try:
+        return Dataset.load(path).to_records(fixed=True)
+    except Exception as exc:  # cryosparc-tools raises several types on malformed files
+        msg = str(exc).strip().splitlines()
+        raise PicksError(f"{path}: unreadable cryoSPARC .cs ({msg[0] if msg else type(exc).__name__})") from None
+
+
+# -- writers (simulator, round-trip tests) -----------------------------------------------------
+
+
+def _atomic_text(path: str | os.PathLike[str], text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fmt(v: float) -> str:
+    return f"{float(v):.10g}"
+
+
+def write_star_coords(
+    path: str | os.PathLike[str],
+    x: np.ndarray,
+    y: np.ndarray,
+    columns: dict[str, np.ndarray] | None = None,
+    micrograph_name: str | Sequence[str] | None = None,
+) -> None:
+    """RELION coordinate STAR: ``data_`` with a loop rlnCoordinateX/Y (+ ``columns``). With
+    ``micrograph_name`` (one name, or one per row for a multi-micrograph file) the block is
+    ``data_particles`` with rlnMicrographName."""
+    frame = pd.DataFrame({"rlnCoordinateX": np.asarray(x, np.float64), "rlnCoordinateY": np.asarray(y, np.float64)})
+    block = ""
+    if micrograph_name is not None:
+        names = [micrograph_name] * len(frame) if isinstance(micrograph_name, str) else list(micrograph_name)
+        frame.insert(0, "rlnMicrographName", names)
+        block = "particles"
+    for key, values in (columns or {}).items():
+        frame[key] = np.asarray(values)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    starfile.write({block: frame}, tmp, float_format="%.10g")
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_box(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray, box: int) -> None:
+    """EMAN .box: lower-left corner ``(x - box/2, y - box/2)``, width, height per line."""
+    half = box / 2
+    lines = [f"{_fmt(a - half)}\t{_fmt(b - half)}\t{box}\t{box}\n" for a, b in zip(x, y, strict=True)]
+    _atomic_text(path, "".join(lines))
+
+
+def write_topaz(path: str | os.PathLike[str], rows: list[tuple[str, float, float, float]]) -> None:
+    """Topaz table: ``image_name x_coord y_coord score``, tab-separated, with header."""
+    lines = ["image_name\tx_coord\ty_coord\tscore\n"]
+    lines += [f"{name}\t{_fmt(a)}\t{_fmt(b)}\t{_fmt(s)}\n" for name, a, b, s in rows]
+    _atomic_text(path, "".join(lines))
+
+
+def write_cs_picks(
+    path: str | os.PathLike[str],
+    micrograph_path: str | Sequence[str],
+    shape: tuple[int, int],
+    x: np.ndarray,
+    y: np.ndarray,
+    columns: dict[str, np.ndarray] | None = None,
+) -> None:
+    """cryoSPARC particle .cs (NumPy format): location/* fields with centre fractions
+    ``x / shape[1]``, ``y / shape[0]``; ``columns`` by RELION label (rlnDefocusU/V/Angle,
+    rlnPhaseShift, rlnAutopickFigureOfMerit; angles in degrees) become ctf/* fields.
+    ``micrograph_path`` may be one path or one per row."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    n = x.shape[0]
+    paths = [micrograph_path] * n if isinstance(micrograph_path, str) else list(micrograph_path)
+    encoded = np.array([p.encode() for p in paths], dtype=f"S{max([len(p.encode()) for p in paths] + [1])}")
+    back = {label: (f, k) for f, (label, k) in _CS_COLUMNS.items()}
+    extra = [(back[k][0], "<f4") for k in (columns or {})]
+    dtype = [
+        ("uid", "<u8"),
+        ("location/micrograph_uid", "<u8"),
+        ("location/exp_group_id", "<u4"),
+        ("location/micrograph_path", encoded.dtype.str),
+        ("location/micrograph_shape", "<u4", (2,)),
+        ("location/center_x_frac", "<f4"),
+        ("location/center_y_frac", "<f4"),
+        *extra,
+    ]
+    arr = np.zeros(n, dtype=dtype)
+    arr["uid"] = np.random.default_rng().integers(1, 2**63, n, dtype=np.uint64)
+    _, mic_index = np.unique(encoded, return_inverse=True)
+    arr["location/micrograph_uid"] = mic_index + 1
+    arr["location/micrograph_path"] = encoded
+    arr["location/micrograph_shape"] = np.asarray(shape, dtype=np.uint32)
+    arr["location/center_x_frac"] = x / shape[1]
+    arr["location/center_y_frac"] = y / shape[0]
+    for label, values in (columns or {}).items():
+        f, k = back[label]
+        arr[f] = np.asarray(values, np.float64) / k
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:  # a file object: np.save would append .npy to a path
+        np.save(fh, arr, allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
