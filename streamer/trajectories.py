@@ -1,6 +1,6 @@
 """``trajectories/<movie stem>.star``: one movie's full-frame and per-particle motion.
 
-Layout (STAR, three blocks; every shift is in Å, not pixels, unlike RELION's motion STAR):
+Layout (STAR, three blocks; every shift is in Å; lmc labels, so RELION tools do not mistake them for its pixel shifts):
 
 ``data_general`` (key/value pairs)
     ``_rlnImageSizeX``, ``_rlnImageSizeY``  movie frame width and height (px, EER upsampling 1)
@@ -17,7 +17,7 @@ Layout (STAR, three blocks; every shift is in Å, not pixels, unlike RELION's mo
 
 ``data_global_shift`` (loop, one row per frame)
     ``_rlnMicrographFrameNumber``  1-based frame number
-    ``_rlnMicrographShiftX``, ``_rlnMicrographShiftY``  full-frame trajectory (Å)
+    ``_lmcFrameShiftX``, ``_lmcFrameShiftY``  full-frame trajectory (Å)
 
 ``data_particles`` (loop, one row per particle and frame, particle-major: all F frames of
 particle 0, then particle 1, ...)
@@ -137,8 +137,8 @@ def write_trajectories(
         "global_shift": pd.DataFrame(
             {
                 "rlnMicrographFrameNumber": np.arange(1, nf + 1),
-                "rlnMicrographShiftX": shifts[:, 0],
-                "rlnMicrographShiftY": shifts[:, 1],
+                "lmcFrameShiftX": shifts[:, 0],
+                "lmcFrameShiftY": shifts[:, 1],
             }
         ),
         "particles": particle_table(result),
@@ -174,9 +174,9 @@ def read_trajectories(path: str | os.PathLike[str]) -> dict[str, Any]:
     general = blocks["general"]
     if isinstance(general, pd.DataFrame):
         general = general.iloc[0].to_dict() if len(general) else {}
-    gs = _loop(path, blocks["global_shift"], ("rlnMicrographFrameNumber", "rlnMicrographShiftX", "rlnMicrographShiftY"))
+    gs = _loop(path, blocks["global_shift"], ("rlnMicrographFrameNumber", "lmcFrameShiftX", "lmcFrameShiftY"))
     order = np.argsort(gs["rlnMicrographFrameNumber"].to_numpy())
-    frame_shifts = gs[["rlnMicrographShiftX", "rlnMicrographShiftY"]].to_numpy(np.float64)[order]
+    frame_shifts = gs[["lmcFrameShiftX", "lmcFrameShiftY"]].to_numpy(np.float64)[order]
     nf = frame_shifts.shape[0]
     pt = _loop(path, blocks["particles"], PARTICLE_COLUMNS)
     idx = pt["lmcParticleIndex"].to_numpy(np.int64)

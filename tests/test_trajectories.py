@@ -64,9 +64,9 @@ def test_layout_read_by_independent_parser(tmp_path: Path) -> None:
     assert g["lmcLocalGuardFallback"] == 1
     assert "lmcWarnings" not in g
     gs = blocks["global_shift"]
-    assert list(gs.columns) == ["rlnMicrographFrameNumber", "rlnMicrographShiftX", "rlnMicrographShiftY"]
+    assert list(gs.columns) == ["rlnMicrographFrameNumber", "lmcFrameShiftX", "lmcFrameShiftY"]
     np.testing.assert_array_equal(gs["rlnMicrographFrameNumber"], np.arange(1, 6))
-    np.testing.assert_allclose(gs["rlnMicrographShiftY"], res.frame_shifts[:, 1], atol=1e-6)
+    np.testing.assert_allclose(gs["lmcFrameShiftY"], res.frame_shifts[:, 1], atol=1e-6)
     pt = blocks["particles"]
     assert list(pt.columns) == [
         "lmcParticleIndex",
