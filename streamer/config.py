@@ -107,7 +107,7 @@ class Config:
     edge: str = _f("skip", "particles whose box leaves a frame: skip (count them) or pad (frame mean)", ("skip", "pad"))
     # outputs
     float16: bool = _f(False, "write stacks in 16-bit float (MRC mode 12)")
-    stack_size: int = _f(10000, "start a new stack file after this many particles")
+    stack_size: int = _f(10000, "start a new stack file after this many particles", processing=False)
     plots: bool = _f(True, "write plots/<movie>.png (trajectories scaled 40x)", processing=False)
     max_movies: int = _f(0, "only process this many movies; 0 = all", processing=False)
     # compute

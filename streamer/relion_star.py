@@ -1,0 +1,120 @@
+"""RELION 3.1+/5 particles STAR: a ``data_optics`` block and a ``data_particles`` loop, written as text.
+
+The file is ``render_header(cfg, columns)`` followed by the ``render_rows(...)`` of every movie in
+commit order, so the writer can append rows without re-reading anything.
+
+Columns are fixed per output folder at the first movie with particles: the base columns
+(``BASE_COLUMNS``) then that movie's carried columns (``rlnDefocusU`` ...) in its order. Later movies
+lacking a carried column get a neutral value — ``0`` for numbers, ``None`` for text — and extra
+columns of later movies are dropped (the committer logs both). Coordinates are written as given
+(movie pixels at the physical detector grid, the picks' convention); ``rlnImageName`` is
+``index@stacks/particles_NNNNN.mrcs`` with a 1-based index, relative to the STAR file's folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from streamer.config import Config
+
+BASE_COLUMNS = ["rlnImageName", "rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY", "rlnOpticsGroup"]
+OPTICS_GROUP = 1
+MISSING = {"f": "0", "i": "0", "s": "None"}
+
+
+def column_kind(values: np.ndarray) -> str:
+    """'i' integer/bool, 'f' floating, 's' text — decides formatting and the neutral value."""
+    kind = np.asarray(values).dtype.kind
+    return "i" if kind in "iub" else "f" if kind == "f" else "s"
+
+
+def choose_columns(carried: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
+    """``[(label, kind), ...]``: the base columns then the carried ones (base labels among them ignored)."""
+    base = [("rlnImageName", "s"), ("rlnMicrographName", "s"), ("rlnCoordinateX", "f"), ("rlnCoordinateY", "f"),
+            ("rlnOpticsGroup", "i")]
+    return base + [(k, column_kind(v)) for k, v in carried.items() if k not in BASE_COLUMNS]
+
+
+def column_mismatch(columns: Sequence[tuple[str, str]], carried: Mapping[str, np.ndarray]) -> tuple[list[str], list[str]]:
+    """(missing, extra): folder columns this movie lacks, and this movie's columns the folder lacks."""
+    names = [c for c, _ in columns]
+    missing = [c for c in names if c not in BASE_COLUMNS and c not in carried]
+    extra = [c for c in carried if c not in names]
+    return missing, extra
+
+
+def _quote(s: str) -> str:
+    return f'"{s}"' if (not s or any(ch.isspace() for ch in s)) else s
+
+
+def _fmt_column(values: np.ndarray, kind: str) -> list[str]:
+    values = np.asarray(values)
+    if kind == "i":
+        return [str(v) for v in values.astype(np.int64).tolist()]
+    if kind == "f":
+        return [f"{v:.9g}" for v in values.astype(np.float64).tolist()]
+    return [_quote(str(v)) for v in values.tolist()]
+
+
+def render_header(cfg: Config, column_names: Sequence[str] | Sequence[tuple[str, str]]) -> str:
+    """The optics block and the particles loop header (labels numbered from 1) for ``cfg``."""
+    names = [c if isinstance(c, str) else c[0] for c in column_names]
+    optics = [
+        ("rlnOpticsGroup", str(OPTICS_GROUP)),
+        ("rlnOpticsGroupName", f"opticsGroup{OPTICS_GROUP}"),
+        ("rlnVoltage", f"{cfg.kv:.9g}"),
+        ("rlnSphericalAberration", f"{cfg.cs:.9g}"),
+        ("rlnAmplitudeContrast", f"{cfg.amplitude_contrast:.9g}"),
+        ("rlnImagePixelSize", f"{cfg.out_apix:.9g}"),
+        ("rlnImageSize", str(cfg.out_box)),
+        ("rlnImageDimensionality", "2"),
+        ("rlnMicrographOriginalPixelSize", f"{cfg.apix:.9g}"),
+    ]
+    lines = ["", "# version 30001", "", "data_optics", "", "loop_"]
+    lines += [f"_{k} #{i}" for i, (k, _) in enumerate(optics, 1)]
+    lines += [" ".join(v for _, v in optics), "", "", "# version 30001", "", "data_particles", "", "loop_"]
+    lines += [f"_{k} #{i}" for i, k in enumerate(names, 1)]
+    return "\n".join(lines) + "\n"
+
+
+def image_names(ranges: Sequence[tuple[str, int, int]]) -> list[str]:
+    """``index@stack`` (1-based index) for each particle of ``[(stack relpath, first 0-based, count), ...]``."""
+    out: list[str] = []
+    for stack, first, n in ranges:
+        out.extend(f"{i}@{stack}" for i in range(first + 1, first + n + 1))
+    return out
+
+
+def render_rows(
+    columns: Sequence[tuple[str, str]],
+    names: Sequence[str],
+    micrograph: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    carried: Mapping[str, np.ndarray],
+) -> str:
+    """One line per particle, ``\\n``-terminated, in the folder's column order.
+
+    ``names``: (n,) rlnImageName values; ``x``, ``y``: (n,) coordinates; ``carried``: label -> (n,).
+    """
+    n = len(names)
+    if n == 0:
+        return ""
+    fixed = {
+        "rlnImageName": list(names),
+        "rlnMicrographName": [_quote(micrograph)] * n,
+        "rlnCoordinateX": _fmt_column(x, "f"),
+        "rlnCoordinateY": _fmt_column(y, "f"),
+        "rlnOpticsGroup": [str(OPTICS_GROUP)] * n,
+    }
+    cols = []
+    for label, kind in columns:
+        if label in fixed:
+            cols.append(fixed[label])
+        elif label in carried:
+            cols.append(_fmt_column(carried[label], kind))
+        else:
+            cols.append([MISSING[kind]] * n)
+    return "\n".join(map(" ".join, zip(*cols, strict=True))) + "\n"
