@@ -1,0 +1,162 @@
+"""Gain application, hot-pixel detection and pixel replacement on counting-mode movies.
+
+Convention (gpu/__init__): the gain is oriented first (``rotate`` quarter turns CCW with
+``rot90``, then ``flip_x`` reverses columns, then ``flip_y`` reverses rows) and then multiplies
+(``multiply``) or divides (``divide``, 0 where the gain is 0) the raw frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from gpu.backend import array_module, to_numpy
+
+_BLOCK = 64  # px; local level for hot-pixel detection is estimated per block of this size
+
+
+def orient_gain(gain: Any, rotate: int = 0, flip_x: bool = False, flip_y: bool = False) -> Any:
+    """Orient a gain ``(h, w)``: ``rot90(gain, rotate)`` (CCW), then reverse columns, then rows."""
+    xp = array_module(gain)
+    g = xp.rot90(gain, int(rotate) % 4)
+    if flip_x:
+        g = g[:, ::-1]
+    if flip_y:
+        g = g[::-1, :]
+    return xp.ascontiguousarray(g)
+
+
+def gain_multiplier(gain: Any, mode: str) -> Any:
+    """The ``(h, w)`` float32 multiplier for ``mode``: ``multiply`` -> gain, ``divide`` -> 1/gain (0 where 0)."""
+    xp = array_module(gain)
+    g = xp.asarray(gain, dtype=xp.float32)
+    if mode == "multiply":
+        return g
+    if mode == "divide":
+        safe = xp.where(g != 0, g, np.float32(1.0))
+        return xp.where(g != 0, np.float32(1.0) / safe, np.float32(0.0)).astype(xp.float32)
+    raise ValueError(f"gpu/gain.py: gain mode must be 'multiply' or 'divide', got {mode!r}")
+
+
+def apply_gain(frames: Any, multiplier: Any | None, out_dtype: Any = np.float32, chunk: int = 4) -> Any:
+    """``frames (F, h, w)`` of any dtype times ``multiplier (h, w)`` (or just cast when None).
+
+    Returns ``(F, h, w)`` of ``out_dtype``. The cast is done ``chunk`` frames at a time, so an 8-bit
+    movie never has a second full-size temporary besides the output. When ``multiplier`` is None
+    and the frames already have ``out_dtype``, the input itself is returned (no copy).
+    """
+    xp = array_module(frames)
+    if frames.ndim != 3:
+        raise ValueError(f"gpu/gain.py: frames must be (F, h, w), got shape {tuple(frames.shape)}")
+    if multiplier is not None and tuple(multiplier.shape) != tuple(frames.shape[-2:]):
+        raise ValueError(
+            f"gpu/gain.py: gain of shape {tuple(multiplier.shape)} does not match frames of shape "
+            f"{tuple(frames.shape[-2:])} (check gain rotation)"
+        )
+    dt = xp.dtype(out_dtype)
+    if multiplier is None and frames.dtype == dt:
+        return frames
+    out = xp.empty(frames.shape, dtype=dt)
+    m = None if multiplier is None else xp.asarray(multiplier, dtype=dt)
+    for i in range(0, frames.shape[0], chunk):
+        if m is None:
+            out[i : i + chunk] = frames[i : i + chunk]
+        else:
+            xp.multiply(frames[i : i + chunk], m, out=out[i : i + chunk], dtype=dt, casting="unsafe")
+    return out
+
+
+def _block_index(n: int, nb: int, bs: int, xp: Any) -> Any:
+    """Block of each pixel along one axis; the remainder beyond ``nb * bs`` joins the last block."""
+    return xp.minimum(xp.arange(n) // bs, nb - 1)
+
+
+def hot_pixel_mask(frame_sum: Any, sigma: float, block: int = _BLOCK, passes: int = 3) -> Any:
+    """Bool ``(h, w)``: pixels whose summed count is far above their neighbourhood's.
+
+    Model: the summed count of a good pixel is Poisson with a local mean ``λ`` (per
+    ``block x block`` area) times a dispersion ``φ`` (1 for raw counts; >1 for gain-scaled data or
+    texture; estimated as the median over blocks of var/mean, floored at 1). A pixel is hot when
+    ``x > φ · Q(λ/φ)`` where ``Q`` is the Poisson quantile with the one-sided Gaussian tail
+    probability of ``sigma`` (6σ -> 1e-9), so the false-positive rate is that of a ``sigma``-σ cut
+    even at a fraction of a count per pixel, where ``λ + sigma √λ`` would flag hundreds per K3 frame.
+    ``λ`` and ``φ`` are re-estimated ``passes`` times without the pixels flagged so far (robust level).
+    ``sigma <= 0`` disables detection (all False). Values are assumed in counts (or scaled up).
+    """
+    xp = array_module(frame_sum)
+    if frame_sum.ndim != 2:
+        raise ValueError(f"gpu/gain.py: frame_sum must be (h, w), got shape {tuple(frame_sum.shape)}")
+    h, w = frame_sum.shape
+    if sigma <= 0:
+        return xp.zeros((h, w), dtype=bool)
+    x = xp.asarray(frame_sum, dtype=xp.float32)
+    bs_y, bs_x = min(block, h), min(block, w)
+    nby, nbx = h // bs_y, w // bs_x
+    by, bx = _block_index(h, nby, bs_y, xp), _block_index(w, nbx, bs_x, xp)
+    core = x[: nby * bs_y, : nbx * bs_x]
+    tail_p = float(stats.norm.sf(sigma))
+    mask = xp.zeros((h, w), dtype=bool)
+    for _ in range(max(1, passes)):
+        good = ~mask[: nby * bs_y, : nbx * bs_x]
+        xg = xp.where(good, core, np.float32(0.0)).astype(xp.float64)
+        s0 = good.reshape(nby, bs_y, nbx, bs_x).sum(axis=(1, 3))
+        s1 = xg.reshape(nby, bs_y, nbx, bs_x).sum(axis=(1, 3))
+        s2 = (xg * xg).reshape(nby, bs_y, nbx, bs_x).sum(axis=(1, 3))
+        # the block statistics are tiny (one value per block): the Poisson quantile runs on the host
+        n = np.maximum(to_numpy(s0).astype(np.float64), 1.0)
+        lam = to_numpy(s1) / n
+        var = np.maximum(to_numpy(s2) / n - lam * lam, 0.0)
+        ratio = var[lam > 0] / lam[lam > 0]
+        phi = max(1.0, float(np.median(ratio))) if ratio.size else 1.0
+        thr_blocks = phi * stats.poisson.isf(tail_p, lam / phi)
+        thr = xp.asarray(thr_blocks.astype(np.float32))
+        new = x > thr[by][:, bx]
+        if bool((new == mask).all()):
+            break
+        mask = new
+    return mask
+
+
+def replace_pixels(frames: Any, mask: Any, rng: np.random.Generator | None = None, radius: int = 2) -> Any:
+    """Replace the ``mask (h, w)`` pixels of every frame of ``frames (F, h, w)`` (float, in place).
+
+    The local level is the mean of the unmasked pixels in the ``(2 radius + 1)²`` neighbourhood.
+    ``rng`` None: each frame gets its own neighbourhood mean in that frame. ``rng`` given: each
+    frame gets an independent Poisson draw with the neighbourhood mean over all frames (keeps
+    counting statistics). Either way the value changes from frame to frame, so replaced pixels do
+    not form a fixed pattern that would pull motion estimates towards zero. Pixels with no
+    unmasked neighbour get the mean over all replaced pixels' neighbourhoods. Returns ``frames``.
+    """
+    xp = array_module(frames)
+    if frames.ndim != 3 or tuple(mask.shape) != tuple(frames.shape[-2:]):
+        raise ValueError(
+            f"gpu/gain.py: frames (F, h, w) and mask (h, w) do not match: {tuple(frames.shape)} vs {tuple(mask.shape)}"
+        )
+    mask = xp.asarray(mask, dtype=bool)
+    ys, xs = xp.nonzero(mask)
+    if int(ys.shape[0]) == 0:
+        return frames
+    n_f, h, w = frames.shape
+    d = xp.arange(-radius, radius + 1)
+    dy, dx = xp.meshgrid(d, d, indexing="ij")
+    ny = ys[:, None] + dy.reshape(1, -1)
+    nx = xs[:, None] + dx.reshape(1, -1)
+    inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+    ny, nx = xp.clip(ny, 0, h - 1), xp.clip(nx, 0, w - 1)
+    valid = inside & ~mask[ny, nx]
+    vals = frames[:, ny, nx].astype(xp.float64)  # (F, n, K)
+    cnt = valid.sum(axis=1)  # (n,)
+    per_frame = (vals * valid[None]).sum(axis=2)  # (F, n)
+    total_valid = int(cnt.sum())
+    fallback = float(per_frame.sum()) / (n_f * total_valid) if total_valid else 0.0
+    safe = xp.maximum(cnt, 1)[None, :]
+    local = xp.where(cnt[None, :] > 0, per_frame / safe, fallback)  # (F, n)
+    if rng is None:
+        frames[:, ys, xs] = local.astype(frames.dtype)
+    else:
+        lam = np.clip(to_numpy(local.mean(axis=0)), 0.0, None)  # (n,) host: tiny
+        draws = rng.poisson(lam[None, :], size=(n_f, lam.shape[0])).astype(np.float32)
+        frames[:, ys, xs] = xp.asarray(draws).astype(frames.dtype)
+    return frames

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpu.gain import apply_gain, gain_multiplier, hot_pixel_mask, orient_gain, replace_pixels
+
+
+def test_orient_gain_rotates_ccw_then_flips():
+    g = np.arange(6).reshape(2, 3)  # [[0 1 2] [3 4 5]]
+    np.testing.assert_array_equal(orient_gain(g, rotate=1), [[2, 5], [1, 4], [0, 3]])
+    np.testing.assert_array_equal(orient_gain(g, rotate=1, flip_x=True), [[5, 2], [4, 1], [3, 0]])
+    np.testing.assert_array_equal(orient_gain(g, rotate=1, flip_y=True), [[0, 3], [1, 4], [2, 5]])
+    np.testing.assert_array_equal(orient_gain(g, rotate=-1), np.rot90(g, 3))
+
+
+def test_gain_multiplier_modes():
+    g = np.array([[2.0, 0.0], [0.5, 4.0]], np.float32)
+    np.testing.assert_array_equal(gain_multiplier(g, "multiply"), g)
+    np.testing.assert_array_equal(gain_multiplier(g, "divide"), [[0.5, 0.0], [2.0, 0.25]])
+    with pytest.raises(ValueError, match=r"^gpu/gain.py: gain mode"):
+        gain_multiplier(g, "add")
+
+
+def test_apply_gain_casts_and_multiplies_in_chunks():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 6, size=(7, 30, 40)).astype(np.uint8)
+    gain = rng.uniform(0.8, 1.2, size=(30, 40)).astype(np.float32)
+    out = apply_gain(frames, gain, chunk=3)
+    assert out.dtype == np.float32 and out.shape == frames.shape
+    np.testing.assert_array_equal(out, frames.astype(np.float32) * gain)
+    np.testing.assert_array_equal(apply_gain(frames, None), frames.astype(np.float32))
+    already = frames.astype(np.float32)
+    assert apply_gain(already, None) is already
+    with pytest.raises(ValueError, match=r"^gpu/gain.py: gain of shape \(40, 30\)"):
+        apply_gain(frames, gain.T)
+
+
+@pytest.mark.parametrize("lam,shape", [(40.0, (4092, 5760)), (0.5, (2048, 2048))])
+def test_no_false_positives_on_pure_poisson_counts(lam, shape):
+    # a K3 frame sum at 40 e/px, and a low-dose sum where λ + 6√λ would flag thousands of pixels
+    x = np.random.default_rng(1).poisson(lam, shape).astype(np.float32)
+    assert int(hot_pixel_mask(x, 6.0).sum()) == 0
+
+
+def test_planted_hot_pixels_found_on_a_dose_gradient():
+    rng = np.random.default_rng(2)
+    h, w = 1024, 1024
+    level = np.linspace(30.0, 50.0, w)[None, :] * np.ones((h, 1))
+    x = rng.poisson(level).astype(np.float32)
+    truth = np.zeros((h, w), bool)
+    ys, xs = rng.integers(0, h, 40), rng.integers(0, w, 40)
+    truth[ys, xs] = True
+    truth[500:503, 700:703] = True  # a cluster
+    x[truth] += rng.uniform(100.0, 5000.0, size=int(truth.sum())).astype(np.float32)
+    np.testing.assert_array_equal(hot_pixel_mask(x, 6.0), truth)
+    # gain-normalised data (not integer counts): the dispersion is estimated, still exact
+    np.testing.assert_array_equal(hot_pixel_mask(x * np.float32(1.7), 6.0), truth)
+    assert not hot_pixel_mask(x, 0.0).any()
+
+
+def test_replace_pixels_uses_local_level_per_frame():
+    rng = np.random.default_rng(3)
+    frames = rng.poisson(5.0, size=(6, 40, 50)).astype(np.float32)
+    mask = np.zeros((40, 50), bool)
+    mask[10, 20] = mask[10, 21] = mask[0, 0] = True
+    before = frames.copy()
+    out = replace_pixels(frames, mask)
+    assert out is frames
+    np.testing.assert_array_equal(frames[:, ~mask], before[:, ~mask])
+    nb = before[:, 8:13, 18:23].copy()  # 5x5 around (10, 20), without the two masked pixels
+    nb_mask = mask[8:13, 18:23]
+    expected = nb[:, ~nb_mask].mean(axis=1)
+    np.testing.assert_allclose(frames[:, 10, 20], expected, rtol=1e-6)
+    np.testing.assert_allclose(frames[:, 0, 0], before[:, 0:3, 0:3].reshape(6, 9)[:, 1:].mean(axis=1), rtol=1e-6)
+
+
+def test_replace_pixels_poisson_draws_differ_between_frames():
+    frames = np.full((200, 20, 20), 3.0, np.float32)
+    mask = np.zeros((20, 20), bool)
+    mask[5, 5] = True
+    replace_pixels(frames, mask, rng=np.random.default_rng(4))
+    vals = frames[:, 5, 5]
+    assert np.array_equal(vals, np.round(vals)) and len(np.unique(vals)) > 3
+    assert vals.mean() == pytest.approx(3.0, abs=0.4)
+    assert (frames[:, 4, 4] == 3.0).all()
