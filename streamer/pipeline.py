@@ -85,11 +85,10 @@ def process_movie(
     write_sidecars: bool = True,
 ) -> MovieResult:
     """Process one movie end to end (see module docstring). Raises MovieError/PicksError/GainError."""
-    from gpu.extract import cut_patches, extract_particles
+    from gpu.extract import boxes_inside, cut_patches, extract_particles
     from gpu.gain import apply_gain, hot_pixel_mask, replace_pixels
-    from gpu.motion import aligned_sum, estimate_frame_shifts
+    from gpu.motion import aligned_sum, bin_movie, estimate_frame_shifts
     from gpu.normalize import normalize_background
-
     from streamer.movies import read_movie
 
     xp = xp or backend.get_xp(cfg.device)
@@ -132,8 +131,9 @@ def process_movie(
         frames = replace_pixels(frames, bad)
     lap("gain")
 
+    binned = bin_movie(frames, apix, cfg.motion.max_resolution)
     shifts_px = estimate_frame_shifts(
-        frames,
+        binned,
         apix,
         max_resolution_A=cfg.motion.max_resolution,
         bfactor=cfg.motion.bfactor,
@@ -161,9 +161,9 @@ def process_movie(
         a = (cfg.local.align_box or cfg.box) * u
         centres = positions[:, None, :] + shifts_px[None, :, :]
         centres_int = np.rint(centres)
-        inside = _inside(centres_int, a, h, w)
+        inside = boxes_inside(centres_int, a, (h, w)).all(axis=1)
         if inside.any():
-            patches = cut_patches(frames, xp.asarray(centres_int[inside].astype(np.int64)), a)
+            patches = cut_patches(frames, centres_int[inside].astype(np.int64), a)
             res = estimate_local(
                 patches,
                 centres[inside] - centres_int[inside],
@@ -218,7 +218,8 @@ def process_movie(
             )
         except ImportError:
             pass
-    aligned, binning = aligned_sum(frames, shifts_px, apix=apix, max_resolution_A=max(cfg.motion.max_resolution, 4 * apix))
+    aligned, binning = aligned_sum(binned, shifts_px)
+    del binned
     micrograph = backend.to_numpy(aligned)
     del frames
     lap("quality")
@@ -280,14 +281,6 @@ def write_sidecar_files(cfg: Config, result: MovieResult, micrograph: np.ndarray
 
         (out / "plots").mkdir(parents=True, exist_ok=True)
         plot_trajectories(out / "plots" / f"{stem}.png", micrograph, binning_phys, result)
-
-
-def _inside(centres_int: np.ndarray, box: int, h: int, w: int) -> np.ndarray:
-    """(P,) True where a box of size ``box`` centred (index box//2) at every frame's centre fits."""
-    lo = centres_int - box // 2
-    hi = lo + box
-    ok = (lo[..., 0] >= 0) & (lo[..., 1] >= 0) & (hi[..., 0] <= w) & (hi[..., 1] <= h)
-    return ok.all(axis=1)
 
 
 def _reason_items(reasons: Any) -> list[tuple[int, str]]:
