@@ -150,6 +150,7 @@ def process_movie(
     py = pk.y * u + (u - 1) / 2.0
     positions = np.stack([px, py], axis=-1) if len(pk) else np.zeros((0, 2))
     n_picks = len(pk) + len(pk.rejected)
+    lap("picks")
 
     # per-particle trajectories (local residual on top of the full-frame motion), px
     local_raw = np.zeros((len(pk), n_frames, 2))
