@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/k3_cpu.py
+	$(PY) benchmarks/k3_movie.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
