@@ -1,0 +1,147 @@
+"""Synthetic specimen motion for ``lmc simulate`` (REFERENCE §5), all in Å, trajectory convention of
+gpu/__init__.py (a feature at ``p`` in the reference frame is at ``p + s_t`` in frame ``t``), zero at
+the reference frame.
+
+* Full-frame ``s_t``: a beam-induced burst whose speed decays as ``exp(-e / τ)`` (τ = 0.8-1.6
+  e/Å², so ~90 % of it is done within 2-4 e/Å²), its direction turning by up to ±60°, plus slow
+  linear stage drift; the burst is 60-85 % of the path between frame mid-points, and the whole
+  is scaled so that this path length is the requested total.
+* Local ``L(x, y, t) = g_fast(t) F_fast(x, y) + g_slow(t) F_slow(x, y)``: two smooth 2-D vector fields,
+  each a Gaussian-process sample (random Fourier features, squared-exponential kernel of length
+  ``corr_A``), with the field-of-view mean removed (that part *is* full-frame motion); ``g_fast =
+  1 - exp(-e / τ_l)`` (τ_l = 1.5-3 e/Å², fastest early), ``g_slow`` linear in exposure. Scaled so the
+  RMS over the field of view of ``|L(end) - L(start)|`` is ``amplitude_A``.
+* Per-particle residual ``r_p(t)``: a random walk whose steps are white noise smoothed over ~2
+  frames (smooth in time), scaled so the RMS over particles of ``|r_p(end) - r_p(start)|`` is
+  ``amplitude_A``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+
+def mid_exposure(n_frames: int, dose_per_frame: float) -> np.ndarray:
+    """(F,) exposure (e/Å²) at the middle of each frame: ``dose * (f + 0.5)``."""
+    return dose_per_frame * (np.arange(n_frames) + 0.5)
+
+
+def fullframe_trajectory(
+    n_frames: int, dose_per_frame: float, total_A: float, ref: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(F, 2) full-frame trajectory (dx, dy) in Å with path length ``total_A``, zero at frame ``ref``."""
+    e = mid_exposure(n_frames, dose_per_frame)
+    tau = rng.uniform(0.8, 1.6)
+    theta0 = rng.uniform(0, 2 * np.pi)
+    turn = rng.uniform(-np.pi / 3, np.pi / 3)
+    theta = theta0 + turn * (1 - np.exp(-e / tau))
+    burst = np.cumsum(np.exp(-e / tau)[:, None] * np.stack([np.cos(theta), np.sin(theta)], -1), axis=0)
+    drift_dir = rng.uniform(0, 2 * np.pi)
+    drift = e[:, None] * np.array([np.cos(drift_dir), np.sin(drift_dir)])
+
+    def path(p: np.ndarray) -> float:
+        return float(np.linalg.norm(np.diff(p, axis=0), axis=1).sum())
+
+    # each part scaled to its share of the path seen between frames, then the sum to the total
+    share = rng.uniform(0.6, 0.85)
+    s = share * burst / max(path(burst), 1e-12) + (1 - share) * drift / max(path(drift), 1e-12)
+    s *= total_A / path(s) if path(s) > 0 else 0.0
+    return s - s[ref]
+
+
+@dataclass(frozen=True)
+class LocalField:
+    """Smooth local deviation field ``L(x, y, t)`` (module docstring). Positions in Å.
+
+    ``omega``: (2 fields, 2 components, M, 2) angular frequencies (rad/Å); ``phase``, ``amp``:
+    (2, 2, M); ``mean``: (2, 2) field-of-view mean removed; ``profile``: (2, F) temporal profiles
+    ``g_fast``, ``g_slow``, zero at the reference frame.
+    """
+
+    omega: np.ndarray
+    phase: np.ndarray
+    amp: np.ndarray
+    mean: np.ndarray
+    profile: np.ndarray
+
+    def fields(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(2 fields, ..., 2) the two spatial vector fields at positions ``x``, ``y`` (Å, shape ``(...)``)."""
+        shape = np.shape(x)
+        xf = np.ravel(x)[:, None]
+        yf = np.ravel(y)[:, None]
+        arg = (
+            self.omega[..., 0][:, :, None, :] * xf + self.omega[..., 1][:, :, None, :] * yf + self.phase[:, :, None, :]
+        )
+        val = (self.amp[:, :, None, :] * np.cos(arg)).sum(-1) - self.mean[..., None]  # (2, 2, n)
+        return np.moveaxis(val, 1, -1).reshape((2, *shape, 2))
+
+    def at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(..., F, 2) local displacement (Å) at positions ``x``, ``y`` (Å, shape ``(...)``)."""
+        f = self.fields(x, y)  # (2, ..., 2)
+        return np.einsum("c...d,ct->...td", f, self.profile)
+
+    def grids(self, xs: np.ndarray, ys: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+        """(2 fields, 2 components, len(ys), len(xs)) the spatial fields on the grid of positions
+        ``xs`` × ``ys`` (Å), separably: one matrix product per field and component."""
+        xs = np.asarray(xs, np.float64)
+        ys = np.asarray(ys, np.float64)
+        ox, oy = self.omega[..., 0], self.omega[..., 1]  # (2, 2, M)
+        # cos(a x + b y + c) = cos(a x) cos(b y + c) - sin(a x) sin(b y + c)
+        ax = ox[..., None] * xs  # (2, 2, M, w)
+        by = oy[..., None] * ys + self.phase[..., None]  # (2, 2, M, h)
+        left = np.concatenate([np.cos(by), -np.sin(by)], axis=2) * np.concatenate([self.amp, self.amp], -1)[..., None]
+        right = np.concatenate([np.cos(ax), np.sin(ax)], axis=2)
+        out = np.matmul(
+            np.ascontiguousarray(np.swapaxes(left, -1, -2), dtype=dtype), np.ascontiguousarray(right, dtype=dtype)
+        )
+        return out - self.mean[..., None, None].astype(dtype)
+
+
+def local_field(
+    shape: tuple[int, int],
+    apix: float,
+    n_frames: int,
+    dose_per_frame: float,
+    amplitude_A: float,
+    corr_A: float,
+    ref: int,
+    rng: np.random.Generator,
+    modes: int = 24,
+) -> LocalField:
+    """A random :class:`LocalField` over an ``shape`` (h, w) field of view (module docstring)."""
+    h, w = shape
+    omega = rng.standard_normal((2, 2, modes, 2)) / corr_A
+    phase = rng.uniform(0, 2 * np.pi, (2, 2, modes))
+    amp = np.full((2, 2, modes), np.sqrt(2.0 / modes))
+    amp[1] *= 0.4  # the slow part is weaker than the early burst
+    # exact mean over pixel centres of cos(a x + b y + c), separable in x and y
+    ex = np.exp(1j * omega[..., 0, None] * (np.arange(w) * apix)).mean(-1)
+    ey = np.exp(1j * omega[..., 1, None] * (np.arange(h) * apix)).mean(-1)
+    mean = (amp * np.real(np.exp(1j * phase) * ex * ey)).sum(-1)
+    e = mid_exposure(n_frames, dose_per_frame)
+    tau = rng.uniform(1.5, 3.0)
+    profile = np.stack([1 - np.exp(-e / tau), e / e[-1]])
+    profile -= profile[:, ref : ref + 1]
+    field = LocalField(omega, phase, amp, mean, profile)
+    # normalise on a coarse grid of the field of view
+    gy, gx = np.meshgrid(np.linspace(0, (h - 1) * apix, 24), np.linspace(0, (w - 1) * apix, 24), indexing="ij")
+    disp = field.at(gx, gy)
+    rms = np.sqrt((((disp[..., -1, :] - disp[..., 0, :]) ** 2).sum(-1)).mean())
+    scale = amplitude_A / rms if rms > 0 else 0.0
+    return LocalField(omega, phase, amp * scale, mean * scale, profile)
+
+
+def particle_residuals(
+    n_particles: int, n_frames: int, amplitude_A: float, ref: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(P, F, 2) smooth independent per-particle random walks (Å), zero at frame ``ref``."""
+    steps = gaussian_filter1d(rng.standard_normal((n_particles, n_frames, 2)), 2.0, axis=1, mode="nearest")
+    walk = np.cumsum(steps, axis=1)
+    walk -= walk[:, ref : ref + 1]
+    if n_particles == 0 or n_frames < 2:
+        return walk
+    rms = np.sqrt(((walk[:, -1] - walk[:, 0]) ** 2).sum(-1).mean())
+    return walk * (amplitude_A / rms if rms > 0 else 0.0)
