@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from streamer import csfile, mrcstack, relion_star
+from streamer import atomic, csfile, mrcstack, relion_star
 from streamer.config import Config, processing_dict
 from streamer.ledger import FingerprintMismatch, Ledger, LedgerError
 from streamer.types import MovieResult
@@ -93,14 +93,6 @@ def folder_format(ledger: Ledger) -> tuple[list[tuple[str, str]] | None, np.dtyp
 
 def stack_name(number: int) -> str:
     return f"particles_{number:05d}.mrcs"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Committer:
@@ -508,7 +500,7 @@ class _Snapshots:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.out)
+        atomic.fsync_dir(self.out)
         _crash_point(f"snapshot_{kind}_replaced")
         new_state: dict[str, Any] = {"last_id": last, "rows": total, "bytes": path.stat().st_size}
         if kind == "cs":

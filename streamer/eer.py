@@ -18,6 +18,12 @@ description of Guo et al., IUCrJ 7:860 (2020):
 * A frame ends when ``p`` reaches ``w * h`` exactly (a final code landing on ``p == w * h`` places no
   electron). The decoder rejects streams that overshoot, and strips of odd byte length, so the encoder pads
   with a zero byte.
+* The decoder reads a code only if it starts MORE than ``S + 4`` bits before the end of the strip (its loop
+  runs while ``bit < 8 * nbytes - (S + 4)``), and silently stops otherwise. An electron code that ends
+  exactly on the strip's end is therefore dropped, which happens whenever the last pixel holds an electron
+  and the stream stops right after it with no padding left over. The encoder always ends a frame with a
+  terminating code (a skip of 0 when the last pixel holds an electron), so at least ``S`` bits follow the
+  last electron code.
 """
 
 from __future__ import annotations
@@ -272,7 +278,9 @@ def encode_frame(pixels: np.ndarray, subpixels: np.ndarray, npix: int, skipbits:
     n_cont = gaps // cont
     last_code = gaps % cont
     has_code = np.ones(len(gaps), bool)
-    has_code[-1] = last_code[-1] != 0  # an exact multiple of the continuation already lands on npix
+    # an exact multiple of the continuation already lands on npix; an empty tail (electron in the last pixel)
+    # still gets a skip-0 code: the decoder ignores a code that ends on the last bit of the strip (docstring)
+    has_code[-1] = last_code[-1] != 0 or n_cont[-1] == 0
     per_event = n_cont + has_code
     total = int(per_event.sum())
     owner = np.repeat(np.arange(len(gaps)), per_event)

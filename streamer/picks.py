@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
+from streamer import atomic
 from streamer.config import PicksConfig
 from streamer.types import Picks
 
@@ -628,16 +629,6 @@ def _read_csdat(path: str) -> np.ndarray:
 # -- writers (simulator, round-trip tests) -----------------------------------------------------
 
 
-def _atomic_text(path: str | os.PathLike[str], text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _fmt(v: float) -> str:
     return f"{float(v):.10g}"
 
@@ -660,26 +651,21 @@ def write_star_coords(
         block = "particles"
     for key, values in (columns or {}).items():
         frame[key] = np.asarray(values)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    starfile.write({block: frame}, tmp, float_format="%.10g")
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic.write_text(path, starfile.to_string({block: frame}, float_format="%.10g"))
 
 
 def write_box(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray, box: int) -> None:
     """EMAN .box: lower-left corner ``(x - box/2, y - box/2)``, width, height per line."""
     half = box / 2
     lines = [f"{_fmt(a - half)}\t{_fmt(b - half)}\t{box}\t{box}\n" for a, b in zip(x, y, strict=True)]
-    _atomic_text(path, "".join(lines))
+    atomic.write_text(path, "".join(lines))
 
 
 def write_topaz(path: str | os.PathLike[str], rows: list[tuple[str, float, float, float]]) -> None:
     """Topaz table: ``image_name x_coord y_coord score``, tab-separated, with header."""
     lines = ["image_name\tx_coord\ty_coord\tscore\n"]
     lines += [f"{name}\t{_fmt(a)}\t{_fmt(b)}\t{_fmt(s)}\n" for name, a, b, s in rows]
-    _atomic_text(path, "".join(lines))
+    atomic.write_text(path, "".join(lines))
 
 
 def write_cs_picks(
@@ -722,10 +708,5 @@ def write_cs_picks(
     for label, values in (columns or {}).items():
         f, k = back[label]
         arr[f] = np.asarray(values, np.float64) / k
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:  # a file object: np.save would append .npy to a path
+    with atomic.replacing(path) as fh:  # a file object: np.save would append .npy to a path
         np.save(fh, arr, allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
+from streamer import atomic
 from streamer.types import MovieResult
 
 TITLE_PX = 44
@@ -54,7 +55,7 @@ def plot_trajectories(
     scale: float = 40.0,
     width_px: int = 1000,
 ) -> None:
-    """Write the diagnostic PNG (atomically: temp file + os.replace).
+    """Write the diagnostic PNG (atomically, ``streamer.atomic``).
 
     ``micrograph``: (h, w) aligned sum binned by ``binning`` relative to the movie grid;
     ``result.x``, ``result.y`` (n,) in movie px; ``result.traj_raw``/``traj_smooth`` (n, F, 2) in Å.
@@ -89,10 +90,5 @@ def plot_trajectories(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic.replacing(path) as fh:
+        fig.savefig(fh, format="png", dpi=DPI)

@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
+from streamer import atomic
 from streamer.types import MovieResult
 
 
@@ -125,7 +126,7 @@ def write_trajectories(
     dose_per_frame: float | None = None,
     pre_exposure: float | None = None,
 ) -> None:
-    """Write ``result``'s trajectories STAR atomically (temp file, fsync, os.replace).
+    """Write ``result``'s trajectories STAR atomically (``streamer.atomic``).
 
     ``dose_per_frame``/``pre_exposure`` (e/Å²) fill rlnMicrographDoseRate/PreExposure; when None
     they are taken from ``result.stats`` if present there.
@@ -145,14 +146,7 @@ def write_trajectories(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        starfile.write(blocks, tmp, float_format="%.8g")
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.write_text(path, starfile.to_string(blocks, float_format="%.8g"))
 
 
 def read_trajectories(path: str | os.PathLike[str]) -> dict[str, Any]:
