@@ -9,6 +9,11 @@ _USER_ERRORS = {
     "GainError",
     "FingerprintMismatch",
     "OutputError",
+    "OutputLocked",
+    "CommitError",
+    "DispatcherError",
+    "KeysError",
+    "StatusError",
 }
 
 

@@ -1,0 +1,474 @@
+"""The dispatcher: a ROUTER socket handing movie jobs to workers (the Paranoid Pirate pattern).
+
+Each worker holds at most ``1 + prefetch`` jobs and runs them in order, so the head of its list is
+the job it is running. Both sides send a heartbeat every ``heartbeat`` seconds; a worker silent for
+``heartbeat * liveness`` seconds (or reported dead by the session) is dropped and its jobs go back
+to the front of the queue. The job it was running counts one attempt; a job that has cost
+``max_attempts`` workers is set aside as a poison job. Results are accepted from whichever worker
+delivers first; later copies of a finished job are dropped, so each job yields one result.
+
+Not thread-safe: one thread owns the dispatcher (ZeroMQ sockets are single-threaded).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import logging
+import socket
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import zmq
+
+from streamer import protocol
+from streamer.types import MovieResult
+
+log = logging.getLogger("lmc.dispatcher")
+
+
+class DispatcherError(RuntimeError):
+    """The dispatcher cannot start as configured (e.g. a public bind without keys)."""
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ``tcp://127.x.x.x:P``, ``tcp://localhost:P``, ``tcp://[::1]:P``, ``ipc://`` and ``inproc://``."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # an interface name or "*": not loopback
+        return False
+
+
+@dataclass
+class Job:
+    """One movie to process. ``attempts``: workers lost while running it."""
+
+    job_id: str
+    movie: str
+    picks: str | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    submitted: float = 0.0
+    attempts: int = 0
+    losses: list[str] = field(default_factory=list)
+    worker: bytes | None = None
+    assigned: float | None = None
+    started: float | None = None
+
+
+@dataclass
+class WorkerInfo:
+    """A registered worker. ``jobs``: job ids it holds, the head being the one it runs."""
+
+    ident: bytes
+    wid: str
+    name: str
+    host: str
+    pid: int
+    device: str
+    gpu: int | None
+    joined: float
+    last_seen: float
+    jobs: list[str] = field(default_factory=list)
+    done: int = 0
+    failed: int = 0
+    busy_seconds: float = 0.0
+    gpu_mem_mb: float | None = None
+
+    def snapshot(self, jobs: dict[str, Job], now: float) -> dict[str, Any]:
+        head = jobs.get(self.jobs[0]) if self.jobs else None
+        running = head is not None and head.started is not None
+        return {
+            "name": self.name,
+            "host": self.host,
+            "pid": self.pid,
+            "device": self.device,
+            "gpu": self.gpu,
+            "state": "busy" if running else ("assigned" if self.jobs else "idle"),
+            "movie": head.movie if head is not None else None,
+            "job_seconds": round(now - head.started, 2) if running and head.started is not None else None,
+            "queued": max(len(self.jobs) - 1, 0),
+            "done": self.done,
+            "failed": self.failed,
+            "mean_s": round(self.busy_seconds / self.done, 2) if self.done else None,
+            "gpu_mem_mb": self.gpu_mem_mb,
+            "busy_fraction": round(self.busy_seconds / max(now - self.joined, 1e-9), 3),
+            "last_seen_s": round(now - self.last_seen, 2),
+        }
+
+
+@dataclass
+class Event:
+    """What happened during :meth:`Dispatcher.poll`.
+
+    ``kind``: ``started`` (a worker began the job), ``result`` (``result`` set), ``failed`` (the
+    worker reported an error, ``reason``), ``cancelled`` (dropped unstarted while draining), ``requeued`` (taken back from a lost worker), ``poison``
+    (the job cost ``max_attempts`` workers), ``joined`` / ``lost`` (a worker, ``worker``).
+    """
+
+    kind: str
+    job: Job | None = None
+    result: MovieResult | None = None
+    reason: str = ""
+    worker: str = ""
+    user_error: bool = False
+
+
+class Dispatcher:
+    """Hands out jobs over a ROUTER socket; see the module docstring.
+
+    ``config``: the processing configuration (``Config.to_dict()``) sent with every job so remote
+    workers use the session's parameters. ``keys``: folder from ``lmc keys`` (CURVE); required
+    unless ``bind`` is a loopback address.
+    """
+
+    def __init__(
+        self,
+        bind: str = "tcp://127.0.0.1:0",
+        *,
+        config: dict[str, Any] | None = None,
+        keys: str | Path | None = None,
+        heartbeat: float = 1.0,
+        liveness: int = 5,
+        max_attempts: int = 3,
+        prefetch: int = 1,
+        float16: bool = False,
+        context: zmq.Context | None = None,
+    ) -> None:
+        if not is_loopback(bind) and not keys:
+            raise DispatcherError(
+                f"bind {bind}: refusing to listen beyond this machine without CURVE keys "
+                "(create them with `lmc keys DIR` and pass --keys DIR)"
+            )
+        self.bind_address = bind
+        self.config = config or {}
+        self.keys = keys
+        self.heartbeat = float(heartbeat)
+        self.liveness = int(liveness)
+        self.max_attempts = int(max_attempts)
+        self.prefetch = int(prefetch)
+        self.float16 = float16
+        self.ctx = context or zmq.Context.instance()
+        self.sock: zmq.Socket | None = None
+        self.auth: Any = None
+        self.endpoint = ""
+        self.queue: deque[str] = deque()
+        self.jobs: dict[str, Job] = {}
+        self.finished: set[str] = set()
+        self.workers: dict[bytes, WorkerInfo] = {}
+        self.dropped = 0
+        self._ids = itertools.count(1)
+        self._prefix = uuid.uuid4().hex[:8]
+        self._next_heartbeat = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> str:
+        """Bind and return the actual endpoint (with the port chosen when binding port 0)."""
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 33)
+        if self.keys:
+            from streamer.keys import setup_server
+
+            self.auth = setup_server(self.ctx, sock, self.keys)
+        bind = self.bind_address
+        try:
+            if bind.startswith("tcp://") and bind.rsplit(":", 1)[-1] == "0":
+                port = sock.bind_to_random_port(bind.rsplit(":", 1)[0])
+                self.endpoint = f"{bind.rsplit(':', 1)[0]}:{port}"
+            else:
+                sock.bind(bind)
+                self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError as exc:
+            sock.close()
+            if self.auth is not None:
+                self.auth.stop()
+            raise DispatcherError(f"bind {bind}: {exc}") from None
+        self.sock = sock
+        log.info("dispatcher listening on %s%s", self.endpoint, " (CURVE)" if self.keys else "")
+        return self.endpoint
+
+    def close(self, stop_workers: bool = True) -> None:
+        if self.sock is None:
+            return
+        if stop_workers:
+            for ident in list(self.workers):
+                self._send(ident, "stop")
+        self.sock.close(linger=200 if stop_workers else 0)
+        self.sock = None
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def submit(self, movie: str, picks: str | None = None, meta: dict[str, Any] | None = None) -> Job:
+        """Queue a movie (after any requeued jobs); it goes out on the next :meth:`poll`."""
+        job = Job(f"{self._prefix}-{next(self._ids)}", movie, picks, dict(meta or {}), time.monotonic())
+        self.jobs[job.job_id] = job
+        self.queue.append(job.job_id)
+        return job
+
+    def capacity(self) -> int:
+        """Free job slots over the live workers, minus jobs already waiting."""
+        slots = sum(max(1 + self.prefetch - len(w.jobs), 0) for w in self.workers.values())
+        return max(slots - len(self.queue), 0)
+
+    def pending(self) -> int:
+        """Jobs not finished yet (queued or held by workers)."""
+        return len(self.jobs)
+
+    def cancel_queued(self) -> list[Job]:
+        """Drop the jobs no worker holds yet (used when draining)."""
+        dropped = [self.jobs.pop(j) for j in self.queue if j in self.jobs]
+        self.queue.clear()
+        return dropped
+
+    def cancel_unstarted(self) -> list[Job]:
+        """Drain: drop queued jobs now and ask workers to drop the prefetched ones they have not
+        started. Returns the queued jobs; the others come back as ``cancelled`` events (or as
+        results, when the worker had already started them)."""
+        dropped = self.cancel_queued()
+        for w in self.workers.values():
+            for jid in w.jobs:
+                job = self.jobs.get(jid)
+                if job is not None and job.started is None and not job.meta.get("_cancelling"):
+                    job.meta["_cancelling"] = True
+                    self._send(w.ident, "cancel", {"job_id": jid})
+        return dropped
+
+    # -- the loop -------------------------------------------------------------------------------
+    def poll(self, timeout: float = 0.1) -> list[Event]:
+        """Wait up to ``timeout`` s for messages; handle them, heartbeats, liveness and assignment."""
+        assert self.sock is not None, "start() first"
+        events: list[Event] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = max(deadline - time.monotonic(), 0.0)
+            if not self.sock.poll(int(wait * 1000)):
+                break
+            while True:
+                try:
+                    frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._handle(frames, events)
+            self._assign()
+            if events or time.monotonic() >= deadline:
+                break
+        now = time.monotonic()
+        self._check_liveness(now, events)
+        if now >= self._next_heartbeat:
+            for ident in list(self.workers):
+                self._send(ident, "heartbeat")
+            self._next_heartbeat = now + self.heartbeat
+        self._assign()
+        return events
+
+    def worker_died(self, pid: int, reason: str, host: str | None = None) -> list[Event]:
+        """The session saw a local worker process exit: drop it now rather than after the timeout."""
+        events: list[Event] = []
+        host = host or socket.gethostname()
+        for ident, w in list(self.workers.items()):
+            if w.pid == pid and w.host == host:
+                self._lose(ident, reason, events)
+        return events
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [w.snapshot(self.jobs, now) for w in self.workers.values()]
+
+    # -- internals ------------------------------------------------------------------------------
+    def _send(self, ident: bytes, type_: str, header: dict[str, Any] | None = None) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.send_multipart([ident, *protocol.encode(type_, header)], copy=False)
+        except zmq.ZMQError as exc:  # a peer that vanished: liveness will handle it
+            log.debug("send %s to %s failed: %s", type_, ident.hex(), exc)
+
+    def _handle(self, frames: list[Any], events: list[Event]) -> None:
+        ident = bytes(frames[0].bytes if hasattr(frames[0], "bytes") else frames[0])
+        try:
+            msg = protocol.decode(frames[1:], allowed=protocol.WORKER_TYPES)
+        except protocol.ProtocolError as exc:
+            self.dropped += 1
+            log.warning("dropped a malformed message from peer %s: %s", ident.hex()[:12], exc)
+            return
+        now = time.monotonic()
+        w = self.workers.get(ident)
+        if msg.type == "ready":
+            self._register(ident, msg.header["worker"], now, events)
+            return
+        if w is None:
+            if msg.type in ("result", "error"):
+                self._finish_message(None, msg, events)
+            if msg.type != "bye":
+                self._send(ident, "reset")
+            return
+        w.last_seen = now
+        if msg.type == "heartbeat":
+            mem = msg.header.get("gpu_mem_mb")
+            w.gpu_mem_mb = float(mem) if isinstance(mem, (int, float)) and not isinstance(mem, bool) else None
+        elif msg.type == "started":
+            job = self.jobs.get(msg.header["job_id"])
+            if job is not None and job.worker == ident:
+                job.started = time.monotonic()
+                events.append(Event("started", job=job, worker=w.name))
+        elif msg.type in ("result", "error"):
+            self._finish_message(w, msg, events)
+        elif msg.type == "cancelled":
+            jid = msg.header["job_id"]
+            job = self.jobs.get(jid)
+            if jid in w.jobs and job is not None:
+                w.jobs.remove(jid)
+                self._forget(job)
+                events.append(Event("cancelled", job=job, worker=w.name))
+        elif msg.type == "bye":
+            self._lose(ident, "worker left", events, count_attempt=False)
+
+    def _register(self, ident: bytes, info: dict[str, Any], now: float, events: list[Event]) -> None:
+        try:
+            wid = str(info["wid"])
+            name = str(info.get("name") or wid[:8])
+            pid = int(info.get("pid", 0))
+            gpu = info.get("gpu")
+            gpu = int(gpu) if gpu is not None else None
+        except (KeyError, TypeError, ValueError):
+            self.dropped += 1
+            log.warning("dropped a ready message with bad worker info from %s", ident.hex()[:12])
+            return
+        # the same worker process reconnecting (new socket): its old registration is stale
+        for old_ident, old in list(self.workers.items()):
+            if old.wid == wid and old_ident != ident:
+                self._lose(old_ident, "reconnected", events, count_attempt=False)
+        if ident in self.workers:
+            self._lose(ident, "registered again", events, count_attempt=False)
+        w = WorkerInfo(
+            ident=ident,
+            wid=wid,
+            name=name,
+            host=str(info.get("host", "")),
+            pid=pid,
+            device=str(info.get("device", "cpu")),
+            gpu=gpu,
+            joined=now,
+            last_seen=now,
+        )
+        self.workers[ident] = w
+        self._send(ident, "heartbeat")
+        events.append(Event("joined", worker=name))
+        log.info("worker %s joined (%s, pid %s on %s)", name, w.device if w.gpu is None else f"gpu {w.gpu}", pid, w.host)
+
+    def _finish_message(self, w: WorkerInfo | None, msg: protocol.Message, events: list[Event]) -> None:
+        jid = msg.header["job_id"]
+        if w is not None and jid in w.jobs:
+            w.jobs.remove(jid)
+        job = self.jobs.get(jid)
+        if job is None:
+            log.info("dropped a duplicate %s for job %s (%s)", msg.type, jid, msg.header.get("movie"))
+            return
+        if job.movie != msg.header["movie"]:
+            self.dropped += 1
+            log.warning("dropped a %s for job %s: movie %s does not match %s", msg.type, jid, msg.header["movie"], job.movie)
+            return
+        if msg.type == "result":
+            try:
+                result = protocol.decode_result(msg)
+            except protocol.ProtocolError as exc:
+                self.dropped += 1
+                log.warning("dropped a malformed result for %s: %s", job.movie, exc)
+                # the job is still owed a result: give it to another worker (counts as an attempt)
+                self._release(job, f"malformed result: {exc}", events, count_attempt=True)
+                return
+            event = Event("result", job=job, result=result, worker=w.name if w else "")
+            if w is not None:
+                w.done += 1
+        else:
+            event = Event(
+                "failed",
+                job=job,
+                reason=msg.header["reason"],
+                worker=w.name if w else "",
+                user_error=bool(msg.header["user_error"]),
+            )
+            if w is not None:
+                w.failed += 1
+        if w is not None and job.started is not None:
+            w.busy_seconds += time.monotonic() - job.started
+        self._forget(job)
+        events.append(event)
+
+    def _forget(self, job: Job) -> None:
+        """The job is finished: no other copy of it will be accepted."""
+        self.jobs.pop(job.job_id, None)
+        self.finished.add(job.job_id)
+        if job.job_id in self.queue:
+            self.queue.remove(job.job_id)
+
+    def _release(self, job: Job, reason: str, events: list[Event], count_attempt: bool) -> None:
+        """Take ``job`` back from its worker: requeue it at the front, or set it aside as poison."""
+        job.worker = None
+        job.assigned = None
+        job.started = None
+        job.meta.pop("_cancelling", None)
+        if count_attempt:
+            job.attempts += 1
+            job.losses.append(reason)
+            if job.attempts >= self.max_attempts:
+                self._forget(job)
+                why = f"set aside after {job.attempts} failed attempts ({'; '.join(job.losses)})"
+                log.error("poison job %s: %s", job.movie, why)
+                events.append(Event("poison", job=job, reason=why))
+                return
+        if job.job_id not in self.queue:
+            self.queue.appendleft(job.job_id)
+        events.append(Event("requeued", job=job, reason=reason))
+
+    def _lose(self, ident: bytes, reason: str, events: list[Event], count_attempt: bool = True) -> None:
+        w = self.workers.pop(ident, None)
+        if w is None:
+            return
+        log.warning("worker %s lost: %s", w.name, reason)
+        events.append(Event("lost", worker=w.name, reason=reason))
+        held = [self.jobs[j] for j in w.jobs if j in self.jobs]
+        # requeue in reverse so the original order is kept at the front of the queue
+        for i, job in reversed(list(enumerate(held))):
+            self._release(job, f"worker {w.name} {reason}", events, count_attempt=count_attempt and i == 0)
+
+    def _check_liveness(self, now: float, events: list[Event]) -> None:
+        limit = self.heartbeat * self.liveness
+        for ident, w in list(self.workers.items()):
+            silent = now - w.last_seen
+            if silent > limit:
+                self._lose(ident, f"silent for {silent:.1f} s", events)
+
+    def _assign(self) -> None:
+        if not self.queue or not self.workers:
+            return
+        limit = 1 + self.prefetch
+        while self.queue:
+            # least loaded first: an idle worker gets a job before anyone gets a prefetch
+            candidates = [w for w in self.workers.values() if len(w.jobs) < limit]
+            if not candidates:
+                return
+            w = min(candidates, key=lambda w: (len(w.jobs), w.done + w.failed))
+            jid = self.queue.popleft()
+            job = self.jobs.get(jid)
+            if job is None:
+                continue
+            job.worker = w.ident
+            job.assigned = time.monotonic()
+            w.jobs.append(jid)
+            header = {"job_id": jid, "movie": job.movie, "picks": job.picks, "config": self.config,
+                      "float16": self.float16}
+            self._send(w.ident, "job", header)

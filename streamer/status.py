@@ -1,0 +1,162 @@
+"""``OUT/status.json``: written by the session every few seconds, read by ``lmc status OUT``.
+
+The file holds the session snapshot (the same dict the live console draws; see
+``streamer.session.Session.snapshot`` for its keys). It is replaced atomically, so a reader never
+sees half a file. ``render_status`` turns it into plain text for a terminal or a log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+STATUS_NAME = "status.json"
+STALE_AFTER_S = 20.0  # a running session rewrites the file every few seconds
+
+
+class StatusError(ValueError):
+    """No readable status file."""
+
+
+def write_status(out_dir: str | Path, snapshot: dict[str, Any]) -> Path:
+    """Atomically replace ``out_dir/status.json`` with ``snapshot``."""
+    path = Path(out_dir) / STATUS_NAME
+    tmp = path.with_name(f".{STATUS_NAME}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(snapshot, indent=1, default=_default, allow_nan=False))
+    os.replace(tmp, path)
+    return path
+
+
+def _default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def clean(value: Any) -> Any:
+    """NaN/inf -> None, recursively (status.json is strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value
+
+
+def read_status(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir) / STATUS_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StatusError(f"{path}: no status file (has `lmc watch` run with this --out?)") from None
+    except (OSError, ValueError) as exc:
+        raise StatusError(f"{path}: unreadable status file ({exc})") from None
+    if not isinstance(data, dict):
+        raise StatusError(f"{path}: not a status file")
+    return data
+
+
+def _fmt(v: Any, digits: int = 1) -> str:
+    if v is None or isinstance(v, bool):
+        return "-"
+    if isinstance(v, (int, float)):
+        return f"{v:,.{digits}f}" if isinstance(v, float) else f"{v:,}"
+    return str(v)
+
+
+def _dur(v: Any) -> str:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+        return "-"
+    s = round(v)
+    if s < 60:
+        return f"{v:.1f}s" if v < 10 else f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def render_status(snap: dict[str, Any], now: float | None = None) -> str:
+    """Plain-text view of a snapshot (what ``lmc status OUT`` prints)."""
+    now = time.time() if now is None else now
+    session = snap.get("session") or {}
+    counts = snap.get("counts") or {}
+    rates = snap.get("rates") or {}
+    lines: list[str] = []
+    phase = str(snap.get("phase", "?"))
+    age = now - float(snap.get("time", now))
+    state = phase
+    if phase in ("running", "draining", "starting") and age > STALE_AFTER_S:
+        state = f"{phase}?  (not updated for {_dur(age)}: the session may have stopped or crashed)"
+    lines.append(f"lmc watch  {state}   updated {_dur(age)} ago   up {_dur(session.get('uptime_s'))}")
+    for key in ("movies", "picks", "out"):
+        lines.append(f"  {key:<7}{session.get(key) or '-'}")
+    if snap.get("paused"):
+        lines.append("  dispatch PAUSED")
+    order = ("seen", "settling", "incomplete", "waiting_picks", "queued", "running", "done", "failed", "skipped")
+    lines.append("movies   " + "  ".join(f"{k} {counts.get(k, 0)}" for k in order))
+    totals = snap.get("totals") or {}
+    lines.append(
+        f"output   {_fmt(snap.get('particles'))} particles in {_fmt(snap.get('stacks'))} stacks; "
+        f"folder totals: {totals.get('done', '-')} done, {totals.get('failed', '-')} failed, "
+        f"{totals.get('skipped', '-')} skipped"
+    )
+    lines.append(
+        f"rates    {_fmt(rates.get('movies_per_hour'), 0)} movies/h (recent {_fmt(rates.get('movies_per_hour_recent'), 0)}), "
+        f"{_fmt(rates.get('particles_per_s'))} particles/s; latency ready->committed "
+        f"median {_dur(rates.get('latency_median_s'))}, p95 {_dur(rates.get('latency_p95_s'))}; "
+        f"backlog {_fmt(rates.get('backlog'))}"
+    )
+    workers = snap.get("workers") or []
+    lines.append(f"workers  {len(workers)}")
+    for w in workers:
+        job = f"{Path(str(w['movie'])).name} ({_dur(w.get('job_seconds'))})" if w.get("movie") else w.get("state", "idle")
+        mem = f", GPU mem {w['gpu_mem_mb'] / 1024:.1f} GB" if isinstance(w.get("gpu_mem_mb"), (int, float)) else ""
+        lines.append(
+            f"  {w.get('name', '?'):<16} {w.get('device', '?'):<6} done {w.get('done', 0):<5} "
+            f"{_fmt(w.get('mean_s'))} s/movie{mem}  {job}"
+        )
+    waiting = snap.get("waiting") or []
+    if waiting:
+        lines.append("waiting")
+        for e in waiting[:10]:
+            lines.append(f"  {e.get('state', ''):<14}{_dur(e.get('seconds')):>8}  {e.get('movie')}  {e.get('reason') or ''}".rstrip())
+    recent = snap.get("recent") or []
+    if recent:
+        lines.append("recent (newest last)")
+        for r in recent[-10:]:
+            lines.append(
+                f"  {Path(str(r.get('movie'))).name:<40} {_fmt(r.get('particles')):>6} particles  "
+                f"motion {_fmt(r.get('motion_total_A'))} Å  local {_fmt(r.get('local_mean_A'), 2)} Å  "
+                f"{_dur(r.get('seconds'))}"
+            )
+    errors = snap.get("errors") or []
+    if errors:
+        lines.append(f"errors ({len(errors)})")
+        lines += [f"  {e.get('reason', e) if isinstance(e, dict) else e}" for e in errors[-10:]]
+    warnings = snap.get("warnings") or []
+    if warnings:
+        lines.append(f"warnings ({len(warnings)})")
+        lines += [f"  {w}" for w in warnings[-10:]]
+    return "\n".join(lines) + "\n"
+
+
+def print_status(out_dir: str | Path, as_json: bool = False) -> int:
+    """``lmc status OUT``: print the status for a human (or the raw JSON); 1 when there is none."""
+    try:
+        snap = read_status(out_dir)
+    except StatusError as exc:
+        print(f"lmc status: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(snap, indent=1))
+    else:
+        sys.stdout.write(render_status(snap))
+    return 0
