@@ -62,7 +62,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     from streamer.worker import worker_main
 
     cfg = _cfg(ns)
-    return int(worker_main(ns.connect, cfg, gpu=ns.gpu, keys=ns.keys_dir) or 0)
+    return int(worker_main(ns.connect, cfg, gpu=ns.gpu, keys=cfg.keys) or 0)
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
@@ -148,7 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="join a dispatcher's worker pool (e.g. from a Slurm job on another node)")
     p.add_argument("--connect", required=True, help="dispatcher address, e.g. tcp://head:5555")
     p.add_argument("--gpu", type=int, default=None, help="CUDA device to pin this worker to")
-    p.add_argument("--keys-dir", dest="keys_dir", default=None, help="folder from `lmc keys` (needed for non-loopback)")
     config_mod.add_config_flags(p)
     p.set_defaults(func=cmd_worker)
 
