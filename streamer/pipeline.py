@@ -208,17 +208,8 @@ def process_movie(
     particles_np = backend.to_numpy(particles).astype(np.float32, copy=False)
     lap("extract")
 
-    quality_gain = float("nan")
-    if cfg.local.enabled and len(kept) > 0 and local_info:
-        try:
-            from gpu.quality import evenodd_gain
-
-            quality_gain = float(
-                evenodd_gain(frames, positions[kept], shifts_px, traj_smooth_px[kept], apix=apix, cfg=cfg.local,
-                             dose_per_frame=cfg.dose_per_frame)
-            )
-        except ImportError:
-            pass
+    # reference-free quality signal: held-out even/odd-frame FRC gain of local over full-frame (gpu/quality.py)
+    quality_gain = float(local_info.get("quality_gain", float("nan")))
     aligned, binning = aligned_sum(binned, shifts_px)
     del binned
     micrograph = backend.to_numpy(aligned)

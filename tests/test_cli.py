@@ -1,0 +1,101 @@
+"""The `lmc` command as a user runs it: simulate, run (twice), max-movies, boxsize, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mrcfile
+import pytest
+import starfile
+
+from streamer.simulate import SimParams, simulate_session
+
+
+def lmc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streamer.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    simulate_session(root / "s", SimParams(movies=3, frames=12, shape=(384, 384), particles=6, seed=3))
+    return root
+
+
+def _run_args(root: Path, out: str, *extra: str) -> list[str]:
+    s = root / "s"
+    return ["run", "--movies", str(s / "movies"), "--picks", str(s / "picks"), "--gain", str(s / "gain.mrc"),
+            "--out", str(root / out), "--box", "96", "--fcrop-box", "64", "--workers", "2", "--settle-seconds", "0",
+            *extra]
+
+
+def test_run_twice_never_duplicates(session: Path) -> None:
+    first = lmc(*_run_args(session, "out"), cwd=session)
+    assert first.returncode == 0, first.stderr
+    assert "movies done: 3" in first.stdout and "failed: 0" in first.stdout
+    star = starfile.read(session / "out" / "particles.star")
+    parts = star["particles"]
+    n = len(parts)
+    assert n > 0 and f"particles written: {n}" in first.stdout
+    assert star["optics"]["rlnImageSize"].iloc[0] == 64
+    names = set(parts["rlnImageName"])
+    assert len(names) == n  # every particle once
+    # stacks hold exactly the particles the STAR references
+    total = 0
+    for f in sorted((session / "out" / "stacks").glob("*.mrcs")):
+        with mrcfile.open(f, permissive=False) as m:
+            total += m.data.shape[0]
+            assert m.data.shape[1:] == (64, 64)
+    assert total == n
+
+    second = lmc(*_run_args(session, "out"), cwd=session)
+    assert second.returncode == 0, second.stderr
+    assert len(starfile.read(session / "out" / "particles.star")["particles"]) == n
+    assert f"particles written: {n}" in second.stdout  # totals of the folder, nothing added
+
+
+def test_max_movies_and_float16(session: Path) -> None:
+    res = lmc(*_run_args(session, "out16", "--max-movies", "1", "--float16"), cwd=session)
+    assert res.returncode == 0, res.stderr
+    assert "movies done: 1" in res.stdout
+    stack = next((session / "out16" / "stacks").glob("*.mrcs"))
+    with mrcfile.open(stack) as m:
+        assert m.header.mode == 12 and m.data.dtype.itemsize == 2
+
+
+def test_changed_parameters_are_refused(session: Path) -> None:
+    assert lmc(*_run_args(session, "outp", "--max-movies", "1"), cwd=session).returncode == 0
+    args = _run_args(session, "outp")
+    args[args.index("--box") + 1] = "128"
+    res = lmc(*args, cwd=session)
+    assert res.returncode == 2
+    assert "box" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bad_config_value_is_one_line(session: Path) -> None:
+    res = lmc(*_run_args(session, "outx", "--box", "255"), cwd=session)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "box must be an even number" in res.stderr
+
+
+def test_boxsize_rosenthal_henderson(tmp_path: Path) -> None:
+    res = lmc("boxsize", "--diameter", "150", "--defocus", "20000", "--resolution", "3", "--kv", "300", cwd=tmp_path)
+    assert res.returncode == 0
+    fields = dict(line.split(": ", 1) for line in res.stdout.strip().splitlines())
+    # 2 λ Δf / r with λ(300 kV) = 0.019688 Å: 262.5 Å of delocalisation (REFERENCE.md §6)
+    assert float(fields["delocalisation_A"]) == pytest.approx(262.5, abs=0.5)
+    assert int(fields["box_px"]) >= 413
+
+
+def test_simulate_command(tmp_path: Path) -> None:
+    res = lmc("simulate", str(tmp_path / "sim"), "--movies", "1", "--frames", "6", "--shape", "256", "256",
+              "--particles", "3", "--format", "mrc", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    movies = list((tmp_path / "sim" / "movies").glob("*.mrc"))
+    assert len(movies) == 1
+    with mrcfile.open(movies[0]) as m:
+        assert m.data.shape == (6, 256, 256)
