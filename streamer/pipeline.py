@@ -214,7 +214,7 @@ def process_movie(
     del binned
     micrograph = backend.to_numpy(aligned)
     del frames
-    lap("quality")
+    lap("micrograph")
 
     frame_shifts_A = shifts_px * apix
     local_mag = np.linalg.norm(local_smooth[kept] - local_smooth[kept].mean(axis=1, keepdims=True), axis=-1) * apix
