@@ -124,7 +124,8 @@ def _print_summary(summary: dict[str, Any]) -> int:
     print(f"movies done: {summary.get('done', 0)}  failed: {summary.get('failed', 0)}  "
           f"skipped: {summary.get('skipped', 0)}  particles written: {summary.get('particles', 0)}")
     for movie, reason in summary.get("failures", []):
-        print(f"  failed: {movie}: {reason}")
+        # reasons from the readers already start with the file's path
+        print(f"  failed: {reason}" if str(reason).startswith(str(movie)) else f"  failed: {movie}: {reason}")
     if summary.get("out"):
         print(f"output: {summary['out']}")
     return 1 if summary.get("aborted") else 0

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from streamer.config import Config, ConfigError
+from streamer.console import enrich_snapshot
 from streamer.dispatcher import Dispatcher, Event, Job
 from streamer.status import clean, write_status
 from streamer.watcher import Notice, Watcher, split_pattern
@@ -661,7 +662,8 @@ class Session:
     def _publish(self, now: float, force: bool = False) -> None:
         if self.writer is not None:
             self.totals = dict(self.writer.totals)
-        snap = self.snapshot()
+        # derived fields (disk space, ETA, trend, alerts) once here, so console and status.json agree
+        snap = enrich_snapshot(self.snapshot(), self.out)
         if self.on_state is not None:
             try:
                 self.on_state(snap)

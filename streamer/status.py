@@ -135,12 +135,19 @@ def render_status(snap: dict[str, Any], now: float | None = None) -> str:
             lines.append(
                 f"  {Path(str(r.get('movie'))).name:<40} {_fmt(r.get('particles')):>6} particles  "
                 f"motion {_fmt(r.get('motion_total_A'))} Å  local {_fmt(r.get('local_mean_A'), 2)} Å  "
+                f"quality {_fmt(r.get('quality_gain'), 4)}  "
                 f"{_dur(r.get('seconds'))}"
             )
     errors = snap.get("errors") or []
     if errors:
         lines.append(f"errors ({len(errors)})")
         lines += [f"  {e.get('reason', e) if isinstance(e, dict) else e}" for e in errors[-10:]]
+    alerts = snap.get("alerts") or []
+    if alerts:
+        lines.append("alerts")
+        lines += [f"  {a}" for a in alerts]
+    if snap.get("disk_free_gb") is not None:
+        lines.append(f"disk     {_fmt(snap.get('disk_free_gb'))} GB free in the output folder")
     warnings = snap.get("warnings") or []
     if warnings:
         lines.append(f"warnings ({len(warnings)})")
