@@ -99,15 +99,7 @@ class MicroscopeEmulator:
             sub.mkdir(parents=True, exist_ok=True)
         gain = simulate.write_gain(self.dest, self.params)
         p = self.params
-        # as ``lmc simulate`` writes it: config.yaml-shaped, the gain path relative to ``dest``
-        recommended: dict[str, Any] = {
-            "apix": p.apix, "dose_per_frame": p.dose_per_frame, "kv": p.kv, "cs": p.cs,
-            "amplitude_contrast": p.amplitude_contrast, "box": simulate.recommended_box(p),
-            "gain": {"file": gain.name, "mode": "divide" if p.format == "eer" else "multiply"},
-            "picks": {"format": p.pick_format},
-        }
-        if p.format == "eer":
-            recommended["eer"] = {"fractions": p.frames}
+        recommended = simulate.recommended_settings(p, gain.name)
         movies = [{"movie": f"movies/{simulate.movie_filename(p, i)}",
                    "truth": f"truth/{simulate.file_stem(simulate.movie_filename(p, i))}.npz",
                    "particles": int(p.particles)} for i in range(p.movies)]

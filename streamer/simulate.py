@@ -748,6 +748,24 @@ def write_one_movie(out_dir: str | os.PathLike[str], params: SimParams, index: i
     }
 
 
+def recommended_settings(params: SimParams, gain_name: str) -> dict[str, Any]:
+    """The lmc settings for a simulated session, config.yaml-shaped (``streamer.config.from_dict``
+    accepts it); the gain path is relative to the session folder."""
+    rec: dict[str, Any] = {
+        "apix": params.apix,
+        "dose_per_frame": params.dose_per_frame,
+        "kv": params.kv,
+        "cs": params.cs,
+        "amplitude_contrast": params.amplitude_contrast,
+        "box": recommended_box(params),
+        "gain": {"file": gain_name, "mode": "divide" if params.format == "eer" else "multiply"},
+        "picks": {"format": params.pick_format},
+    }
+    if params.format == "eer":
+        rec["eer"] = {"fractions": params.frames}
+    return rec
+
+
 def simulate_session(
     out_dir: str | os.PathLike[str],
     params: SimParams,
@@ -800,19 +818,7 @@ def simulate_session(
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     ses = _session(params)
-    # config.yaml-shaped (streamer.config.from_dict accepts it); the gain path is relative to out_dir
-    recommended: dict[str, Any] = {
-        "apix": params.apix,
-        "dose_per_frame": params.dose_per_frame,
-        "kv": params.kv,
-        "cs": params.cs,
-        "amplitude_contrast": params.amplitude_contrast,
-        "box": ses.box,
-        "gain": {"file": gain.name, "mode": "divide" if params.format == "eer" else "multiply"},
-        "picks": {"format": params.pick_format},
-    }
-    if params.format == "eer":
-        recommended["eer"] = {"fractions": params.frames}
+    recommended = recommended_settings(params, gain.name)
     flags = [f"--{k.replace('_', '-')} {v}" for k, v in recommended.items() if not isinstance(v, dict)]
     flags += [f"--gain {gain.name} --gain-mode {recommended['gain']['mode']} --picks-format {params.pick_format}"]
     if params.format == "eer":
