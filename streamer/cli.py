@@ -93,9 +93,8 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     out = simulate_session(Path(ns.dir), SimParams(**kwargs))
     print(f"synthetic session written to {out}")
     info = json.loads((Path(ns.dir) / "session.json").read_text())
-    flags = info.get("lmc_flags") or {}
-    if flags:
-        print("process it with:\n  lmc run " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()))
+    d = Path(ns.dir)
+    print(f"process it with:\n  cd {d} && lmc run --movies movies --picks picks --out lmc {info.get('flags', '')}")
     return 0
 
 
