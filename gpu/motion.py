@@ -1,24 +1,58 @@
-"""Full-frame (rigid) motion estimation by iterative frame-versus-sum-of-others correlation.
+"""Full-frame (rigid) motion estimation: frame-versus-sum-of-others correlation with a temporal prior.
 
 Convention (gpu/__init__): trajectory ``s_t = (dx, dy)`` is where the specimen is in frame ``t``
 relative to the reference frame (``s_ref = 0``); correcting frame ``t`` shifts it by ``-s_t``.
 
-Method (as MotionCor2's global alignment): frames are binned to a pixel of about
+Data term (as MotionCor2's global alignment): frames are binned to a pixel of about
 ``max_resolution / 2`` (integer real-space binning, then a Fourier crop; gpu/crop.py) and
-transformed once. Each iteration shifts every frame by its current ``-s_t``, and correlates
-it with the sum of all *other* frames (shot noise is independent between frames, so no
-self-correlation peak at zero), weighted by ``exp(-B k² / 2)`` (the amplitude envelope
-``exp(-B k² / 4)`` on both sides, k in 1/Å). Frame edges are the same in every raw frame, so
-their wrap-around discontinuity correlates at zero raw shift and pulls every estimate towards
-zero (about 1% of the drift on a 640 px frame, negligible on a K3 frame): the binned frames fade
-to their mean over 10% of each side, and the ``kx = 0`` column and ``ky = 0`` row, where the
-remaining edge energy concentrates, are left out of the correlation. The correction ``δ_t`` is the peak of the Fourier-interpolated correlation: a
-global integer search (first iteration, or after a large update) and then Newton steps on the
-exact trigonometric interpolant, whose value, gradient and Hessian at ``δ`` come from one
-separable DFT (an elementwise product, one GEMM, a tiny contraction). The self term
-``|A_t|²`` of ``A_t · conj(Σ_u A_u)`` is shift-invariant and precomputed, so the cross-power
-of every frame against the sum of the others costs two passes. Frames are updated together (Jacobi);
-iteration stops when no re-referenced shift changes by more than ``tolerance_px``.
+transformed once. Each iteration shifts every frame by its current ``-s_t`` and correlates it with
+the sum of all *other* frames (shot noise is independent between frames, so no self-correlation
+peak at zero), weighted by ``exp(-B k² / 2)`` (the amplitude envelope ``exp(-B k² / 4)`` on both
+sides, k in 1/Å): ``c_t(δ) = Σ_k m_k Re[A_t conj(R_t) w e^{2πik·δ}]`` (``m``: rfft column
+multiplicity). Frame edges are the same in every raw frame, so their wrap-around discontinuity
+correlates at zero raw shift and pulls every estimate towards zero: the binned frames fade to their
+mean over 10% of each side, and the ``kx = 0`` column and ``ky = 0`` row, where the remaining edge
+energy concentrates, are left out. The self term ``|A_t|²`` of ``A_t conj(Σ_u A_u)`` is
+shift-invariant and precomputed, so every frame's cross-power costs two passes.
+
+Calibration: ``c_t`` is turned into a log-likelihood ``ℓ_t = κ_t c_t``. For a template in white
+Gaussian noise the log-likelihood's noise variance equals its peak height (score variance =
+Fisher information), so ``κ_t = h / σ_t²`` with ``h`` the signal height of the correlation peak
+(pooled over frames: the mean of ``c_t`` at the current estimate, which has zero mean on pure
+noise) and ``σ_t²`` the noise variance of ``c_t``, estimated from the data:
+``σ_t² = ½ Σ_k m_k² w²|R_t|² N_t`` with the noise power ``N_t = |A_t|² - Re(A_t conj R_t)/(F-1)``
+(a frame's power minus its power shared with the others; floored at 5% of ``|A_t|²``). On weak data
+``h / σ`` is small, the likelihood flat, and the prior decides; on strong data ``κ`` is large and
+the prior is negligible (the noise-free sub-pixel accuracy is unchanged).
+
+Prior (smooth in exposure, Å and e/Å², REFERENCE §3, §5): with ``e_t`` the exposure at the middle of
+frame ``t`` and ``D`` the dose per frame, ``-log p(s) = ½ Σ |Δs|² / (D σ_v(ē))² + ½ Σ |Δ²s|² /
+(D² σ_a(e))²`` (velocity in Å per e/Å², acceleration in Å per (e/Å²)²), with
+``σ(e) = σ_late + σ_burst exp(-e / τ)``: ``σ_v`` = 1 + 20 exp(-e/2), ``σ_a`` = 0.3 + 20 exp(-e/2).
+The burst terms leave the beam-induced burst of the first 2-4 e/Å² free (the simulator's reaches
+~10 Å per e/Å² and ~6 Å per (e/Å²)² in the first frames), the late terms suppress frame-to-frame
+noise when stage drift is nearly linear (late accelerations < 0.1 Å per (e/Å²)² in the simulator).
+``smoothing`` multiplies the prior's precision (σ / sqrt(smoothing)); 0 turns it off (independent
+frame peaks). The velocity term is what keeps a pure-noise movie still: an acceleration prior
+alone leaves a uniform drift free.
+
+Search: the trajectory must first be found to within the peak's capture range (about a binned
+pixel after the B-factor). First iteration (and after any update above half a binned pixel): the
+correlation maps ``c_t`` on the integer grid of offsets ``|δ| <= max_shift`` (150 Å by default:
+full-frame drift between a frame and the others is 5-30 Å, REFERENCE §5; at most a quarter of the
+frame) and the exact MAP path under the velocity part of the prior by dynamic programming
+(Viterbi; the quadratic transition cost is separable in x and y, so each step is two 1-D max-plus
+products). ``h`` is re-estimated at the path and the path recomputed (3 rounds: the first ``h``,
+from map maxima, is biased upwards on noise). Then Newton steps on the full posterior
+``Σ_t ℓ_t(s_t + δ_t) - prior(s + δ)`` with the others frozen (Jacobi): each frame's value, gradient
+and Hessian come from the exact trigonometric interpolant of ``c_t`` (one separable DFT: an
+elementwise product, one GEMM, a tiny contraction), and the ``2F`` coupled unknowns from one small
+linear solve ``(P - κH) ε = κg - P(s + δ)`` (Hessians that are not concave, noise, are replaced by
+the frames' pooled curvature; steps are capped at one binned pixel). Iteration stops when no
+re-referenced shift changes by more than ``tolerance_px``.
+
+Reference: ``s_ref = 0`` is imposed on the smooth MAP trajectory, in which the reference frame's
+value is informed by its neighbours, so its own noise no longer offsets every frame.
 """
 
 from __future__ import annotations
@@ -33,11 +67,18 @@ from gpu.backend import array_module, irfft2, to_numpy
 from gpu.crop import downsample_spectra
 from gpu.shift import ramp_factors
 
-_NEWTON_STEPS = 6  # from the integer peak of a global search
+_NEWTON_STEPS = 6  # from the path of a global search
 _NEWTON_STEPS_LOCAL = 3  # from zero: the outer iterations refine further
 _MAX_NEWTON_STEP = 1.0  # binned px; the peak's curvature radius is about a pixel after the B-factor
 _GLOBAL_AGAIN = 0.5  # binned px; an update this large triggers a fresh global search
 _TAPER = 0.1  # fraction of each side faded to the frame mean before correlation
+_MAX_SHIFT_A = 150.0  # default search radius (module doc)
+_HEIGHT_ROUNDS = 3  # global-search passes re-estimating the signal height h
+_NOISE_FLOOR = 0.05  # noise power never below this fraction of a frame's power (noise-free input)
+# prior at smoothing = 1 (module doc): sigma(e) = late + burst * exp(-e / tau)
+_BURST_TAU = 2.0  # e/Å²
+_VEL_LATE, _VEL_BURST = 1.0, 20.0  # Å per e/Å²
+_ACC_LATE, _ACC_BURST = 0.3, 20.0  # Å per (e/Å²)²
 
 
 @dataclass(frozen=True)
@@ -100,64 +141,236 @@ def correlation_weights(movie: BinnedMovie, bfactor: float) -> Any:
     return xp.asarray(wgt.astype(np.float32))
 
 
-def _peak_newton(p: Any, start: Any, hc: int, wc: int, xp: ModuleType, steps: int, tol: float = 1e-3) -> Any:
-    """Newton ascent on ``c(δ) = Σ_k m_k Re[p_k exp(+2πi k·δ)]`` per frame (``m``: rfft column
-    multiplicity). ``p (F, hc, wc//2+1)``; ``start (F, 2)`` binned px -> ``(F, 2)`` float64.
+def trajectory_prior(
+    n_frames: int, dose_per_frame: float = 1.0, pre_exposure: float = 0.0, smoothing: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Precisions ``(velocity (F-1,), acceleration (F-2,))`` in 1/Å² of a trajectory's first and
+    second differences (Å per frame, per frame²): ``smoothing / (D σ_v(ē))²`` between frames ``t``
+    and ``t+1`` (``ē`` the exposure at the boundary) and ``smoothing / (D² σ_a(e_t))²`` at frame
+    ``t`` (``e_t = pre + D (t + ½)``); σ's in the module doc."""
+    e = pre_exposure + dose_per_frame * (np.arange(n_frames) + 0.5)
+    boundary = pre_exposure + dose_per_frame * np.arange(1, n_frames)
+    sv = (_VEL_LATE + _VEL_BURST * np.exp(-boundary / _BURST_TAU)) * dose_per_frame
+    sa = (_ACC_LATE + _ACC_BURST * np.exp(-e[1:-1] / _BURST_TAU)) * dose_per_frame**2
+    return smoothing / sv**2, smoothing / sa**2
 
-    Value, gradient and Hessian at ``δ`` are ``M_ij = Σ_ky (2πi ky)^i e_y Σ_kx p (2πi kx)^j m e_x``:
-    one elementwise product with ``e_x``, one GEMM against the frame-independent ``(wk, 3)``
-    matrix (a single large GEMM: batched small ones hit slow BLAS paths), and a tiny contraction
-    over ``ky``. Stops early once no step exceeds ``tol`` binned px.
+
+def prior_matrix(velocity: np.ndarray, acceleration: np.ndarray, n_frames: int) -> np.ndarray:
+    """``(F, F)`` precision ``P`` with ``sᵀ P s = Σ v_j (Δs)_j² + Σ a_j (Δ²s)_j²`` for one axis of ``s (F,)``."""
+    d1 = np.diff(np.eye(n_frames), axis=0)
+    d2 = np.diff(np.eye(n_frames), n=2, axis=0)
+    return (d1.T * velocity) @ d1 + (d2.T * acceleration) @ d2
+
+
+@dataclass(frozen=True)
+class _Trig:
+    """Frame-independent factors of the interpolant's value, gradient and Hessian (:func:`_peak_terms`)."""
+
+    dx: Any  # (wk, 3) complex64: m_kx (2πi kx)^j
+    dy: Any  # (3, hc) complex128: (2πi ky)^i
+    kx: Any  # (wk,)
+    ky: Any  # (hc,)
+
+    @classmethod
+    def make(cls, hc: int, wc: int, xp: ModuleType) -> _Trig:
+        ky = np.fft.fftfreq(hc)
+        kx = np.fft.rfftfreq(wc)
+        mult = np.where(np.arange(kx.size) == 0, 1.0, 2.0)
+        dx = np.stack([mult * (2j * np.pi * kx) ** j for j in range(3)], axis=1).astype(np.complex64)
+        iy = 2j * np.pi * ky
+        return cls(xp.asarray(dx), xp.asarray(np.stack([iy**0, iy, iy * iy], axis=0)), xp.asarray(kx), xp.asarray(ky))
+
+
+def _peak_terms(p: Any, d: Any, trig: _Trig, xp: ModuleType) -> np.ndarray:
+    """``(F, 3, 3)`` host float64 ``M_ij = Σ_ky (2πi ky)^i e_y Σ_kx p (2πi kx)^j m e_x`` (real part)
+    at offsets ``d (F, 2)`` binned px: ``c = M_00``, gradient ``(M_01, M_10)``, Hessian
+    ``[[M_02, M_11], [M_11, M_20]]`` of ``c(δ) = Σ_k m_k Re[p_k exp(+2πi k·δ)]``.
+
+    One elementwise product with ``e_x``, one GEMM against the frame-independent ``(wk, 3)`` matrix
+    (a single large GEMM: batched small ones hit slow BLAS paths), and a tiny contraction over ``ky``.
     """
-    n, _, wk = p.shape
-    ky = np.fft.fftfreq(hc)
-    kx = np.fft.rfftfreq(wc)
-    mult = np.where(np.arange(wk) == 0, 1.0, 2.0)
-    dx = xp.asarray(np.stack([mult * (2j * np.pi * kx) ** j for j in range(3)], axis=1).astype(np.complex64))
-    iy = 2j * np.pi * ky
-    kx_d, ky_d = xp.asarray(kx), xp.asarray(ky)
-    dy = xp.asarray(np.stack([iy**0, iy, iy * iy], axis=0))  # (3, hc)
-    d = xp.asarray(start, dtype=xp.float64).copy()
-    q = xp.empty_like(p)
-    for _ in range(steps):
-        ex = xp.exp(2j * np.pi * d[:, 0:1] * kx_d[None, :]).astype(xp.complex64)  # (F, wk)
-        ey = xp.exp(2j * np.pi * d[:, 1:2] * ky_d[None, :])  # (F, hc)
-        xp.multiply(p, ex[:, None, :], out=q)
-        t = (q.reshape(n * hc, wk) @ dx).reshape(n, hc, 3).astype(xp.complex128)
-        m = xp.einsum("iy,fy,fyj->fij", dy, ey, t).real  # (F, 3, 3): [y order, x order]
-        gx, gy = m[:, 0, 1], m[:, 1, 0]
-        hxx, hyy, hxy = m[:, 0, 2], m[:, 2, 0], m[:, 1, 1]
-        det = hxx * hyy - hxy * hxy
-        concave = (hxx < 0) & (det > 0)
-        safe = xp.where(concave, det, 1.0)
-        nx = -(hyy * gx - hxy * gy) / safe
-        ny = -(hxx * gy - hxy * gx) / safe
-        gnorm = xp.sqrt(gx * gx + gy * gy)
-        gsafe = xp.where(gnorm > 0, gnorm, 1.0)
-        # not concave here: climb half a pixel along the gradient instead of a Newton step
-        sx = xp.where(concave, nx, 0.5 * gx / gsafe)
-        sy = xp.where(concave, ny, 0.5 * gy / gsafe)
-        norm = xp.sqrt(sx * sx + sy * sy)
-        shrink = xp.minimum(1.0, _MAX_NEWTON_STEP / xp.maximum(norm, 1e-30))
-        d[:, 0] += sx * shrink
-        d[:, 1] += sy * shrink
-        if float(xp.max(norm * shrink)) < tol:
+    n, hc, wk = p.shape
+    d = xp.asarray(d, dtype=xp.float64)
+    ex = xp.exp(2j * np.pi * d[:, 0:1] * trig.kx[None, :]).astype(xp.complex64)  # (F, wk)
+    ey = xp.exp(2j * np.pi * d[:, 1:2] * trig.ky[None, :])  # (F, hc)
+    t = ((p * ex[:, None, :]).reshape(n * hc, wk) @ trig.dx).reshape(n, hc, 3).astype(xp.complex128)
+    return to_numpy(xp.einsum("iy,fy,fyj->fij", trig.dy, ey, t).real)
+
+
+def _cross_spectra(movie: BinnedMovie, s: Any, wgt: Any, power: Any, power_sq: Any, p: Any) -> Any:
+    """Fill ``p (F, hc, wk)`` with ``A_t conj(R_t) w`` (frames shifted by ``-s``, binned px) and
+    return the noise variance ``σ_t² (F,)`` (host float64) of each ``c_t`` (module doc).
+
+    With ``a = w|T|²`` (T the sum of all frames), ``b = w|A_t|²`` and ``r = Re p``:
+    ``w|R_t|² = a - 2r - b`` and ``w N_t = b - r/(F-1)``, so ``σ_t² = ½ Σ m² (a - 2r - b)(b - r/(F-1))``,
+    expanded into per-frame reductions (no full-size temporaries beyond ``r``); ``m = 2`` wherever
+    ``w != 0``.
+    """
+    xp = array_module(movie.spectra)
+    n = movie.n_frames
+    hc, wc = movie.shape
+    ey, ex = ramp_factors(-s, hc, wc, True, xp)
+    xp.multiply(movie.spectra, ey, out=p)
+    p *= ex
+    total = p.sum(axis=0)
+    a = ((total.real**2 + total.imag**2) * wgt).reshape(-1)
+    p *= (xp.conj(total) * wgt)[None]
+    p -= power  # = A_t conj(Σ_{u≠t} A_u) w: frame against the sum of the others
+    r = xp.ascontiguousarray(p.real).reshape(n, -1)
+    b = power.reshape(n, -1)
+    q = max(n - 1, 1)
+    sab, sar = b @ a, r @ a
+    srb, srr = xp.einsum("ij,ij->i", r, b), xp.einsum("ij,ij->i", r, r)
+    sab, sar, srb, srr = (to_numpy(v).astype(np.float64) for v in (sab, sar, srb, srr))
+    var = 2.0 * (sab - sar / q - (2.0 - 1.0 / q) * srb + 2.0 * srr / q - power_sq)
+    floor = 2.0 * _NOISE_FLOOR * (sab - 2.0 * srb - power_sq)
+    return np.maximum(np.maximum(var, floor), 1e-30)
+
+
+def _window_maps(p: Any, radius: tuple[int, int], hc: int, wc: int) -> np.ndarray:
+    """``(F, 2ry+1, 2rx+1)`` host float64 ``c_t(δ)`` at integer offsets ``|δx| <= rx``, ``|δy| <= ry``
+    (row ``i`` is ``δy = i - ry``), in the units of :func:`_peak_terms`."""
+    xp = array_module(p)
+    rx, ry = radius
+    c = irfft2(p, s=(hc, wc))
+    rows = xp.asarray(np.arange(-ry, ry + 1) % hc)
+    cols = xp.asarray(np.arange(-rx, rx + 1) % wc)
+    return to_numpy(c[:, rows][:, :, cols]).astype(np.float64) * (hc * wc)
+
+
+def _max_plus(score: np.ndarray, offset: float, precision: float) -> tuple[np.ndarray, np.ndarray]:
+    """``out[y, i] = max_j score[y, j] - ½ precision (offset + i - j)²`` and its argmax ``j``, over the last axis.
+
+    Only ``j`` within ``K`` of ``clip(i + round(offset))`` can win, where ``½ precision (K - 1)² >=
+    max(score) - min(score)``: a farther ``j`` pays more than the whole range of ``score`` over the nearer one.
+    """
+    w = score.shape[-1]
+    i = np.arange(w)
+    spread = float(score.max() - score.min())
+    band = w if precision <= 0 else int(np.ceil(np.sqrt(2.0 * spread / precision))) + 1
+    if band >= w - 1:
+        j = np.broadcast_to(i[None, :], (w, w))
+    else:
+        centre = np.clip(i + round(offset), 0, w - 1)
+        j = np.clip(centre[:, None] + np.arange(-band, band + 1)[None, :], 0, w - 1)
+    cand = score[:, j] - (0.5 * precision) * (offset + i[:, None] - j) ** 2  # (y, i, candidates)
+    arg = np.argmax(cand, axis=-1)
+    return np.take_along_axis(cand, arg[..., None], axis=-1)[..., 0], np.take_along_axis(j[None], arg[..., None], -1)[..., 0]
+
+
+def viterbi_path(loglik: np.ndarray, offsets: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """MAP integer offsets ``(F, 2)`` (dx, dy) under a Gaussian prior on steps, by dynamic programming.
+
+    ``loglik (F, 2ry+1, 2rx+1)``: log-likelihood of frame ``t`` at offset ``δ = (ix - rx, iy - ry)``
+    from its current position; ``offsets (F-1, 2)``: current position of frame ``t+1`` minus that of
+    frame ``t``; ``precision (F-1, 2)``: per-axis precision of the step between them, so the
+    transition costs ``½ Σ_axis prec (offset + δ_{t+1} - δ_t)²``. Separable in x and y: each frame
+    is two 1-D max-plus products, ``O(W³)``.
+    """
+    n, wy, wx = loglik.shape
+    ry, rx = wy // 2, wx // 2
+    score = loglik[0]
+    back = []
+    for t in range(1, n):
+        tmp, arg_x = _max_plus(score, offsets[t - 1, 0], precision[t - 1, 0])  # (jy, ix)
+        out, arg_y = _max_plus(tmp.T, offsets[t - 1, 1], precision[t - 1, 1])  # (ix, iy)
+        score = out.T + loglik[t]
+        back.append((arg_x, arg_y))
+    iy, ix = np.unravel_index(int(np.argmax(score)), score.shape)
+    path = np.zeros((n, 2), dtype=np.int64)
+    path[-1] = ix, iy
+    for t in range(n - 1, 0, -1):
+        arg_x, arg_y = back[t - 1]
+        iy = arg_y[ix, iy]
+        ix = arg_x[iy, ix]
+        path[t - 1] = ix, iy
+    return (path - np.array([rx, ry])).astype(np.float64)
+
+
+def _global_search(
+    maps: np.ndarray, noise_var: np.ndarray, offsets: np.ndarray, precision: np.ndarray, regularised: bool
+) -> np.ndarray:
+    """``(F, 2)`` offsets (binned px) from the correlation ``maps`` (:func:`_window_maps`): the
+    Viterbi path of ``κ_t c_t``, with ``h`` re-estimated at the path (module doc). Unregularised:
+    each frame's own maximum."""
+    n, wy, wx = maps.shape
+    ry, rx = wy // 2, wx // 2
+    # a vanishing preference for zero motion settles ties (flat maps) at no motion
+    tie = -1e-9 * ((np.arange(wx) - rx)[None, :] ** 2 + (np.arange(wy) - ry)[:, None] ** 2)
+    if not regularised:
+        flat = np.argmax((maps + tie).reshape(n, -1), axis=1)
+        return np.stack([flat % wx - rx, flat // wx - ry], axis=1).astype(np.float64)
+    height = float(np.mean(maps.reshape(n, -1).max(axis=1)))
+    path = np.zeros((n, 2))
+    for _ in range(_HEIGHT_ROUNDS):
+        if not height > 0:
+            return np.zeros((n, 2))
+        path = viterbi_path((height / noise_var)[:, None, None] * maps + tie, offsets, precision)
+        at = (path + np.array([rx, ry])).astype(np.int64)
+        height = float(np.mean(maps[np.arange(n), at[:, 1], at[:, 0]]))
+    return path
+
+
+def _solve_update(
+    m: np.ndarray, kappa: np.ndarray, prior: tuple[np.ndarray, np.ndarray], position: np.ndarray
+) -> np.ndarray:
+    """``(F, 2)`` Newton update ``ε`` of ``Σ_t κ_t c_t - ½ Σ_axis posᵀ P pos`` from the per-frame
+    terms ``m (F, 3, 3)`` (:func:`_peak_terms`): ``(P - κH) ε = κg - P·position``.
+
+    Frames whose Hessian is not concave (noise) get the pooled Hessian of the concave ones (none:
+    no curvature, the step cap bounds the move); a vanishing ridge pins directions that neither
+    data nor prior see.
+    """
+    n = m.shape[0]
+    g = np.stack([m[:, 0, 1], m[:, 1, 0]], axis=1)
+    hess = np.stack([np.stack([m[:, 0, 2], m[:, 1, 1]], -1), np.stack([m[:, 1, 1], m[:, 2, 0]], -1)], axis=1)
+    det = hess[:, 0, 0] * hess[:, 1, 1] - hess[:, 0, 1] ** 2
+    concave = (hess[:, 0, 0] < 0) & (det > 0)
+    pooled = hess[concave].mean(axis=0) if concave.any() else np.zeros((2, 2))
+    hess = np.where(concave[:, None, None], hess, pooled)
+    kh = kappa[:, None, None] * hess
+    a = np.zeros((2 * n, 2 * n))
+    idx = np.arange(n)
+    a[:n, :n] = prior[0]
+    a[n:, n:] = prior[1]
+    a[idx, idx] -= kh[:, 0, 0]
+    a[n + idx, n + idx] -= kh[:, 1, 1]
+    a[idx, n + idx] -= kh[:, 0, 1]
+    a[n + idx, idx] -= kh[:, 1, 0]
+    rhs = np.concatenate([kappa * g[:, 0] - prior[0] @ position[:, 0], kappa * g[:, 1] - prior[1] @ position[:, 1]])
+    a[np.arange(2 * n), np.arange(2 * n)] += 1e-9 * max(float(np.abs(np.diag(a)).max()), 1e-30)
+    step = np.linalg.solve(a, rhs)
+    return np.stack([step[:n], step[n:]], axis=1)
+
+
+def _refine(
+    p: Any,
+    s: np.ndarray,
+    start: np.ndarray,
+    noise_var: np.ndarray,
+    prior: tuple[np.ndarray, np.ndarray],
+    trig: _Trig,
+    steps: int,
+    regularised: bool,
+    tol: float = 1e-3,
+) -> np.ndarray:
+    """Newton ascent of the posterior over the offsets ``δ (F, 2)`` (binned px) of every frame from
+    its current position ``s``, starting at ``start``; ``κ_t = h / σ_t²`` with ``h`` the mean of
+    ``c_t`` at ``start`` (module doc). Stops once no step exceeds ``tol`` binned px."""
+    xp = array_module(p)
+    d = np.array(start, dtype=np.float64)
+    kappa = np.ones(len(d))
+    for i in range(steps):
+        m = _peak_terms(p, xp.asarray(d), trig, xp)
+        if i == 0 and regularised:
+            kappa = max(float(m[:, 0, 0].mean()), 0.0) / noise_var
+        step = _solve_update(m, kappa, prior, s + d)
+        norm = np.hypot(step[:, 0], step[:, 1])
+        step *= min(1.0, _MAX_NEWTON_STEP / max(float(norm.max()), 1e-30))
+        d += step
+        if float(np.abs(step).max()) < tol:
             break
     return d
-
-
-def _peak_global(p: Any, hc: int, wc: int, max_shift: tuple[float, float], xp: ModuleType) -> Any:
-    """Integer argmax ``(F, 2)`` (dx, dy) of the correlation maps ``irfft2(p)`` within ``|δ| <= max_shift``."""
-    c = irfft2(p, s=(hc, wc))
-    my = np.abs(np.fft.fftfreq(hc, 1.0 / hc))[:, None] <= max_shift[1]
-    mx = np.abs(np.fft.fftfreq(wc, 1.0 / wc))[None, :] <= max_shift[0]
-    allowed = xp.asarray(my & mx)
-    c = xp.where(allowed[None], c, -xp.inf)
-    flat = xp.argmax(c.reshape(c.shape[0], -1), axis=1)
-    iy, ix = flat // wc, flat % wc
-    iy = xp.where(iy > hc // 2, iy - hc, iy)
-    ix = xp.where(ix > wc // 2, ix - wc, ix)
-    return xp.stack([ix, iy], axis=1).astype(xp.float64)
 
 
 def estimate_frame_shifts(
@@ -169,14 +382,22 @@ def estimate_frame_shifts(
     tolerance_px: float = 0.01,
     reference_frame: int = -1,
     max_shift_px: float | None = None,
+    *,
+    dose_per_frame: float = 1.0,
+    pre_exposure: float = 0.0,
+    smoothing: float = 1.0,
+    max_shift_A: float = _MAX_SHIFT_A,
 ) -> np.ndarray:
-    """Full-frame trajectory ``(F, 2)`` float64 (dx, dy) in movie px, host NumPy.
+    """Full-frame trajectory ``(F, 2)`` float64 (dx, dy) in movie px, host NumPy (module doc).
 
     ``frames``: ``(F, h, w)`` float32 (NumPy or CuPy) or a :class:`BinnedMovie` from
     :func:`bin_movie` (reuse it for :func:`aligned_sum`; its binning then overrides ``apix`` and
     ``max_resolution_A``). ``reference_frame`` -1 = ``F // 2``.
-    ``max_shift_px``: largest frame-vs-others offset searched globally (movie px; default a
-    quarter of the frame). Converges to < 0.01 px on noise-free data; see the module doc.
+    ``dose_per_frame``, ``pre_exposure`` (e/Å²): place the frames in exposure for the prior.
+    ``smoothing``: multiplier of the prior's precision (1 = the physical prior of the module doc,
+    0 = none: independent frame-vs-others peaks). ``max_shift_A``: largest frame-vs-others offset
+    searched (Å; at most a quarter of the frame); ``max_shift_px`` (movie px), when given, replaces
+    it. Converges to < 0.01 px on noise-free data.
     """
     movie = frames if isinstance(frames, BinnedMovie) else bin_movie(frames, apix, max_resolution_A)
     xp = array_module(movie.spectra)
@@ -184,39 +405,48 @@ def estimate_frame_shifts(
     ref = n // 2 if reference_frame == -1 else int(reference_frame)
     if not 0 <= ref < n:
         raise ValueError(f"gpu/motion.py: reference_frame {reference_frame} is outside 0..{n - 1}")
+    if dose_per_frame <= 0 or pre_exposure < 0 or smoothing < 0:
+        raise ValueError(
+            f"gpu/motion.py: need dose_per_frame > 0, pre_exposure >= 0, smoothing >= 0 "
+            f"(got {dose_per_frame}, {pre_exposure}, {smoothing})"
+        )
     if n < 2:
         return np.zeros((n, 2), dtype=np.float64)
     hc, wc = movie.shape
     sy, sx = movie.scale
-    if max_shift_px is None:
-        max_shift = (wc / 4.0, hc / 4.0)
-    else:
-        max_shift = (max_shift_px / sx, max_shift_px / sy)
+    ay, ax = movie.binned_apix
+    limit = (max_shift_A / ax, max_shift_A / ay) if max_shift_px is None else (max_shift_px / sx, max_shift_px / sy)
+    radius = (int(max(1, min(limit[0], wc / 4.0))), int(max(1, min(limit[1], hc / 4.0))))
+    regularised = smoothing > 0
+    vel, acc = trajectory_prior(n, dose_per_frame, pre_exposure, smoothing)
+    # prior on positions in binned px: s_Å = s_px * (binned Å/px) per axis
+    prior_a = prior_matrix(vel, acc, n)
+    prior = (prior_a * ax * ax, prior_a * ay * ay)
+    step_precision = np.stack([vel * ax * ax, vel * ay * ay], axis=1)
     wgt = correlation_weights(movie, bfactor)
     # |A_t|² does not change with the shift: the self term of A_t · conj(Σ_u A_u) is fixed
     power = (movie.spectra.real**2 + movie.spectra.imag**2) * wgt
-    scale = xp.asarray([sx, sy])
-    s = xp.zeros((n, 2), dtype=xp.float64)
+    power_sq = to_numpy(xp.einsum("ij,ij->i", power.reshape(n, -1), power.reshape(n, -1))).astype(np.float64)
+    trig = _Trig.make(hc, wc, xp)
+    scale = np.array([sx, sy])
+    s = np.zeros((n, 2), dtype=np.float64)
     search = True
     p = xp.empty_like(movie.spectra)
     for _ in range(max(1, iterations)):
-        ey, ex = ramp_factors(-s, hc, wc, True, xp)
-        xp.multiply(movie.spectra, ey, out=p)
-        p *= ex
-        total_w = xp.conj(p.sum(axis=0)) * wgt
-        p *= total_w[None]
-        p -= power  # = A_t conj(Σ_{u≠t} A_u) w: frame against the sum of the others
+        noise_var = _cross_spectra(movie, xp.asarray(s), wgt, power, power_sq, p)
         if search:
-            delta = _peak_newton(p, _peak_global(p, hc, wc, max_shift, xp), hc, wc, xp, _NEWTON_STEPS)
+            maps = _window_maps(p, radius, hc, wc)
+            start = _global_search(maps, noise_var, np.diff(s, axis=0), step_precision, regularised)
+            delta = _refine(p, s, start, noise_var, prior, trig, _NEWTON_STEPS, regularised)
         else:
-            delta = _peak_newton(p, xp.zeros((n, 2)), hc, wc, xp, _NEWTON_STEPS_LOCAL)
+            delta = _refine(p, s, np.zeros((n, 2)), noise_var, prior, trig, _NEWTON_STEPS_LOCAL, regularised)
         s = s + delta
         s = s - s[ref]
-        change = float(xp.max(xp.abs((delta - delta[ref]) * scale)))
-        search = float(xp.max(xp.abs(delta - delta[ref]))) > _GLOBAL_AGAIN
+        change = float(np.max(np.abs((delta - delta[ref]) * scale)))
+        search = float(np.max(np.abs(delta - delta[ref]))) > _GLOBAL_AGAIN
         if change < tolerance_px:
             break
-    return to_numpy(s * scale).astype(np.float64)
+    return s * scale
 
 
 def aligned_sum(
