@@ -83,8 +83,13 @@ def process_movie(
     xp: ModuleType | None = None,
     gain: np.ndarray | None = None,
     write_sidecars: bool = True,
+    preloaded: Any = None,
 ) -> MovieResult:
-    """Process one movie end to end (see module docstring). Raises MovieError/PicksError/GainError."""
+    """Process one movie end to end (see module docstring). Raises MovieError/PicksError/GainError.
+
+    ``preloaded``: the movie already read by ``streamer.movies.read_movie`` (a worker decodes the
+    next movie ahead while the current one is processed).
+    """
     from gpu.extract import boxes_inside, cut_patches, extract_particles
     from gpu.gain import apply_gain, hot_pixel_mask, replace_pixels
     from gpu.motion import aligned_sum, bin_movie, estimate_frame_shifts
@@ -106,7 +111,7 @@ def process_movie(
         timings[f"seconds_{name}"] = round(now - tick, 4)
         tick = now
 
-    mov = read_movie(movie, cfg.eer, threads=cfg.threads)
+    mov = preloaded if preloaded is not None else read_movie(movie, cfg.eer, threads=cfg.threads)
     warnings.extend(mov.warnings)
     if mov.leftover_raw_frames:
         warnings.append(f"{mov.leftover_raw_frames} raw EER frames left over after {cfg.eer.fractions} fractions (not used)")

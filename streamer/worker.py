@@ -60,25 +60,62 @@ def job_config(remote: dict[str, Any], local: Config | None = None) -> Config:
     return cfg.with_(**{k: getattr(local, k) for k in COMPUTE_FIELDS})
 
 
-def pipeline_handler(local: Config | None = None) -> Handler:
-    """The real job handler: ``streamer.pipeline.process_movie`` with the job's configuration."""
-    cache: dict[str, Config] = {}
-    state: dict[str, Any] = {}
+class PipelineHandler:
+    """The real job handler: ``streamer.pipeline.process_movie`` with the job's configuration.
 
-    def handle(job: dict[str, Any]) -> MovieResult:
+    ``prefetch(job)`` starts reading and decoding the next movie in a background thread while the
+    current one is processed (decode is CPU work — LZW, EER, bz2 — that overlaps the GPU stages);
+    the decoded frames are handed to ``process_movie`` when that job comes. At most one movie is
+    held ahead, so a worker's memory is one movie being processed plus one compressed-size
+    (native dtype) movie decoded ahead.
+    """
+
+    def __init__(self, local: Config | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.local = local
+        self._cfgs: dict[str, Config] = {}
+        self._xp: Any = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmc-prefetch")
+        self._ahead: tuple[str, Any] | None = None  # (movie, Future[Movie])
+
+    def _config(self, job: dict[str, Any]) -> Config:
+        key = json.dumps(job["config"], sort_keys=True)
+        cfg = self._cfgs.get(key)
+        if cfg is None:
+            self._cfgs.clear()
+            cfg = self._cfgs[key] = job_config(job["config"], self.local)
+        return cfg
+
+    def prefetch(self, job: dict[str, Any]) -> None:
+        from streamer.movies import read_movie
+
+        if self._ahead is not None and self._ahead[0] == job["movie"]:
+            return
+        cfg = self._config(job)
+        self._ahead = (job["movie"], self._pool.submit(read_movie, job["movie"], cfg.eer, cfg.threads))
+
+    def __call__(self, job: dict[str, Any]) -> MovieResult:
         from gpu.backend import get_xp
         from streamer.pipeline import process_movie
 
-        key = json.dumps(job["config"], sort_keys=True)
-        cfg = cache.get(key)
-        if cfg is None:
-            cache.clear()
-            cfg = cache[key] = job_config(job["config"], local)
-        if "xp" not in state:
-            state["xp"] = get_xp(cfg.device)
-        return process_movie(cfg, job["movie"], job.get("picks"), xp=state["xp"])
+        cfg = self._config(job)
+        if self._xp is None:
+            self._xp = get_xp(cfg.device)
+        preloaded = None
+        if self._ahead is not None:
+            movie, future = self._ahead
+            self._ahead = None
+            if movie == job["movie"]:
+                preloaded = future.result()  # a MovieError raised while decoding surfaces here
+            else:
+                future.cancel()
+        return process_movie(cfg, job["movie"], job.get("picks"), xp=self._xp, preloaded=preloaded)
 
-    return handle
+
+def pipeline_handler(local: Config | None = None) -> Handler:
+    """The real job handler (see :class:`PipelineHandler`)."""
+    return PipelineHandler(local)
 
 
 def load_handler(spec: str) -> Handler:
@@ -158,6 +195,7 @@ class Worker:
                         continue
                     self._current = jid
                 out.send_multipart(protocol.encode("started", {"job_id": jid}))
+                self._prefetch_next()
                 t0 = time.monotonic()
                 try:
                     result = self.handler(job)
@@ -182,6 +220,20 @@ class Worker:
                 del frames
         finally:
             out.close(linger=1000)
+
+    def _prefetch_next(self) -> None:
+        """Let the handler start decoding the next queued job of this link while this one runs."""
+        prefetch = getattr(self.handler, "prefetch", None)
+        if prefetch is None:
+            return
+        with self.jobs.mutex:
+            nxt = next((item for item in self.jobs.queue if item is not None), None)
+        if nxt is None or nxt[0] != self.generation:
+            return
+        try:
+            prefetch(nxt[1])
+        except Exception:  # prefetching is an optimisation; the job itself reports any error
+            log.debug("prefetch of %s failed", nxt[1].get("movie"), exc_info=True)
 
     # -- socket thread ------------------------------------------------------------------------
     def _open(self) -> tuple[zmq.Socket, zmq.Socket]:
