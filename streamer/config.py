@@ -69,6 +69,8 @@ class MotionConfig:
     iterations: int = _f(10, "full-frame motion: maximum refinement iterations (frame vs sum of the others)")
     tolerance: float = _f(0.01, "full-frame motion: stop when no shift changes by more than this (movie pixels)")
     reference_frame: int = _f(-1, "frame whose position is zero (0-based); -1 = central frame, as MotionCor2")
+    smoothing: float = _f(1.0, "full-frame motion: strength of the smoothness prior over exposure (0 = off; 4 halves the allowed wobble)")
+    max_shift: float = _f(150.0, "full-frame motion: largest shift searched between a frame and the others (Å)")
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.picks.scale > 0, "picks.scale must be > 0")
     need(cfg.motion.max_resolution >= 2 * cfg.apix, "motion.max_resolution must be >= 2 * apix (Nyquist)")
     need(cfg.motion.bfactor >= 0 and cfg.motion.iterations >= 1, "motion.bfactor >= 0 and motion.iterations >= 1")
+    need(cfg.motion.smoothing >= 0 and cfg.motion.max_shift > 0, "motion.smoothing >= 0 and motion.max_shift > 0")
     need(cfg.local.align_box == 0 or (cfg.local.align_box >= 16 and cfg.local.align_box % 2 == 0), "local.align_box must be 0 or even >= 16")
     need(cfg.local.band_low > cfg.local.band_high >= 2 * cfg.apix, "local.band_low > local.band_high >= 2 * apix")
     need(cfg.local.sigma_velocity > 0 and cfg.local.sigma_acceleration > 0, "local.sigma_* must be > 0")

@@ -145,6 +145,10 @@ def process_movie(
         iterations=cfg.motion.iterations,
         tolerance_px=cfg.motion.tolerance * u,
         reference_frame=cfg.motion.reference_frame,
+        dose_per_frame=cfg.dose_per_frame,
+        pre_exposure=cfg.pre_exposure,
+        smoothing=cfg.motion.smoothing,
+        max_shift_A=cfg.motion.max_shift,
     )
     shifts_px = np.asarray(shifts_px, dtype=np.float64)
     lap("motion")

@@ -1,0 +1,140 @@
+"""Full-frame motion at low signal (gpu/motion.py): simulated movies, pure noise, and the pieces of
+the temporal prior and of the calibration, each checked against an independent computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpu import motion
+from gpu.motion import estimate_frame_shifts, prior_matrix, trajectory_prior, viterbi_path
+from streamer.simulate import SimParams, render_movie
+
+
+def path_length(s: np.ndarray) -> float:
+    return float(np.linalg.norm(np.diff(s, axis=0), axis=1).sum())
+
+
+def simulated(**kw: object) -> tuple[np.ndarray, np.ndarray]:
+    """``(frames (F, h, w) float32, true full-frame shifts (F, 2) px)`` of one simulated movie.
+
+    No gain pattern and no hot pixels: the pipeline corrects both before estimating motion.
+    """
+    params = SimParams(movies=1, gain_sigma=0.0, hot_pixels=0, **kw)  # type: ignore[arg-type]
+    counts, truth = render_movie(params, 0)
+    return counts.astype(np.float32), truth["frame_shifts"] / params.apix
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_weak_small_movie_keeps_a_physical_path(seed):
+    # four 100 kDa particles on 384² px, 16 frames at 1 e/Å²: a few Å of signal per frame at best
+    frames, true = simulated(frames=16, shape=(384, 384), mass_kda=100.0, particles=4, edge_particles=0, seed=seed)
+    est = estimate_frame_shifts(frames, 1.0)
+    assert 0.5 < path_length(est) / path_length(true) < 2.0
+    assert np.abs(est).max() < 40.0  # no frame pushed out of the field
+
+
+def test_weak_small_movie_without_the_prior_follows_the_noise():
+    # the same estimator with the prior off (only the search bound left) is what the prior fixes
+    frames, true = simulated(frames=16, shape=(384, 384), mass_kda=100.0, particles=4, edge_particles=0, seed=0)
+    assert path_length(estimate_frame_shifts(frames, 1.0, smoothing=0.0)) > 10.0 * path_length(true)
+    assert path_length(estimate_frame_shifts(frames, 1.0)) < 2.0 * path_length(true)
+
+
+def test_strong_movie_per_frame_accuracy_and_reference_offset():
+    frames, true = simulated(frames=24, shape=(640, 640), mass_kda=600.0, seed=0)
+
+    def errors(est: np.ndarray) -> tuple[float, float]:
+        err = est - true
+        offset = err.mean(axis=0)  # a constant error = the reference frame's own error
+        return float(np.sqrt(np.mean(np.sum((err - offset) ** 2, axis=1)))), float(np.hypot(*offset))
+
+    rms, offset = errors(estimate_frame_shifts(frames, 1.0))
+    assert rms < 0.4 and offset < 0.3, (rms, offset)
+    rms_free, offset_free = errors(estimate_frame_shifts(frames, 1.0, smoothing=0.0))
+    assert rms < 0.85 * rms_free and offset < offset_free
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pure_noise_movie_stays_still(seed):
+    frames = np.random.default_rng(seed).poisson(1.0, (16, 384, 384)).astype(np.float32)
+    est = estimate_frame_shifts(frames, 1.0)
+    assert np.sqrt(np.mean(np.sum(est**2, axis=1))) < 1.0
+    assert path_length(est) < 2.0
+
+
+def test_noise_variance_matches_the_correlation_maps_of_pure_noise():
+    # σ_t² from the spectra (module doc) against the empirical variance of each whole c_t map
+    n = 10
+    frames = np.random.default_rng(5).poisson(1.0, (n, 512, 512)).astype(np.float32)
+    movie = motion.bin_movie(frames, 1.0, 8.0)
+    hc, wc = movie.shape
+    wgt = motion.correlation_weights(movie, 500.0)
+    power = (movie.spectra.real**2 + movie.spectra.imag**2) * wgt
+    power_sq = np.sum(power.astype(np.float64) ** 2, axis=(1, 2))
+    p = np.empty_like(movie.spectra)
+    var = motion._cross_spectra(movie, np.zeros((n, 2)), wgt, power, power_sq, p)
+    c = np.fft.irfft2(p, s=(hc, wc)) * (hc * wc)  # c_t(δ) at every integer δ
+    np.testing.assert_allclose(c.reshape(n, -1).var(axis=1) / var, 1.0, atol=0.06)
+
+
+@pytest.mark.parametrize("anchor", [None, 2])
+def test_viterbi_path_is_the_exhaustive_maximum(anchor):
+    rng = np.random.default_rng(7)
+    n, wy, wx = 4, 5, 5
+    loglik = rng.normal(0.0, 3.0, (n, wy, wx))
+    offsets = rng.normal(0.0, 1.5, (n - 1, 2))
+    precision = rng.uniform(0.1, 3.0, (n - 1, 2))
+    path = viterbi_path(loglik, offsets, precision, anchor)
+    # every one of the 25^4 paths, scored directly
+    dx = np.tile(np.arange(wx) - wx // 2, wy)
+    dy = np.repeat(np.arange(wy) - wy // 2, wx)
+    total = np.zeros((wy * wx,) * n)
+    for t in range(n):
+        shape = [1] * n
+        shape[t] = -1
+        total = total + loglik[t].reshape(shape)
+        if t + 1 < n:
+            ox, oy = offsets[t]
+            cost = 0.5 * precision[t, 0] * (ox + dx[None, :] - dx[:, None]) ** 2
+            cost += 0.5 * precision[t, 1] * (oy + dy[None, :] - dy[:, None]) ** 2
+            shape2 = [1] * n
+            shape2[t], shape2[t + 1] = wy * wx, wy * wx
+            total = total - cost.reshape(shape2)
+    if anchor is not None:
+        keep = np.zeros(wy * wx, bool)
+        keep[(wy // 2) * wx + wx // 2] = True
+        shape = [1] * n
+        shape[anchor] = -1
+        total = np.where(keep.reshape(shape), total, -np.inf)
+    best = np.unravel_index(int(np.argmax(total)), total.shape)
+    np.testing.assert_array_equal(path, np.stack([dx[list(best)], dy[list(best)]], axis=1))
+
+
+def test_prior_is_independent_of_fractionation():
+    # a smooth physical trajectory (Å vs e/Å²) costs the same sampled at 1 or 0.25 e/Å² per frame
+    def trajectory(e: np.ndarray) -> np.ndarray:
+        return np.stack([6.0 * (1 - np.exp(-e / 1.5)) + 0.3 * e, -2.0 * (1 - np.exp(-e / 1.5)) + 0.1 * e], axis=1)
+
+    costs = []
+    for dose, n in [(1.0, 30), (0.25, 120)]:
+        s = trajectory(dose * (np.arange(n) + 0.5))
+        p = prior_matrix(*trajectory_prior(n, dose), n)
+        costs.append(float(np.einsum("ta,tu,ua->", s, p, s)))
+    assert costs[1] == pytest.approx(costs[0], rel=0.05)
+    # prior_matrix is the quadratic form of the differences
+    v, a = trajectory_prior(6, 0.8, 2.0, smoothing=3.0)
+    x = np.random.default_rng(1).normal(size=6)
+    direct = np.sum(v * np.diff(x) ** 2) + np.sum(a * np.diff(x, 2) ** 2)
+    assert x @ prior_matrix(v, a, 6) @ x == pytest.approx(direct)
+    # the burst is free, late drift is not: early steps have far lower precision than late ones
+    v, a = trajectory_prior(40)
+    assert v[0] < 0.01 * v[-1] and a[0] < 0.01 * a[-1]
+
+
+def test_bad_prior_arguments():
+    frames = np.random.default_rng(0).poisson(1.0, (4, 64, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^gpu/motion.py: need dose_per_frame > 0"):
+        estimate_frame_shifts(frames, 1.0, dose_per_frame=0.0)
+    with pytest.raises(ValueError, match=r"^gpu/motion.py: need dose_per_frame > 0"):
+        estimate_frame_shifts(frames, 1.0, smoothing=-1.0)
