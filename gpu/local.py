@@ -1,0 +1,488 @@
+"""Per-particle ("local") trajectories on top of the full-frame motion, without a 3-D reference.
+
+Model (one movie, all particles at once). The local residual of particle p in frame t is::
+
+    d_{p,t} = Σ_m Ψ_{p,m} c_{m,t}  +  e_{p,t}                        (px, (dx, dy))
+              shared smooth field      small per-particle residual
+
+* ``Ψ`` (P, R) spans a Gaussian process over the micrograph: ``Ψ Ψᵀ ≈ K`` with
+  ``K_ij = exp(-|x_i - x_j|² / (2 ℓ²))`` (``kernel="gaussian"``, the default: smooth, low rank)
+  or RELION's ``exp(-|x_i - x_j| / ℓ)`` (``kernel="exponential"``, Zivanov et al. 2019; rougher:
+  ~10 % larger trajectory error on simulated sessions); ``ℓ`` = ``correlation_length`` (Å). Top
+  eigenvectors of K: every field mode is constrained by many particles.
+* Time: every scalar process y (a field mode ``c_m`` or a residual ``e_p``, per axis) gets
+  RELION's velocity prior — its velocity in each frame is an independent N(0, σ²) draw, σ in
+  Å per e/Å² (frame displacement std = σ·dose_per_frame/apix px) — plus an acceleration prior
+  (velocity change per frame std = σ_a·dose_per_frame, σ_a in Å per (e/Å²)²). Field modes use
+  ``sigma_field`` scaled by ``N0 / (N + N0)`` at exposure N (``burst_exposure`` N0: beam-induced
+  motion is fastest in the first few e/Å², REFERENCE §5; on simulated sessions it lowered the
+  trajectory RMSE by ~17 % against a stationary prior), residuals ``sigma_velocity``. The particles'
+  velocities thus have the prior covariance ``σ_f² K + σ_e² I``: a GP whose independent part is
+  strongly shrunk (REFERENCE §2/§3: independent per-particle fits fit noise at realistic SNR).
+* Parameters are the whitened velocity increments ``z`` (prior ½|z|²); d is their cumulative sum,
+  made **zero-mean over all frames** of the movie: the particle stays centred where it appears in
+  the full-frame-corrected micrograph (where it was picked), and the gauge freedom of the
+  cross-correlation objective (a constant shift of all frames) is fixed.
+
+Objective: ``J(z) = -log L(d(z)) + prior(z)`` with the calibrated likelihood of
+:mod:`gpu.local_model` (nats), so hyper-parameters in physical units need no λ per data set and
+transfer across pixel sizes, boxes and doses. Minimised by L-BFGS (scipy, on the host: the
+parameters are few) with the data term and its analytic gradient evaluated on ``xp`` (NumPy or
+CuPy), starting from the full-frame motion (d = 0).
+
+Guard (cross-validation in time): the model is also fitted to the even alignment frames alone and
+to the odd ones alone; each fit is scored on the frames it did not see, per particle (held-out
+log-likelihood gain over the full-frame alignment d = 0). :func:`guard_choice` then takes the
+simplest of {full-frame, field, field + residual} whose summed gain over the next simpler one
+exceeds ``GUARD_Z`` standard errors; when neither beats full-frame the movie falls back to
+full-frame motion (``smooth = 0``). Without local motion a field fitted to noise scores
+*negative* on held-out frames, so the fallback is the expected outcome there. The same held-out
+scores give the per-movie quality signal (:func:`gpu.quality.heldout_signal`).
+``auto_smoothing`` additionally picks ``sigma_field`` among ×{0.5, 1, 2} by the held-out score.
+
+Outputs (px, local residual only; total trajectory = s_t + d): ``smooth`` — the model's MAP
+trajectories after the guard (used for extraction); ``raw`` — per-frame estimates: each frame's
+own best shift against the sum of the other frames aligned by ``smooth`` (a few damped Newton
+steps on its cross-correlation), noisy, for display.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize
+
+from gpu import backend
+from gpu.local_model import BandSpectra, aligned_spectra, data_term, per_particle_term, prepare_spectra, self_term
+from gpu.quality import heldout_frc, heldout_signal
+
+# Defaults, physical units. On simulated sessions (benchmarks/quality.py) the trajectory error
+# varied by < 10 % for sigma_field 1-4, burst 2.5-5 e/Å², correlation length 1000-2000 Å, and
+# was lowest for a residual sigma_velocity of 0.05 Å per e/Å² (0.2 fitted noise).
+SIGMA_FIELD = 2.0  # Å per e/Å² at zero exposure: prior std of the shared field's velocity
+KERNEL = "gaussian"
+BURST_EXPOSURE = 2.5  # e/Å²: the field's velocity prior std decays as N0 / (N + N0)
+MAX_ITER = 300
+GUARD_Z = 0.5  # standard errors of held-out gain a more complex candidate must win by
+
+
+@dataclass
+class LocalResult:
+    """``raw``, ``smooth``: (P, F, 2) local residual shifts (px, zero-mean over frames); ``info``: diagnostics.
+
+    ``candidates``: the guard's options by name ("full-frame", "field", "field+residual"), each
+    (P, F, 2) px, from the fit to all alignment frames (for diagnostics and benchmarks).
+    """
+
+    raw: Any
+    smooth: Any
+    info: dict[str, Any] = field(default_factory=dict)
+    candidates: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# -- spatial basis -------------------------------------------------------------------------------
+
+
+def spatial_basis(
+    positions: np.ndarray,
+    apix: float,
+    correlation_length: float,
+    kernel: str = KERNEL,
+    rel_tol: float = 1e-3,
+    max_exact: int = 2000,
+) -> np.ndarray:
+    """(P, R) float64 ``Ψ`` with ``Ψ Ψᵀ ≈ K`` (module docstring); R = eigenvalues above ``rel_tol·λ_max``.
+
+    ``positions``: (P, 2) px; ``correlation_length``: Å. Above ``max_exact`` particles a Nyström
+    approximation on an evenly spaced subset of ``max_exact`` particles is used.
+    """
+    pos = np.asarray(positions, dtype=np.float64) * apix / correlation_length
+    if pos.ndim != 2 or pos.shape[1] != 2:
+        raise ValueError(f"gpu/local.py: positions must be (P, 2), got {pos.shape}")
+    if len(pos) == 0:
+        return np.zeros((0, 0))
+
+    def k(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        r2 = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+        if kernel == "gaussian":
+            return np.exp(-0.5 * r2)
+        if kernel == "exponential":
+            return np.exp(-np.sqrt(r2))
+        raise ValueError(f"gpu/local.py: unknown kernel {kernel!r} (gaussian|exponential)")
+
+    sub = pos if len(pos) <= max_exact else pos[np.linspace(0, len(pos) - 1, max_exact).astype(int)]
+    lam, vec = np.linalg.eigh(k(sub, sub))
+    keep = lam > rel_tol * lam[-1]
+    lam, vec = lam[keep], vec[:, keep]
+    if len(sub) == len(pos):
+        return vec * np.sqrt(lam)
+    # Nyström: Ψ = K_{x,s} V Λ^{-1/2}
+    return k(pos, sub) @ vec / np.sqrt(lam)
+
+
+# -- trajectory model ----------------------------------------------------------------------------
+
+
+class TrajectoryModel:
+    """Whitened parameters ``z`` <-> local shifts ``d`` (P, F, 2) px; Gaussian prior ``½|z|²`` (+ acceleration).
+
+    ``z`` packs ``zf`` (R, F-1, 2) field-mode increments and ``ze`` (P, F-1, 2) residual
+    increments (when ``residual``).
+    Increment scales (px per frame): ``s = σ · dose_per_frame / apix · h(N)``, with
+    ``h(N) = N0 / (N + N0)`` for the field when ``burst_exposure`` N0 > 0 (beam-induced motion is
+    fastest early, REFERENCE §5) and 1 otherwise; N is the exposure between the two frames. The
+    acceleration prior is ``½ ρ² Σ_j (z_j - z_{j-1})²`` with ``ρ = σ / (σ_a · dose_per_frame)``.
+    """
+
+    def __init__(
+        self,
+        psi: np.ndarray,
+        n_frames: int,
+        apix: float,
+        dose_per_frame: float,
+        sigma_field: float,
+        sigma_velocity: float,
+        sigma_acceleration: float,
+        residual: bool = True,
+        burst_exposure: float = 0.0,
+        pre_exposure: float = 0.0,
+    ) -> None:
+        self.psi = np.asarray(psi, dtype=np.float64)
+        self.P, self.R = self.psi.shape
+        self.F = int(n_frames)
+        self.residual = residual and sigma_velocity > 0
+        n_inc = pre_exposure + dose_per_frame * (np.arange(self.F - 1) + 1.0)
+        h = burst_exposure / (n_inc + burst_exposure) if burst_exposure > 0 else np.ones(self.F - 1)
+        self.s_f = (sigma_field * dose_per_frame / apix) * h[:, None]
+        self.s_e = sigma_velocity * dose_per_frame / apix
+        self.rho_f = sigma_field / (sigma_acceleration * dose_per_frame)
+        self.rho_e = sigma_velocity / (sigma_acceleration * dose_per_frame)
+        self.nf = self.R * (self.F - 1) * 2
+        self.ne = self.P * (self.F - 1) * 2 if self.residual else 0
+
+    @property
+    def size(self) -> int:
+        return self.nf + self.ne
+
+    def split(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Views (zf, ze or None) into ``z``."""
+        zf = z[: self.nf].reshape(self.R, self.F - 1, 2)
+        ze = z[self.nf :].reshape(self.P, self.F - 1, 2) if self.ne else None
+        return zf, ze
+
+    @staticmethod
+    def _integrate(z: np.ndarray, scale: Any) -> np.ndarray:
+        """(n, F-1, 2) increments (times ``scale``, (F-1, 1) or scalar) -> (n, F, 2) zero-mean positions."""
+        y = np.concatenate([np.zeros_like(z[:, :1]), np.cumsum(z * scale, axis=1)], axis=1)
+        return y - y.mean(axis=1, keepdims=True)
+
+    @staticmethod
+    def _integrate_adjoint(g: np.ndarray, scale: Any) -> np.ndarray:
+        """Adjoint of :meth:`_integrate`: (n, F, 2) -> (n, F-1, 2)."""
+        g = g - g.mean(axis=1, keepdims=True)
+        rev = np.cumsum(g[:, ::-1], axis=1)[:, ::-1]
+        return rev[:, 1:] * scale
+
+    def parts(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(field, residual), each (P, F, 2) px."""
+        zf, ze = self.split(z)
+        fld = np.einsum("pm,mtk->ptk", self.psi, self._integrate(zf, self.s_f))
+        res = self._integrate(ze, self.s_e) if ze is not None else np.zeros_like(fld)
+        return fld, res
+
+    def trajectories(self, z: np.ndarray) -> np.ndarray:
+        fld, res = self.parts(z)
+        return fld + res
+
+    def adjoint(self, gd: np.ndarray) -> np.ndarray:
+        """Gradient w.r.t. z of a function of d, given its gradient ``gd`` (P, F, 2)."""
+        gc = np.einsum("pm,ptk->mtk", self.psi, gd)
+        out = [self._integrate_adjoint(gc, self.s_f).ravel()]
+        if self.ne:
+            out.append(self._integrate_adjoint(gd, self.s_e).ravel())
+        return np.concatenate(out)
+
+    def prior(self, z: np.ndarray) -> tuple[float, np.ndarray]:
+        """``½|z|² + ½ρ² Σ (Δz)²`` (acceleration on the field and residual increments) and its gradient."""
+        value = 0.5 * float(z @ z)
+        grad = z.copy()
+        zf, ze = self.split(z)
+        gf, ge = self.split(grad)
+        for zz, gg, rho in ((zf, gf, self.rho_f), (ze, ge, self.rho_e)):
+            if zz is None or zz.shape[1] < 2:
+                continue
+            dz = np.diff(zz, axis=1)
+            value += 0.5 * rho**2 * float((dz**2).sum())
+            gg[:, 1:] += rho**2 * dz
+            gg[:, :-1] -= rho**2 * dz
+        return value, grad
+
+
+# -- fitting ---------------------------------------------------------------------------------
+
+
+def objective(spec: BandSpectra, model: TrajectoryModel, z: np.ndarray) -> tuple[float, np.ndarray]:
+    """``J(z) = -log L(d(z)) + prior(z)`` and its gradient (float64 host arrays)."""
+    xp = spec.xp
+    d = model.trajectories(z)
+    val, g = data_term(spec, xp.asarray(d[:, spec.frames]))
+    gd = np.zeros_like(d)
+    gd[:, spec.frames] = backend.to_numpy(g)
+    pv, pg = model.prior(z)
+    return -val + pv, -model.adjoint(gd) + pg
+
+
+def fit(spec: BandSpectra, model: TrajectoryModel, max_iter: int = MAX_ITER, z0: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """MAP parameters by L-BFGS from ``z0`` (default 0 = full-frame motion); returns (z, info)."""
+    z0 = np.zeros(model.size) if z0 is None else z0
+    j0, _ = objective(spec, model, z0)
+    res = minimize(
+        lambda z: objective(spec, model, z),
+        z0,
+        jac=True,
+        method="L-BFGS-B",
+        # relative ftol 1e-8: ~1e-3 nats at typical objective values; the trajectories stop changing well before
+        options={"maxiter": max_iter, "maxcor": 15, "ftol": 1e-8, "gtol": 1e-2},
+    )
+    z = res.x
+    if not (np.all(np.isfinite(z)) and np.isfinite(res.fun) and res.fun <= j0):
+        z = z0  # never return something worse than the start (full-frame)
+    return z, {"objective_start": float(j0), "objective": float(min(res.fun, j0)), "iterations": int(res.nit),
+               "evaluations": int(res.nfev), "converged": bool(res.success)}
+
+
+def heldout_gain(spec: BandSpectra, d: np.ndarray) -> float:
+    """Log-likelihood gain of shifts d (P, F, 2) over d = 0 on the frames of ``spec``."""
+    xp = spec.xp
+    v1, _ = data_term(spec, xp.asarray(d[:, spec.frames]), gradient=False)
+    v0, _ = data_term(spec, xp.zeros((spec.x.shape[0], len(spec.frames), 2)), gradient=False)
+    return v1 - v0
+
+
+# -- raw per-frame estimates -----------------------------------------------------------------
+
+
+def per_frame_shifts(spec: BandSpectra, d: np.ndarray, steps: int = 4, max_step: float = 1.0, damping: float = 0.1) -> np.ndarray:
+    """(P, F, 2) px: each frame's own best shift against the sum of the others aligned by d.
+
+    Damped Newton on ``c(δ) = Σ_k w Re(G_t e^{2πik·δ} conj(A - G_t))`` from δ = 0, each step
+    clipped to ``max_step`` px; ``damping`` (relative to the Hessian trace) keeps flat or
+    non-concave cases bounded. Frames outside the alignment range keep d.
+    """
+    xp = spec.xp
+    out = np.array(d, dtype=np.float64, copy=True)
+    g = aligned_spectra(spec, xp.asarray(d[:, spec.frames]))
+    ref = g.sum(axis=1, keepdims=True) - g
+    cref = xp.conj(ref) * spec.weight
+    kx = spec.kx[None, None, None, :]
+    ky = spec.ky[:, None][None, None]
+    delta = xp.zeros((*g.shape[:2], 2), dtype=xp.float64)
+    two_pi = 2.0 * math.pi
+    for _ in range(steps):
+        ey = xp.exp(1j * two_pi * delta[..., 1, None] * spec.ky).astype(g.dtype)[..., :, None]
+        ex = xp.exp(1j * two_pi * delta[..., 0, None] * spec.kx).astype(g.dtype)[..., None, :]
+        prod = g * ey * ex * cref
+        im = prod.imag
+        re = prod.real
+        gx = -two_pi * (im * kx).sum(axis=(-2, -1))
+        gy = -two_pi * (im * ky).sum(axis=(-2, -1))
+        hxx = -(two_pi**2) * (re * kx * kx).sum(axis=(-2, -1))
+        hyy = -(two_pi**2) * (re * ky * ky).sum(axis=(-2, -1))
+        hxy = -(two_pi**2) * (re * kx * ky).sum(axis=(-2, -1))
+        # maximise: step = (-H + shift·I)^-1 g, shift making the system's smallest eigenvalue >= μ
+        gx, gy, hxx, hyy, hxy = (v.astype(xp.float64) for v in (gx, gy, hxx, hyy, hxy))
+        mu = damping * (xp.abs(hxx) + xp.abs(hyy)) + 1e-30
+        a11, a22, a12 = -hxx, -hyy, -hxy
+        lam_min = 0.5 * (a11 + a22) - xp.sqrt(0.25 * (a11 - a22) ** 2 + a12**2)
+        shift = xp.maximum(mu - lam_min, 0.0)
+        a11 = a11 + shift
+        a22 = a22 + shift
+        det = a11 * a22 - a12 * a12
+        ok = det > 0
+        det = xp.where(ok, det, 1.0)
+        sx = xp.where(ok, (a22 * gx - a12 * gy) / det, 0.0)
+        sy = xp.where(ok, (a11 * gy - a12 * gx) / det, 0.0)
+        step = xp.stack([sx, sy], axis=-1)
+        norm = xp.sqrt((step**2).sum(-1, keepdims=True))
+        step = step * xp.minimum(1.0, max_step / xp.maximum(norm, 1e-12))
+        delta = delta + step
+    out[:, spec.frames] += backend.to_numpy(delta)
+    return out - out.mean(axis=1, keepdims=True)
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+
+def _frame_folds(n: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.arange(n)
+    return idx[0::2], idx[1::2]
+
+
+@dataclass
+class CrossValidation:
+    """Held-out scores of one model (see :func:`cross_validate`).
+
+    ``gains``: per candidate name, (P,) per-particle held-out log-likelihood gain over full-frame
+    (nats, both folds summed); ``base``: (P,) held-out cross-frame log-likelihood term at
+    full-frame (the coherent signal the gains are relative to); ``folds``: per fold, the candidate
+    trajectories (P, F, 2) px fitted on that fold's training frames.
+    """
+
+    gains: dict[str, np.ndarray]
+    base: np.ndarray
+    folds: list[dict[str, np.ndarray]]
+
+
+def cross_validate(spec: BandSpectra, model: TrajectoryModel, max_iter: int = MAX_ITER) -> CrossValidation:
+    """Fit on the even alignment frames and score on the odd ones, and vice versa (module docstring)."""
+    even, odd = _frame_folds(len(spec.frames))
+    zeros = np.zeros((model.P, model.F, 2))
+    names = ("field", "field+residual") if model.residual else ("field",)
+    gains = {name: np.zeros(model.P) for name in ("full-frame", *names)}
+    base_total = np.zeros(model.P)
+    folds: list[dict[str, np.ndarray]] = []
+    for train, test in ((even, odd), (odd, even)):
+        z, _ = fit(spec.subset(train), model, max_iter)
+        fld, res = model.parts(z)
+        traj = {"full-frame": zeros, "field": fld, "field+residual": fld + res}
+        folds.append(traj)
+        held = spec.subset(test)
+        base = backend.to_numpy(per_particle_term(held, zeros[:, held.frames]))
+        base_total += base
+        for name in names:
+            gains[name] += backend.to_numpy(per_particle_term(held, traj[name][:, held.frames])) - base
+    if not model.residual:
+        gains["field+residual"] = gains["field"]
+    return CrossValidation(gains, base_total, folds)
+
+
+def guard_choice(gains: dict[str, np.ndarray], z: float = GUARD_Z) -> str:
+    """Simplest candidate whose held-out gain is significant: "full-frame", "field" or "field+residual".
+
+    ``gains``: per candidate, (P,) per-particle held-out gains over full-frame (:class:`CrossValidation`).
+
+    A candidate replaces the current choice only when the sum over particles of its per-particle
+    held-out gain difference exceeds ``z`` standard errors (``sqrt(P)·std`` of the differences).
+    """
+    choice = "full-frame"
+    current = np.zeros_like(gains["field"])
+    for name in ("field", "field+residual"):
+        diff = gains[name] - current
+        se = math.sqrt(len(diff)) * float(np.std(diff, ddof=1)) if len(diff) > 1 else 0.0
+        if diff.sum() > z * se and diff.sum() > 0:
+            choice, current = name, gains[name]
+    return choice
+
+
+def estimate_local(
+    patches: Any,
+    remainders: Any,
+    positions: Any,
+    apix: float,
+    dose_per_frame: float,
+    pre_exposure: float = 0.0,
+    kv: float = 300.0,
+    cfg: Any = None,
+    sigma_field: float = SIGMA_FIELD,
+    burst_exposure: float = BURST_EXPOSURE,
+    kernel: str = KERNEL,
+    auto_smoothing: bool = False,
+    quality: bool = True,
+    max_iter: int = MAX_ITER,
+    spectra: BandSpectra | None = None,
+) -> LocalResult:
+    """Local residual trajectories of all particles of one movie (module docstring).
+
+    ``patches``: (P, F, a, a) float32 cut at ``round(c)``; ``remainders``: (P, F, 2) ``c - round(c)``
+    px; ``positions``: (P, 2) px (x, y); ``cfg``: :class:`streamer.config.LocalConfig` (None =
+    defaults). ``sigma_field`` (Å per e/Å² at zero exposure), ``burst_exposure`` (e/Å²) and
+    ``kernel`` shape the field prior; ``auto_smoothing`` picks the field's ``sigma_field`` among
+    ×{0.5, 1, 2} by the held-out score; ``quality`` runs the cross-validation even when
+    ``cfg.guard`` is off (for the quality signal). ``spectra``: precomputed
+    :func:`gpu.local_model.prepare_spectra` output (``patches`` may then be None).
+
+    Returns :class:`LocalResult`: ``raw``/``smooth`` (P, F, 2) px, NumPy, zero-mean over frames;
+    ``info``: ``fallback`` (bool), ``choice`` (full-frame | field | field+residual),
+    ``heldout_gain`` (nats per candidate), ``quality`` (held-out even/odd FRC of the applied
+    trajectories: frc_fullframe, frc_local, gain), ``quality_gain``, ``quality_best`` (the same for
+    the best candidate before the guard), objective values, iterations, ``sigma_field``, seconds.
+    """
+    from streamer.config import LocalConfig
+
+    cfg = cfg or LocalConfig()
+    t0 = time.perf_counter()
+    positions = np.asarray(backend.to_numpy(positions), dtype=np.float64).reshape(-1, 2)
+    if spectra is None:
+        xp = backend.array_module(patches)
+        spectra = prepare_spectra(
+            patches, xp.asarray(remainders), apix, dose_per_frame, pre_exposure, kv,
+            band_low=cfg.band_low, band_high=cfg.band_high, bfactor=cfg.bfactor,
+            first_frame=cfg.first_frame, last_frame=cfg.last_frame,
+        )
+    p_count, n_frames = spectra.x.shape[0], spectra.n_frames
+    if len(positions) != p_count:
+        raise ValueError(f"gpu/local.py: {len(positions)} positions for {p_count} particles")
+    if not np.isfinite(self_term(spectra)):
+        raise ValueError("gpu/local.py: patches contain NaN or Inf values")
+    info: dict[str, Any] = {"particles": p_count, "frames": n_frames, "seconds_prepare": round(time.perf_counter() - t0, 3)}
+    zeros = np.zeros((p_count, n_frames, 2))
+    if p_count == 0:
+        return LocalResult(zeros, zeros.copy(), {**info, "fallback": True, "choice": "full-frame", "quality_gain": 0.0})
+
+    psi = spatial_basis(positions, apix, cfg.correlation_length, kernel=kernel)
+    info["rank"] = int(psi.shape[1])
+
+    def make_model(sf: float) -> TrajectoryModel:
+        return TrajectoryModel(
+            psi, n_frames, apix, dose_per_frame, sf, cfg.sigma_velocity, cfg.sigma_acceleration,
+            burst_exposure=burst_exposure, pre_exposure=pre_exposure,
+        )
+
+    t1 = time.perf_counter()
+    validate = cfg.guard or quality or auto_smoothing
+    cv: dict[float, CrossValidation] = {}
+    if auto_smoothing:
+        for sf in (0.5 * sigma_field, sigma_field, 2.0 * sigma_field):
+            cv[sf] = cross_validate(spectra, make_model(sf), max_iter)
+        sigma_field = max(cv, key=lambda sf: max(float(g.sum()) for g in cv[sf].gains.values()))
+    elif validate:
+        cv[sigma_field] = cross_validate(spectra, make_model(sigma_field), max_iter)
+    info["seconds_validate"] = round(time.perf_counter() - t1, 3)
+    info["sigma_field"] = sigma_field
+
+    t2 = time.perf_counter()
+    model = make_model(sigma_field)
+    z, fit_info = fit(spectra, model, max_iter)
+    info.update(fit_info)
+    info["seconds_fit"] = round(time.perf_counter() - t2, 3)
+    fld, res = model.parts(z)
+    candidates = {"full-frame": zeros, "field": fld, "field+residual": fld + res}
+
+    choice = best = "field+residual" if model.residual else "field"
+    if validate:
+        val = cv[sigma_field]
+        info["heldout_gain"] = {k: round(float(v.sum()), 3) for k, v in val.gains.items() if k != "full-frame"}
+        best = max(("field", "field+residual"), key=lambda n: val.gains[n].sum())
+        if cfg.guard:
+            choice = guard_choice(val.gains)
+        even, odd = _frame_folds(len(spectra.frames))
+        for key, name in (("quality", choice), ("quality_best", best)):
+            if key == "quality_best" and best == choice:
+                info[key] = dict(info["quality"])
+                continue
+            info[key] = {
+                **heldout_signal(val.gains[name], val.base),
+                **heldout_frc(spectra, val.folds[0][name], val.folds[1][name], even, odd),
+            }
+    smooth = candidates[choice]
+    info["choice"] = choice
+    info["best"] = best
+    info["fallback"] = choice == "full-frame"
+    info["quality_gain"] = info["quality"]["gain"] if "quality" in info else float("nan")
+    raw = per_frame_shifts(spectra, smooth)
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    return LocalResult(raw=raw, smooth=smooth, info=info, candidates=candidates)

@@ -1,0 +1,376 @@
+"""Per-particle alignment data term: band-limited patch spectra and the cross-frame likelihood.
+
+A particle's patch in frame ``t`` is cut at the integer position ``round(c_t)`` of its full-frame
+trajectory ``c_t``; its content sits at ``+r_t = c_t - round(c_t)`` from the box centre, plus the
+unknown local residual ``d_t`` (px, :mod:`gpu` conventions). Shifting the patch by ``-(r_t + d_t)``
+multiplies its transform by ``exp(+2πi k·(r_t + d_t))``.
+
+Data model, per particle and per independent Fourier coefficient ``k`` (rfft half plane)::
+
+    F_t(k) = q_t(k) S(k) exp(-2πi k·(r_t + d_t)) + N_t(k),   S ~ CN(0, τ²(k)),  N_t ~ CN(0, σ²(k))
+
+with ``q_t(k)`` the Grant & Grigorieff exposure attenuation (:mod:`gpu.dose`, unnormalised). Writing
+``X_t = q_t F_t exp(+2πi k·r_t)`` and ``G_t = X_t exp(+2πi k·d_t)``, the log-likelihood of the
+shifts (``S`` integrated out) is, up to a constant (Sherman-Morrison on ``σ² I + τ² u uᴴ``)::
+
+    log L(d) = Σ_k w(k) ( |Σ_t G_t(k)|² - Σ_t |G_t(k)|² ),   w = τ² / (σ² (σ² + τ² Σ_t q_t²))
+
+i.e. alignparts_lbfgs' "every frame against the sum of the others" objective (Rubinstein &
+Brubaker 2015; REFERENCE §2) with frequency weights that make it a calibrated log-likelihood in
+nats, so priors in physical units (:mod:`gpu.local`) balance it without a free λ. ``σ²`` and
+``τ²`` are estimated per Fourier shell from the data themselves (frame self-power and cross-frame
+power after the full-frame alignment, pooled over all particles of the movie). The optional
+B-factor ``B`` multiplies ``w`` by ``exp(-B k²/4)`` (k in 1/Å), tempering the high end of the
+band where the full-frame-aligned ``τ²`` estimate is least reliable.
+
+Gradient (exact): with ``A = Σ_t G_t``, ``∂ log L / ∂d_{t,x} = -4π Σ_k w k_x Im(conj(A) G_t)``
+(likewise y); the self terms do not depend on ``d``. Everything is batched over
+``(particles, frames, ky, kx)`` and runs unchanged on NumPy or CuPy; complex128 input gives a
+float64 path (used to check the gradient against finite differences).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from gpu import backend
+from gpu.dose import dose_weights
+
+# particles per FFT chunk and elements per data-term chunk: bound the temporary memory
+_FFT_CHUNK_BYTES = 256 * 2**20
+_TERM_CHUNK_ELEMS = 8 * 2**20
+_CPU_CHUNK_ELEMS = 2**18
+
+
+@dataclass
+class BandSpectra:
+    """Band-limited, exposure-weighted, remainder-corrected patch spectra of one movie.
+
+    ``x``: (P, Fa, ny, nx) complex, ``X_t(k)`` for the alignment frames ``frames`` (Fa of them),
+    on the rfft half plane cropped to ``ky = -n..n``, ``kx = 0..n`` (n = ``box·apix/band_high``).
+    ``kx``: (nx,), ``ky``: (ny,) frequencies in cycles per pixel. ``weight``: (ny, nx) likelihood
+    weight ``w(k)`` (0 outside the band; halved on the ``kx = 0`` column whose ±ky entries are
+    conjugate twins). ``shell``: (ny, nx) integer ring index (Fourier pixels). ``noise``,
+    ``signal``: per-shell ``σ²``, ``τ²`` estimates (host arrays). ``frames``: (Fa,) indices of the
+    alignment frames in the movie; ``n_frames``: F, frames in the movie.
+    """
+
+    x: Any
+    kx: Any
+    ky: Any
+    weight: Any
+    shell: Any
+    band: Any
+    frames: np.ndarray
+    n_frames: int
+    box: int
+    apix: float
+    noise: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    signal: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    self_power: float | None = None
+
+    @property
+    def xp(self) -> ModuleType:
+        return backend.array_module(self.x)
+
+    def subset(self, frame_positions: Any) -> BandSpectra:
+        """The same spectra restricted to alignment frames ``frame_positions`` (indices into ``frames``)."""
+        pos = np.asarray(frame_positions, dtype=np.int64)
+        return BandSpectra(
+            x=self.x[:, self.xp.asarray(pos)],
+            kx=self.kx,
+            ky=self.ky,
+            weight=self.weight,
+            shell=self.shell,
+            band=self.band,
+            frames=self.frames[pos],
+            n_frames=self.n_frames,
+            box=self.box,
+            apix=self.apix,
+            noise=self.noise,
+            signal=self.signal,
+        )
+
+
+def band_size(box: int, apix: float, band_high: float) -> int:
+    """Largest Fourier index n with ``n / (box·apix) <= 1 / band_high``, at most box//2 - 1."""
+    return max(1, min(box // 2 - 1, math.floor(box * apix / band_high + 1e-9)))
+
+
+def soft_mask(box: int, xp: ModuleType = np, edge: float = 0.15) -> Any:
+    """(box, box) float32 circular mask: 1 inside radius ``(0.5 - edge)·box``, raised-cosine to 0 at ``box/2``.
+
+    Tapering the patch edges keeps the box border (which does not move with the specimen) out of
+    the cross-frame correlations.
+    """
+    c = box // 2
+    yy, xx = np.mgrid[0:box, 0:box]
+    r = np.hypot(yy - c, xx - c) / box
+    inner = 0.5 - edge
+    m = np.where(r <= inner, 1.0, np.where(r >= 0.5, 0.0, 0.5 + 0.5 * np.cos(np.pi * (r - inner) / edge)))
+    return xp.asarray(m.astype(np.float32))
+
+
+def _band_grid(box: int, n: int, xp: ModuleType) -> tuple[Any, Any, Any, Any]:
+    """Row indices into the rfft output for ky = -n..n, and kx, ky (cycles/px), shell index."""
+    iy = np.concatenate([np.arange(box - n, box), np.arange(0, n + 1)])
+    ky = np.arange(-n, n + 1) / box
+    kx = np.arange(0, n + 1) / box
+    shell = np.rint(np.hypot(*np.meshgrid(np.arange(-n, n + 1), np.arange(0, n + 1), indexing="ij"))).astype(np.int64)
+    return iy, xp.asarray(kx), xp.asarray(ky), shell
+
+
+def _check_frames(n_frames: int, first_frame: int, last_frame: int) -> np.ndarray:
+    last = n_frames - 1 if last_frame < 0 else min(last_frame, n_frames - 1)
+    if not 0 <= first_frame < last:
+        raise ValueError(f"gpu/local_model.py: alignment frames {first_frame}..{last} leave fewer than 2 of {n_frames}")
+    return np.arange(first_frame, last + 1)
+
+
+class _BandTransform:
+    """Patch chunk -> band spectra ``X_t(k)`` (see :func:`prepare_spectra`); holds the grids and weights."""
+
+    def __init__(self, box: int, n_frames: int, frames: np.ndarray, apix: float, dose_per_frame: float,
+                 pre_exposure: float, kv: float, band_low: float, band_high: float, xp: ModuleType, cdtype: Any) -> None:
+        self.xp, self.box, self.frames = xp, box, frames
+        self.cdtype = xp.dtype(cdtype or xp.complex64)
+        self.rdtype = xp.float64 if self.cdtype == xp.complex128 else xp.float32
+        self.n = n = band_size(box, apix, band_high)
+        iy, kx, ky, self.shell = _band_grid(box, n, xp)
+        self.iy = xp.asarray(iy)
+        self.kx = kx.astype(self.rdtype)
+        self.ky = ky.astype(self.rdtype)
+        self.kmag_a = np.hypot(*np.meshgrid(np.arange(-n, n + 1), np.arange(0, n + 1), indexing="ij")) / (box * apix)
+        self.band = (self.kmag_a >= 1.0 / band_low) & (self.kmag_a <= 1.0 / band_high)
+        self.mask = soft_mask(box, xp).astype(self.rdtype)
+        self.msum = float(self.mask.sum())
+        q = dose_weights(xp.asarray(self.kmag_a), n_frames, dose_per_frame, pre_exposure, kv, normalize=False, xp=xp)
+        self.q = q[frames].astype(self.rdtype)
+
+    def __call__(self, patches: Any, remainders: Any) -> Any:
+        """(Pc, Fa, a, a) patches of the alignment frames + (Pc, Fa, 2) remainders -> (Pc, Fa, ny, nx)."""
+        xp = self.xp
+        pt = xp.asarray(patches, dtype=self.rdtype)
+        mean = (pt * self.mask).sum(axis=(-2, -1), keepdims=True) / self.msum
+        spec = backend.rfft2((pt - mean) * self.mask)[..., self.iy, : self.n + 1].astype(self.cdtype)
+        # the known sub-pixel remainder: shift content by -r
+        r = xp.asarray(remainders, dtype=self.rdtype)
+        spec *= xp.exp(2j * math.pi * self.ky[None, None, :, None] * r[..., 1, None, None]).astype(self.cdtype)
+        spec *= xp.exp(2j * math.pi * self.kx[None, None, None, :] * r[..., 0, None, None]).astype(self.cdtype)
+        spec *= self.q[None]
+        return spec
+
+    def finish(self, x: Any, n_frames: int, apix: float, bfactor: float) -> BandSpectra:
+        noise, signal, weight = _likelihood_weights(x, self.q, self.shell, self.band, self.xp)
+        if bfactor:
+            weight = weight * np.exp(-bfactor * self.kmag_a**2 / 4.0)
+        wdtype = np.float64 if self.rdtype == self.xp.float64 else np.float32
+        return BandSpectra(
+            x=x, kx=self.kx, ky=self.ky, weight=self.xp.asarray(weight.astype(wdtype)), shell=self.shell,
+            band=self.band, frames=self.frames, n_frames=n_frames, box=self.box, apix=apix, noise=noise, signal=signal,
+        )
+
+
+def prepare_spectra(
+    patches: Any,
+    remainders: Any,
+    apix: float,
+    dose_per_frame: float,
+    pre_exposure: float = 0.0,
+    kv: float = 300.0,
+    band_low: float = 500.0,
+    band_high: float = 20.0,
+    bfactor: float = 0.0,
+    first_frame: int = 0,
+    last_frame: int = -1,
+    dtype: Any = None,
+) -> BandSpectra:
+    """Patches (P, F, a, a) + remainders (P, F, 2) px -> :class:`BandSpectra` of the alignment band.
+
+    Each patch is made zero-mean under a soft circular mask, Fourier transformed (in particle
+    chunks, so only the band is ever kept), cropped to ``band_low >= 1/|k| >= band_high`` (Å),
+    multiplied by ``q_t(k)`` and by ``exp(+2πi k·r)``. ``dtype``: complex64 (default) or
+    complex128. Frames ``first_frame..last_frame`` (inclusive, -1 = last) are kept.
+    """
+    xp = backend.array_module(patches)
+    if patches.ndim != 4 or patches.shape[-1] != patches.shape[-2]:
+        raise ValueError(f"gpu/local_model.py: patches must be (P, F, a, a), got shape {tuple(patches.shape)}")
+    p_count, n_frames, box, _ = patches.shape
+    if tuple(remainders.shape) != (p_count, n_frames, 2):
+        raise ValueError(
+            f"gpu/local_model.py: remainders must be (P, F, 2) = ({p_count}, {n_frames}, 2), got {tuple(remainders.shape)}"
+        )
+    frames = _check_frames(n_frames, first_frame, last_frame)
+    tr = _BandTransform(box, n_frames, frames, apix, dose_per_frame, pre_exposure, kv, band_low, band_high, xp, dtype)
+    out = xp.empty((p_count, len(frames), 2 * tr.n + 1, tr.n + 1), dtype=tr.cdtype)
+    chunk = max(1, _FFT_CHUNK_BYTES // max(len(frames) * box * box * 8, 1))
+    fsel = slice(int(frames[0]), int(frames[-1]) + 1)
+    for start in range(0, p_count, chunk):
+        sl = slice(start, min(p_count, start + chunk))
+        out[sl] = tr(patches[sl, fsel], xp.asarray(remainders[sl, fsel]))
+    return tr.finish(out, n_frames, apix, bfactor)
+
+
+def spectra_from_frames(
+    frames: Any,
+    centres: np.ndarray,
+    box: int,
+    apix: float,
+    dose_per_frame: float,
+    pre_exposure: float = 0.0,
+    kv: float = 300.0,
+    band_low: float = 500.0,
+    band_high: float = 20.0,
+    bfactor: float = 0.0,
+    first_frame: int = 0,
+    last_frame: int = -1,
+    dtype: Any = None,
+) -> BandSpectra:
+    """Like :func:`prepare_spectra`, cutting the patches from ``frames`` (F, h, w) chunk by chunk.
+
+    ``centres``: (P, F, 2) px, each particle's full-frame trajectory position ``c = position + s_t``
+    (every box of size ``box`` around ``rint(c)`` must lie inside the frame). Only one chunk of
+    patches exists at a time, so memory stays bounded for any number of particles.
+    """
+    from gpu.extract import cut_patches
+
+    xp = backend.array_module(frames)
+    centres = np.asarray(backend.to_numpy(centres), dtype=np.float64)
+    n_frames = int(frames.shape[0])
+    if centres.ndim != 3 or centres.shape[1:] != (n_frames, 2):
+        raise ValueError(f"gpu/local_model.py: centres must be (P, {n_frames}, 2), got shape {centres.shape}")
+    fidx = _check_frames(n_frames, first_frame, last_frame)
+    tr = _BandTransform(box, n_frames, fidx, apix, dose_per_frame, pre_exposure, kv, band_low, band_high, xp, dtype)
+    p_count = centres.shape[0]
+    ci = np.rint(centres)
+    rem = centres - ci
+    out = xp.empty((p_count, len(fidx), 2 * tr.n + 1, tr.n + 1), dtype=tr.cdtype)
+    chunk = max(1, _FFT_CHUNK_BYTES // max(len(fidx) * box * box * 8, 1))
+    sub = frames[int(fidx[0]) : int(fidx[-1]) + 1]
+    for start in range(0, p_count, chunk):
+        sl = slice(start, min(p_count, start + chunk))
+        patches = cut_patches(sub, ci[sl, fidx].astype(np.int64), box)
+        out[sl] = tr(patches, xp.asarray(rem[sl, fidx]))
+    return tr.finish(out, n_frames, apix, bfactor)
+
+
+def _likelihood_weights(x: Any, q: Any, shell: np.ndarray, band: np.ndarray, xp: ModuleType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-shell ``σ²``, ``τ²`` from the data and the per-frequency weight ``w`` (module docstring).
+
+    With ``Q2 = Σ q²``, ``Q4 = Σ q⁴``: E Σ_t|X_t|² = σ² Q2 + τ² Q4 and E(|Σ X_t|² - Σ|X_t|²) = τ²(Q2² - Q4)
+    at the full-frame alignment (an underestimate of τ² where local motion blurs the signal).
+    """
+    p_count = x.shape[0]
+    self_pow = backend.to_numpy((xp.abs(x) ** 2).sum(axis=1).sum(axis=0)).astype(np.float64)
+    tot_pow = backend.to_numpy((xp.abs(x.sum(axis=1)) ** 2).sum(axis=0)).astype(np.float64)
+    qn = backend.to_numpy(q).astype(np.float64)
+    q2 = (qn**2).sum(axis=0)
+    q4 = (qn**4).sum(axis=0)
+    n_shell = int(shell.max()) + 1
+    use = band.copy()
+    cross_s = np.bincount(shell[use], (tot_pow - self_pow)[use], n_shell)
+    cross_d = np.bincount(shell[use], (p_count * (q2**2 - q4))[use], n_shell)
+    self_s = np.bincount(shell[use], self_pow[use], n_shell)
+    q2_s = np.bincount(shell[use], (p_count * q2)[use], n_shell)
+    q4_s = np.bincount(shell[use], (p_count * q4)[use], n_shell)
+    has = cross_d > 0
+    tau = np.zeros(n_shell)
+    tau[has] = np.maximum(cross_s[has] / cross_d[has], 0.0)
+    # per-frame SNR above ~10 does not occur in movie frames; the floor keeps w finite where the
+    # subtraction below is ill-conditioned (strong low-resolution signal, few coefficients)
+    sigma = np.full(n_shell, np.inf)
+    sigma[has] = np.maximum((self_s[has] - tau[has] * q4_s[has]) / q2_s[has], 0.1 * self_s[has] / q2_s[has])
+    t_k = tau[shell]
+    s_k = sigma[shell]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.where(band, t_k / (s_k * (s_k + t_k * q2)), 0.0)
+    w = np.nan_to_num(w, nan=0.0, posinf=0.0)
+    w[:, 0] *= 0.5
+    return sigma, tau, w
+
+
+def shift_phases(spec: BandSpectra, d: Any) -> tuple[Any, Any]:
+    """(P, Fa, ny), (P, Fa, nx): ``exp(+2πi ky dy)``, ``exp(+2πi kx dx)`` for shifts d (P, Fa, 2) px."""
+    xp = spec.xp
+    two_pi_i = 2j * math.pi
+    ey = xp.exp(two_pi_i * d[..., 1, None] * spec.ky)
+    ex = xp.exp(two_pi_i * d[..., 0, None] * spec.kx)
+    return ey, ex
+
+
+def _chunk(spec: BandSpectra) -> int:
+    """Particles per pass: small enough for the CPU cache (~2 MB per temporary), large on the GPU."""
+    p_count, fa, ny, nx = spec.x.shape
+    budget = _TERM_CHUNK_ELEMS if backend.is_gpu(spec.xp) else _CPU_CHUNK_ELEMS
+    return max(1, min(p_count, budget // max(fa * ny * nx, 1)))
+
+
+def self_term(spec: BandSpectra) -> float:
+    """``Σ_p Σ_k w Σ_t |X_t|²``: the shift-independent self terms (cached on ``spec``; set
+    ``spec.self_power = None`` after changing ``spec.weight``)."""
+    if spec.self_power is None:
+        xp = spec.xp
+        spec.self_power = float(((xp.abs(spec.x) ** 2).sum(axis=1) * spec.weight).sum())
+    return spec.self_power
+
+
+def data_term(spec: BandSpectra, d: Any, gradient: bool = True) -> tuple[float, Any]:
+    """Log-likelihood ``Σ_p Σ_k w (|Σ_t G|² - Σ_t |G|²)`` and its gradient (P, Fa, 2) w.r.t. d (px).
+
+    ``d``: (P, Fa, 2) local shifts for the frames of ``spec`` (array of ``spec.xp``). Computed in
+    particle chunks (:func:`_chunk`); the two gradient components come from one matrix product
+    of ``Im(conj(A) G)`` with the weighted frequency columns ``(w kx, w ky)``. Returns
+    (value: float, grad or None).
+    """
+    xp = spec.xp
+    p_count, fa, ny, nx = spec.x.shape
+    rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
+    d = xp.asarray(d, dtype=rdtype)
+    w = spec.weight
+    kk = xp.stack([(w * spec.kx[None, :]).ravel(), (w * spec.ky[:, None]).ravel()], axis=1).astype(rdtype)
+    chunk = _chunk(spec)
+    value = 0.0
+    grad = xp.empty((p_count, fa, 2), dtype=rdtype) if gradient else None
+    for start in range(0, p_count, chunk):
+        sl = slice(start, min(p_count, start + chunk))
+        ey, ex = shift_phases(spec, d[sl])
+        g = spec.x[sl] * ey[..., :, None].astype(spec.x.dtype)
+        g *= ex[..., None, :].astype(spec.x.dtype)
+        a = g.sum(axis=1)
+        value += float(((a.real**2 + a.imag**2) * w).sum())
+        if gradient:
+            g *= xp.conj(a)[:, None]
+            im = xp.ascontiguousarray(g.imag).reshape(-1, ny * nx)
+            grad[sl] = (im @ kk).reshape(-1, fa, 2) * (-4.0 * math.pi)
+    return value - self_term(spec), grad
+
+
+def per_particle_term(spec: BandSpectra, d: Any) -> Any:
+    """(P,) per-particle cross-frame log-likelihood ``Σ_k w (|Σ_t G|² - Σ_t |G|²)`` at shifts d (P, Fa, 2)."""
+    xp = spec.xp
+    p_count = spec.x.shape[0]
+    rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
+    d = xp.asarray(d, dtype=rdtype)
+    out = xp.empty((p_count,), dtype=xp.float64)
+    chunk = _chunk(spec)
+    for start in range(0, p_count, chunk):
+        sl = slice(start, min(p_count, start + chunk))
+        ey, ex = shift_phases(spec, d[sl])
+        g = spec.x[sl] * ey[..., :, None].astype(spec.x.dtype) * ex[..., None, :].astype(spec.x.dtype)
+        a = g.sum(axis=1)
+        self_p = (g.real**2 + g.imag**2).sum(axis=1)
+        out[sl] = ((a.real**2 + a.imag**2 - self_p) * spec.weight).sum(axis=(-2, -1))
+    return out
+
+
+def aligned_spectra(spec: BandSpectra, d: Any) -> Any:
+    """(P, Fa, ny, nx) ``G_t = X_t exp(+2πi k·d_t)``: the band spectra aligned by local shifts d (P, Fa, 2)."""
+    xp = spec.xp
+    rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
+    ey, ex = shift_phases(spec, xp.asarray(d, dtype=rdtype))
+    return spec.x * ey[..., :, None].astype(spec.x.dtype) * ex[..., None, :].astype(spec.x.dtype)
