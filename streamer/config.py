@@ -78,14 +78,18 @@ class LocalConfig:
     enabled: bool = _f(True, "estimate per-particle trajectories; false = full-frame-only extraction")
     align_box: int = _f(0, "box (px) cut for per-particle alignment; 0 = same as box")
     band_low: float = _f(500.0, "per-particle alignment: lowest resolution used (Å)")
-    band_high: float = _f(20.0, "per-particle alignment: highest resolution used (Å)")
-    bfactor: float = _f(500.0, "per-particle alignment: B-factor (Å^2) weighting the correlation")
-    sigma_velocity: float = _f(0.2, "prior on per-particle residual velocity (Å per e/Å²), as RELION polishing")
-    sigma_acceleration: float = _f(2.0, "prior on per-particle acceleration (Å per (e/Å²)^2)")
+    band_high: float = _f(8.0, "per-particle alignment: highest resolution used (Å)")
+    bfactor: float = _f(0.0, "per-particle alignment: extra B-factor (Å^2) on the correlation (the likelihood weights already follow the SNR)")
+    sigma_field: float = _f(2.0, "prior on the shared local field's velocity at zero exposure (Å per e/Å²)")
+    burst_exposure: float = _f(2.5, "the field's velocity prior decays as N0/(N+N0) with exposure N: N0 (e/Å²)")
+    sigma_velocity: float = _f(0.05, "prior on each particle's own residual velocity (Å per e/Å²), as RELION polishing")
+    sigma_acceleration: float = _f(2.0, "prior on acceleration (Å per (e/Å²)^2)")
     correlation_length: float = _f(2000.0, "spatial correlation length of local motion between particles (Å)")
+    kernel: str = _f("gaussian", "spatial kernel of the field: gaussian (smooth) or exponential (RELION)", ("gaussian", "exponential"))
+    auto_smoothing: bool = _f(False, "choose sigma_field among x0.5/x1/x2 by the held-out score (slower)")
     first_frame: int = _f(0, "first frame used for alignment (0-based)")
     last_frame: int = _f(-1, "last frame used for alignment (inclusive); -1 = last")
-    guard: bool = _f(True, "fall back to full-frame motion for a movie where local motion is not supported by the data")
+    guard: bool = _f(True, "fall back to full-frame motion for a movie where local motion is not supported by held-out frames")
 
 
 @dataclass(frozen=True)
@@ -264,7 +268,11 @@ def _validate(cfg: Config) -> None:
     need(cfg.motion.smoothing >= 0 and cfg.motion.max_shift > 0, "motion.smoothing >= 0 and motion.max_shift > 0")
     need(cfg.local.align_box == 0 or (cfg.local.align_box >= 16 and cfg.local.align_box % 2 == 0), "local.align_box must be 0 or even >= 16")
     need(cfg.local.band_low > cfg.local.band_high >= 2 * cfg.apix, "local.band_low > local.band_high >= 2 * apix")
-    need(cfg.local.sigma_velocity > 0 and cfg.local.sigma_acceleration > 0, "local.sigma_* must be > 0")
+    need(
+        cfg.local.sigma_velocity > 0 and cfg.local.sigma_acceleration > 0 and cfg.local.sigma_field > 0,
+        "local.sigma_* must be > 0",
+    )
+    need(cfg.local.burst_exposure > 0, "local.burst_exposure must be > 0 e/Å²")
     need(cfg.local.correlation_length > 0, "local.correlation_length must be > 0 Å")
     gpus = cfg.gpus.strip()
     if gpus != "auto":
