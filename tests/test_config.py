@@ -80,5 +80,5 @@ def test_fingerprint_tracks_processing_parameters_only() -> None:
 def test_bad_yaml_file(tmp_path: Path) -> None:
     y = tmp_path / "bad.yaml"
     y.write_text("box: [1, 2\n")
-    with pytest.raises(c.ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(c.ConfigError, match=r"bad\.yaml: not valid YAML"):
         c.load_yaml(y)
