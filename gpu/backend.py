@@ -107,3 +107,19 @@ def ifft2(a: Any) -> Any:
     if is_gpu(xp):
         return fft_module(xp).ifft2(a, axes=(-2, -1))
     return fft_module(xp).ifft2(a, axes=(-2, -1), workers=_workers())
+
+
+def rfft(a: Any, axis: int = -1) -> Any:
+    """Real-to-complex 1-D FFT along ``axis``; float32 in -> complex64 out."""
+    xp = array_module(a)
+    if is_gpu(xp):
+        return fft_module(xp).rfft(a, axis=axis)
+    return fft_module(xp).rfft(a, axis=axis, workers=_workers())
+
+
+def fft(a: Any, axis: int = -1, overwrite_x: bool = False) -> Any:
+    """Complex 1-D FFT along ``axis`` (complex64 stays complex64). ``overwrite_x``: the input may be reused."""
+    xp = array_module(a)
+    if is_gpu(xp):
+        return fft_module(xp).fft(a, axis=axis, overwrite_x=overwrite_x)
+    return fft_module(xp).fft(a, axis=axis, overwrite_x=overwrite_x, workers=_workers())

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu.backend import array_module, irfft2, rfft2
+from gpu.backend import array_module, fft, irfft2, rfft, rfft2
 from gpu.fourier import next_smooth_even, prev_smooth_even
 
 
@@ -106,6 +106,30 @@ def window_rfft(spectra: Any, win: CropWindow) -> Any:
     return xp.concatenate([spectra[..., :n_pos, :c], spectra[..., win.h - n_neg :, :c]], axis=-2)
 
 
+def _window_rows(spectra: Any, win: CropWindow) -> Any:
+    """The window's rows ``(..., rows, c)`` of ``spectra (..., h, c)`` in FFT order (two slices)."""
+    xp = array_module(spectra)
+    if win.h2 == win.h:
+        return spectra
+    n_pos = int(np.sum(win.m >= 0))
+    n_neg = len(win.m) - n_pos
+    if n_neg == 0:
+        return spectra[..., :n_pos, :]
+    return xp.concatenate([spectra[..., :n_pos, :], spectra[..., win.h - n_neg :, :]], axis=-2)
+
+
+def window_rfft2(images: Any, win: CropWindow) -> Any:
+    """``window_rfft(rfft2(images), win)`` for real ``images (..., h, w)``, about 25% cheaper.
+
+    The row transforms (1-D rfft along x) are followed by column transforms of only the
+    ``w2//2+1`` window columns instead of all ``w//2+1``; the window rows are then gathered.
+    """
+    if images.shape[-2] != win.h or images.shape[-1] != win.w:
+        raise ValueError(f"gpu/crop.py: images of shape {tuple(images.shape[-2:])} do not match a ({win.h}, {win.w}) window")
+    cols = rfft(images, axis=-1)[..., : win.n_cols]
+    return _window_rows(fft(cols, axis=-2, overwrite_x=True), win)
+
+
 def fold_window(g: Any, win: CropWindow) -> Any:
     """Fold windowed spectra ``(..., rows, w2//2+1)`` to the output rfft grid ``(..., h2, w2//2+1)``.
 
@@ -171,16 +195,27 @@ def bin_real(frames: Any, factor: int, reduce: str = "mean", chunk: int = 4) -> 
     scale = np.float32(1.0 / (f * f)) if reduce == "mean" else None
     for i in range(0, flat.shape[0], chunk):
         v = flat[i : i + chunk, : hb * f, : wb * f]
-        rows = v[:, 0::f].astype(xp.float32)
-        for j in range(1, f):
-            rows += v[:, j::f]
-        acc = rows[..., 0::f].copy()
-        for j in range(1, f):
-            acc += rows[..., j::f]
+        rows = _strided_sum(v, f, -2, xp)
+        acc = _strided_sum(rows, f, -1, xp)
         if scale is not None:
             acc *= scale
         out[i : i + chunk] = acc
     return out.reshape((*lead, hb, wb))
+
+
+def _strided_sum(v: Any, f: int, axis: int, xp: Any) -> Any:
+    """float32 sum of every ``f``-th slice along ``axis`` (-2 or -1), starting at 0..f-1; the first add
+    writes the new array directly (no cast copy of the first slice)."""
+
+    def part(j: int) -> Any:
+        return v[..., j::f, :] if axis == -2 else v[..., j::f]
+
+    if f == 1:
+        return part(0).astype(xp.float32)
+    acc = xp.add(part(0), part(1), dtype=xp.float32)
+    for j in range(2, f):
+        acc += part(j)
+    return acc
 
 
 @dataclass(frozen=True)
@@ -253,7 +288,7 @@ def downsample_spectra(frames: Any, factor: float, chunk: int = 1, taper: float 
         if window is not None:
             mean = binned.mean(axis=(1, 2), keepdims=True)
             binned = (binned - mean) * window + mean
-        out[i : i + chunk] = fold_window(window_rfft(rfft2(binned), win), win)
+        out[i : i + chunk] = fold_window(window_rfft2(binned, win), win)
     return Downsampled(out, (hc, wc), (b * hb / hc, b * wb / wc), b, (b - 1) / 2.0)
 
 

@@ -14,6 +14,7 @@ from scipy import stats
 
 from gpu.backend import array_module, to_numpy
 
+_CPU_BLOCK_BYTES = 1 << 20  # output rows per cast+multiply step on the CPU: stays in L2
 _BLOCK = 64  # px; local level for hot-pixel detection is estimated per block of this size
 
 
@@ -40,12 +41,18 @@ def gain_multiplier(gain: Any, mode: str) -> Any:
     raise ValueError(f"gpu/gain.py: gain mode must be 'multiply' or 'divide', got {mode!r}")
 
 
-def apply_gain(frames: Any, multiplier: Any | None, out_dtype: Any = np.float32, chunk: int = 4) -> Any:
+def apply_gain(
+    frames: Any, multiplier: Any | None, out_dtype: Any = np.float32, chunk: int = 4, out: Any | None = None
+) -> Any:
     """``frames (F, h, w)`` of any dtype times ``multiplier (h, w)`` (or just cast when None).
 
-    Returns ``(F, h, w)`` of ``out_dtype``. The cast is done ``chunk`` frames at a time, so an 8-bit
-    movie never has a second full-size temporary besides the output. When ``multiplier`` is None
-    and the frames already have ``out_dtype``, the input itself is returned (no copy).
+    Returns ``(F, h, w)`` of ``out_dtype`` (into ``out`` when given: a C-contiguous array of that
+    shape and dtype, e.g. a buffer reused between movies so its pages are not faulted in again).
+    On the CPU the cast and the product run one block of rows at a time, so the float32 block is
+    still in cache when it is multiplied (one pass over the output); on the GPU ``chunk`` frames
+    at a time. Either way an 8-bit movie never has a second full-size temporary besides the
+    output. When ``multiplier`` is None, ``out`` is None and the frames already have
+    ``out_dtype``, the input itself is returned (no copy).
     """
     xp = array_module(frames)
     if frames.ndim != 3:
@@ -56,10 +63,23 @@ def apply_gain(frames: Any, multiplier: Any | None, out_dtype: Any = np.float32,
             f"{tuple(frames.shape[-2:])} (check gain rotation)"
         )
     dt = xp.dtype(out_dtype)
-    if multiplier is None and frames.dtype == dt:
-        return frames
-    out = xp.empty(frames.shape, dtype=dt)
+    if out is None:
+        if multiplier is None and frames.dtype == dt:
+            return frames
+        out = xp.empty(frames.shape, dtype=dt)
+    elif tuple(out.shape) != tuple(frames.shape) or out.dtype != dt:
+        raise ValueError(f"gpu/gain.py: out is {tuple(out.shape)} {out.dtype}, need {tuple(frames.shape)} {dt}")
     m = None if multiplier is None else xp.asarray(multiplier, dtype=dt)
+    if xp is np:
+        n_f, h, w = frames.shape
+        rows = max(1, _CPU_BLOCK_BYTES // max(1, w * dt.itemsize))
+        for f in range(n_f):
+            for r in range(0, h, rows):
+                o = out[f, r : r + rows]
+                np.copyto(o, frames[f, r : r + rows], casting="unsafe")
+                if m is not None:
+                    o *= m[r : r + rows]
+        return out
     for i in range(0, frames.shape[0], chunk):
         if m is None:
             out[i : i + chunk] = frames[i : i + chunk]
