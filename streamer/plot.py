@@ -1,9 +1,11 @@
 """``plots/<movie stem>.png``: the aligned micrograph with every particle's trajectory drawn on it.
 
-Each particle's trajectory is drawn from its pick position (movie px / binning) with offsets
-``s_t / (apix * binning) * scale`` (Å -> binned px, magnified ``scale`` = 40x as in cryoSPARC's
-diagnostic): raw estimates in grey, the smoothed trajectory used for extraction in red, a dot at
-frame 0. Image rows run downwards as in the array (row 0 at the top), so positions read exactly
+Each particle's trajectory *relative to the full-frame motion* (its local motion, what per-particle
+correction adds; the full-frame path, tens of Å, would swamp it at this magnification and is given
+in the title) is drawn from its pick position (movie px / binning) with offsets
+``(s_t - S_t) / (apix * binning) * scale`` (Å -> binned px, magnified ``scale`` = 40x as in
+cryoSPARC's diagnostic): raw estimates in grey, the smoothed trajectory used for extraction in red,
+a dot at frame 0. Image rows run downwards as in the array (row 0 at the top), so positions read exactly
 as the picks' (column, row) pixels.
 """
 
@@ -21,6 +23,7 @@ from streamer import atomic
 from streamer.types import MovieResult
 
 TITLE_PX = 44
+PLOT_SCALE = 40.0  # magnification of the drawn trajectories (cryoSPARC's diagnostic)
 DPI = 100
 
 
@@ -38,12 +41,12 @@ def _title(result: MovieResult) -> str:
         return fmt.format(v) if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else None
 
     parts = [
-        num("motion_total_A", "motion {:.1f} Å"),
+        num("motion_total_A", "full-frame motion {:.1f} Å (not drawn)"),
         num("local_mean_A", "local mean {:.2f} Å"),
         num("local_max_A", "max {:.2f} Å"),
         num("quality_gain", "gain {:+.3f}"),
     ]
-    parts.append(f"{result.n} particles")
+    parts.append(f"{result.n} particles; local motion x{PLOT_SCALE:g}: raw grey, smoothed red")
     return f"{Path(str(result.movie)).name}\n" + ", ".join(p for p in parts if p)
 
 
@@ -52,7 +55,7 @@ def plot_trajectories(
     micrograph: np.ndarray,
     binning: float,
     result: MovieResult,
-    scale: float = 40.0,
+    scale: float = PLOT_SCALE,
     width_px: int = 1000,
 ) -> None:
     """Write the diagnostic PNG (atomically, ``streamer.atomic``).
@@ -77,8 +80,9 @@ def plot_trajectories(
     if np.asarray(result.x).size:
         k = scale / (float(result.apix) * float(binning))
         origin = np.stack([np.asarray(result.x, np.float64), np.asarray(result.y, np.float64)], axis=-1) / binning
-        raw = origin[:, None, :] + k * np.asarray(result.traj_raw, np.float64)
-        smooth = origin[:, None, :] + k * np.asarray(result.traj_smooth, np.float64)
+        full = np.asarray(result.frame_shifts, np.float64)[None]
+        raw = origin[:, None, :] + k * (np.asarray(result.traj_raw, np.float64) - full)
+        smooth = origin[:, None, :] + k * (np.asarray(result.traj_smooth, np.float64) - full)
         ax.add_collection(LineCollection(raw, colors=(0.75, 0.75, 0.75, 0.8), linewidths=0.6))
         ax.add_collection(LineCollection(smooth, colors=(1.0, 0.0, 0.0, 1.0), linewidths=1.0))
         ax.scatter(smooth[:, 0, 0], smooth[:, 0, 1], s=3, c=[(1.0, 0.85, 0.0)], linewidths=0)

@@ -91,3 +91,22 @@ def test_fast_for_500_particles_40_frames(tmp_path: Path) -> None:
     elapsed = time.perf_counter() - t0
     assert elapsed < 2.0, f"{elapsed:.2f} s"  # ~0.4 s on one free core; margin for a shared machine
     assert _red(imread(tmp_path / "m.png")).sum() > 1000
+
+
+def test_full_frame_motion_is_removed_before_drawing(tmp_path: Path) -> None:
+    # 30 Å of full-frame drift shared by all particles and no local motion: at 40x it would draw
+    # 150 binned px lines; relative to the full-frame motion nothing moves
+    nf = 20
+    drift = np.zeros((nf, 2))
+    drift[:, 0] = np.linspace(-15, 15, nf)
+    smooth = np.repeat(drift[None], 2, axis=0)
+    res = _result([1600.0, 800.0], [1200.0, 600.0], smooth)
+    res.frame_shifts = drift
+    mic = np.zeros((300, 400), np.float32)
+    path = tmp_path / "p.png"
+    plot_trajectories(path, mic, 8.0, res, scale=40.0, width_px=800)
+    rows, cols = np.nonzero(_red(imread(path)))
+    # nothing red further than a few px from the two pick positions (PNG = 2x the binned grid)
+    starts = np.array([[TITLE_PX + 2 * 150.5, 2 * 200.5], [TITLE_PX + 2 * 75.5, 2 * 100.5]])
+    dist = np.min(np.hypot(rows[:, None] - starts[None, :, 0], cols[:, None] - starts[None, :, 1]), axis=1)
+    assert dist.size == 0 or dist.max() < 8
