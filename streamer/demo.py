@@ -301,7 +301,7 @@ def summary_lines(root: Path, out: Path, summary: dict[str, Any], score: dict[st
         else:
             lines.append(f"      local (as written)       {score['frc_local']:.4f}")
     if reference_free is not None:
-        lines.append(f"  reference-free estimate during the session (even/odd FRC gain, mean): {reference_free:+.4f}")
+        lines.append(f"  reference-free estimate during the session (held-out gain, mean): {reference_free:+.4f}")
     return lines
 
 
