@@ -243,6 +243,12 @@ class Session:
             raise ConfigError("config: movies and out are required")
         if not cfg.picks.dir:
             raise ConfigError("config: picks.dir is required (--picks DIR: the pick files, matched to movies by name)")
+        # files every movie needs: stop cleanly before anything is written, not fail movie after movie
+        for key, path in (("gain.file", cfg.gain.file), ("gain.defects", cfg.gain.defects)):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{path}: {key} not found (or not a file)")
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(f"{path}: {key} is not readable")
         self.cfg = cfg
         self.once = once
         self.headless = headless

@@ -99,3 +99,12 @@ def test_simulate_command(tmp_path: Path) -> None:
     assert len(movies) == 1
     with mrcfile.open(movies[0]) as m:
         assert m.data.shape == (6, 256, 256)
+
+
+def test_missing_gain_stops_cleanly_before_writing(session: Path) -> None:
+    args = _run_args(session, "outg")
+    args[args.index("--gain") + 1] = str(session / "no_such_gain.mrc")
+    res = lmc(*args, cwd=session)
+    assert res.returncode == 2
+    assert "no_such_gain.mrc: gain.file not found" in res.stderr and "Traceback" not in res.stderr
+    assert not (session / "outg").exists()
