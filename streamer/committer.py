@@ -288,8 +288,11 @@ class Committer:
             star_rows, cs_blob = "", None
             if n:
                 rel = [(f"stacks/{s}", f, k) for s, f, k in ranges]
-                star_rows = relion_star.render_rows(columns, relion_star.image_names(rel), movie, result.x, result.y,
-                                                    result.columns)
+                # absolute in the STAR: RELION resolves relative image paths against its own project
+                # directory, so only absolute ones import unchanged from anywhere
+                absolute = [(str(self.out.resolve() / "stacks" / s), f, k) for s, f, k in ranges]
+                star_rows = relion_star.render_rows(columns, relion_star.image_names(absolute), movie, result.x,
+                                                    result.y, result.columns)
                 want = csfile.fit_dtype(cs_dtype, max(len(s.encode()) for s, _, _ in rel), len(movie.encode()),
                                         ctf=any(c == "rlnDefocusU" for c, _ in columns))
                 if want != cs_dtype:

@@ -59,7 +59,11 @@ def check_folder(out: Path, expected: dict[int, int], cfg: Config = CFG) -> None
         np.testing.assert_allclose(part["rlnDefocusU"], r.columns["rlnDefocusU"])
         want = r.particles.astype(np.float16) if cfg.float16 else r.particles
         for k, name in enumerate(part["rlnImageName"]):
-            idx, stack = name.split("@")
+            idx, stack_abs = name.split("@")
+            # STAR: absolute paths (RELION resolves relative ones against its project directory);
+            # .cs: relative to the output folder (cryoSPARC's import takes the folder separately)
+            assert Path(stack_abs).is_absolute() and Path(stack_abs).parent == (out / "stacks").resolve()
+            stack = f"stacks/{Path(stack_abs).name}"
             np.testing.assert_array_equal(stacks[stack][int(idx) - 1], want[k])
             assert cs["blob/path"][row + k] == stack and cs["blob/idx"][row + k] == int(idx) - 1
             assert cs["location/micrograph_path"][row + k] == r.movie
