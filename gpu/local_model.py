@@ -205,15 +205,12 @@ def prepare_spectra(
         raise ValueError(
             f"gpu/local_model.py: remainders must be (P, F, 2) = ({p_count}, {n_frames}, 2), got {tuple(remainders.shape)}"
         )
-    frames = _check_frames(n_frames, first_frame, last_frame)
-    tr = _BandTransform(box, n_frames, frames, apix, dose_per_frame, pre_exposure, kv, band_low, band_high, xp, dtype)
-    out = xp.empty((p_count, len(frames), 2 * tr.n + 1, tr.n + 1), dtype=tr.cdtype)
-    chunk = max(1, _FFT_CHUNK_BYTES // max(len(frames) * box * box * 8, 1))
-    fsel = slice(int(frames[0]), int(frames[-1]) + 1)
-    for start in range(0, p_count, chunk):
-        sl = slice(start, min(p_count, start + chunk))
-        out[sl] = tr(patches[sl, fsel], xp.asarray(remainders[sl, fsel]))
-    return tr.finish(out, n_frames, apix, bfactor)
+
+    def chunk_input(sl: slice, fsel: slice) -> tuple[Any, Any]:
+        return patches[sl, fsel], xp.asarray(remainders[sl, fsel])
+
+    return _band_spectra(chunk_input, p_count, n_frames, box, apix, dose_per_frame, pre_exposure, kv, band_low,
+                         band_high, bfactor, first_frame, last_frame, xp, dtype)
 
 
 def spectra_from_frames(
@@ -244,18 +241,44 @@ def spectra_from_frames(
     n_frames = int(frames.shape[0])
     if centres.ndim != 3 or centres.shape[1:] != (n_frames, 2):
         raise ValueError(f"gpu/local_model.py: centres must be (P, {n_frames}, 2), got shape {centres.shape}")
-    fidx = _check_frames(n_frames, first_frame, last_frame)
-    tr = _BandTransform(box, n_frames, fidx, apix, dose_per_frame, pre_exposure, kv, band_low, band_high, xp, dtype)
-    p_count = centres.shape[0]
     ci = np.rint(centres)
     rem = centres - ci
+
+    def chunk_input(sl: slice, fsel: slice) -> tuple[Any, Any]:
+        return cut_patches(frames[fsel], ci[sl, fsel].astype(np.int64), box), xp.asarray(rem[sl, fsel])
+
+    return _band_spectra(chunk_input, centres.shape[0], n_frames, box, apix, dose_per_frame, pre_exposure, kv,
+                         band_low, band_high, bfactor, first_frame, last_frame, xp, dtype)
+
+
+def _band_spectra(
+    chunk_input: Any,
+    p_count: int,
+    n_frames: int,
+    box: int,
+    apix: float,
+    dose_per_frame: float,
+    pre_exposure: float,
+    kv: float,
+    band_low: float,
+    band_high: float,
+    bfactor: float,
+    first_frame: int,
+    last_frame: int,
+    xp: ModuleType,
+    dtype: Any,
+) -> BandSpectra:
+    """The shared body of :func:`prepare_spectra` and :func:`spectra_from_frames`: transform the
+    patches particle chunk by particle chunk (``chunk_input(particles, frames) -> (patches, remainders)``)
+    so only the band of each chunk is ever kept."""
+    fidx = _check_frames(n_frames, first_frame, last_frame)
+    tr = _BandTransform(box, n_frames, fidx, apix, dose_per_frame, pre_exposure, kv, band_low, band_high, xp, dtype)
     out = xp.empty((p_count, len(fidx), 2 * tr.n + 1, tr.n + 1), dtype=tr.cdtype)
     chunk = max(1, _FFT_CHUNK_BYTES // max(len(fidx) * box * box * 8, 1))
-    sub = frames[int(fidx[0]) : int(fidx[-1]) + 1]
+    fsel = slice(int(fidx[0]), int(fidx[-1]) + 1)
     for start in range(0, p_count, chunk):
         sl = slice(start, min(p_count, start + chunk))
-        patches = cut_patches(sub, ci[sl, fidx].astype(np.int64), box)
-        out[sl] = tr(patches, xp.asarray(rem[sl, fidx]))
+        out[sl] = tr(*chunk_input(sl, fsel))
     return tr.finish(out, n_frames, apix, bfactor)
 
 

@@ -184,3 +184,20 @@ def test_objective_same_on_gpu_and_cpu() -> None:
     v_gpu, g_gpu = objective(gspec, m, z)
     assert v_gpu == pytest.approx(v_cpu, rel=1e-9)
     np.testing.assert_allclose(g_gpu, g_cpu, rtol=1e-8, atol=1e-10)
+
+
+def test_spectra_from_frames_equals_prepare_spectra_on_cut_patches() -> None:
+    # the chunked cutter used by the pipeline and the patch-based entry give the same band spectra
+    from gpu.extract import cut_patches
+    from gpu.local_model import spectra_from_frames
+
+    rng = np.random.default_rng(3)
+    frames = rng.poisson(1.0, size=(6, 200, 220)).astype(np.float32)
+    centres = np.stack([rng.uniform(40, 170, (5, 1)) + rng.normal(0, 0.7, (5, 6)),
+                        rng.uniform(40, 150, (5, 1)) + rng.normal(0, 0.7, (5, 6))], axis=-1)
+    ci = np.rint(centres)
+    patches = cut_patches(frames, ci.astype(np.int64), 64)
+    kw = {"band_low": 200.0, "band_high": 8.0, "first_frame": 1, "last_frame": 4}
+    a = prepare_spectra(patches, centres - ci, 1.0, 1.0, **kw)
+    b = spectra_from_frames(frames, centres, 64, 1.0, 1.0, **kw)
+    assert a.x.shape == b.x.shape and np.allclose(a.x, b.x, atol=1e-4)
