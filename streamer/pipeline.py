@@ -124,9 +124,7 @@ def process_movie(
         tick = now
 
     mov = preloaded if preloaded is not None else read_movie(movie, cfg.eer, threads=cfg.threads)
-    warnings.extend(mov.warnings)
-    if mov.leftover_raw_frames:
-        warnings.append(f"{mov.leftover_raw_frames} raw EER frames left over after {cfg.eer.fractions} fractions (not used)")
+    warnings.extend(mov.warnings)  # includes the EER leftover-frames note from the reader
     u = int(mov.upsampling)
     eer_leftover = int(mov.leftover_raw_frames)
     n_frames, h, w = mov.frames.shape
@@ -243,7 +241,7 @@ def process_movie(
     )
     kept = np.asarray(backend.to_numpy(kept), dtype=np.int64)
     kept_set = set(kept.tolist())
-    for i, reason in _reason_items(reasons):
+    for i, reason in reasons:  # [(pick index, reason)] from extract_particles
         if i not in kept_set:
             skipped.append((float(pk.x[i]), float(pk.y[i]), reason))
     if cfg.normalize or cfg.invert_contrast:
@@ -321,8 +319,3 @@ def write_sidecar_files(cfg: Config, result: MovieResult, micrograph: np.ndarray
         (out / "plots").mkdir(parents=True, exist_ok=True)
         plot_trajectories(out / "plots" / f"{stem}.png", micrograph, binning_phys, result)
 
-
-def _reason_items(reasons: Any) -> list[tuple[int, str]]:
-    if isinstance(reasons, dict):
-        return [(int(i), str(r)) for i, r in reasons.items()]
-    return [(int(i), str(r)) for i, r in reasons]
