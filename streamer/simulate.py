@@ -694,6 +694,10 @@ def write_gain(out_dir: str | os.PathLike[str], params: SimParams) -> Path:
         with mrcfile.new(path, overwrite=True) as m:
             m.set_data((1.0 / g).astype(np.float32))
             m.voxel_size = params.apix
+            # mrcfile stamps the creation time into label 0; a fixed label keeps the file a pure
+            # function of the parameters (same seed -> same bytes)
+            m.header.label[0] = b"lmc simulate: gain reference = 1 / pixel sensitivity (multiply)"
+            m.header.nlabl = 1
     return path
 
 
