@@ -7,10 +7,15 @@ input with :func:`array_module`, so one code path runs on the CPU and on the GPU
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 def gpu_available() -> bool:
@@ -66,6 +71,28 @@ def set_threads(n: int) -> None:
 
 def _workers() -> int:
     return _THREADS["n"] or (os.cpu_count() or 1)
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}
+
+
+def map_chunks(fn: Callable[[slice], T], n: int, chunk: int, xp: ModuleType = np) -> list[T]:
+    """``[fn(slice(i, i + chunk)) for i in range(0, n, chunk)]``, run on the CPU threads.
+
+    NumPy releases the GIL inside its array loops, so independent chunks of one batched operation
+    (particle chunks of a likelihood, frame chunks of a transform) use every core the worker owns
+    (:func:`set_threads`). On the GPU (``xp`` = cupy) the chunks run in order on the one stream.
+    Results come back in chunk order. A call from inside a chunk runs serially (no nested pools).
+    """
+    slices = [slice(i, min(n, i + chunk)) for i in range(0, n, max(1, chunk))]
+    workers = _workers()
+    nested = threading.current_thread().name.startswith("lmc-xp")
+    if is_gpu(xp) or workers < 2 or len(slices) < 2 or nested:
+        return [fn(sl) for sl in slices]
+    pool = _POOL.get(workers)
+    if pool is None:
+        pool = _POOL.setdefault(workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lmc-xp"))
+    return list(pool.map(fn, slices))
 
 
 def fft_module(xp: ModuleType) -> Any:
