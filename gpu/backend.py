@@ -74,6 +74,21 @@ def _workers() -> int:
 
 
 _POOL: dict[int, ThreadPoolExecutor] = {}
+_BLAS_LIMITED: list[bool] = []
+
+
+def limit_blas_threads() -> None:
+    """Make BLAS single-threaded in this process (once).
+
+    The engine's parallelism is explicit (:func:`map_chunks`, scipy.fft ``workers``); OpenBLAS's
+    own threads spin-wait between calls and took the cores from the chunk threads: the
+    per-particle stage ran 2.3x slower with them (benchmarks/local_speed.py, CPU-2).
+    """
+    if not _BLAS_LIMITED:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
+        _BLAS_LIMITED.append(True)
 
 
 def map_chunks(fn: Callable[[slice], T], n: int, chunk: int, xp: ModuleType = np) -> list[T]:
@@ -85,6 +100,8 @@ def map_chunks(fn: Callable[[slice], T], n: int, chunk: int, xp: ModuleType = np
     Results come back in chunk order. A call from inside a chunk runs serially (no nested pools).
     """
     slices = [slice(i, min(n, i + chunk)) for i in range(0, n, max(1, chunk))]
+    if not is_gpu(xp):
+        limit_blas_threads()
     workers = _workers()
     nested = threading.current_thread().name.startswith("lmc-xp")
     if is_gpu(xp) or workers < 2 or len(slices) < 2 or nested:

@@ -81,8 +81,14 @@ class BandSpectra:
     def subset(self, frame_positions: Any) -> BandSpectra:
         """The same spectra restricted to alignment frames ``frame_positions`` (indices into ``frames``)."""
         pos = np.asarray(frame_positions, dtype=np.int64)
+        steps = np.diff(pos)
+        if len(pos) and pos[0] >= 0 and (len(pos) == 1 or (steps[0] > 0 and np.all(steps == steps[0]))):
+            # evenly spaced frames (the even/odd folds): a strided view, no copy of the spectra
+            x = self.x[:, pos[0] : pos[-1] + 1 : int(steps[0]) if len(pos) > 1 else 1]
+        else:
+            x = self.x[:, self.xp.asarray(pos)]
         return BandSpectra(
-            x=self.x[:, self.xp.asarray(pos)],
+            x=x,
             kx=self.kx,
             ky=self.ky,
             weight=self.weight,
@@ -318,12 +324,23 @@ def _likelihood_weights(x: Any, q: Any, shell: np.ndarray, band: np.ndarray, xp:
 
 
 def shift_phases(spec: BandSpectra, d: Any) -> tuple[Any, Any]:
-    """(P, Fa, ny), (P, Fa, nx): ``exp(+2πi ky dy)``, ``exp(+2πi kx dx)`` for shifts d (P, Fa, 2) px."""
+    """(P, Fa, ny), (P, Fa, nx): ``exp(+2πi ky dy)``, ``exp(+2πi kx dx)`` for shifts d (P, Fa, 2) px.
+
+    Built from real cos/sin of the phase (vectorised for float32 on the CPU; a complex ``exp``
+    is several times slower there), in the precision of ``spec.x``.
+    """
     xp = spec.xp
-    two_pi_i = 2j * math.pi
-    ey = xp.exp(two_pi_i * d[..., 1, None] * spec.ky)
-    ex = xp.exp(two_pi_i * d[..., 0, None] * spec.kx)
-    return ey, ex
+    two_pi = 2.0 * math.pi
+    rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
+    d = xp.asarray(d, dtype=rdtype)
+
+    def unit(theta: Any) -> Any:
+        out = xp.empty(theta.shape, dtype=spec.x.dtype)
+        out.real = xp.cos(theta)
+        out.imag = xp.sin(theta)
+        return out
+
+    return unit(d[..., 1, None] * (two_pi * spec.ky)), unit(d[..., 0, None] * (two_pi * spec.kx))
 
 
 def _chunk(spec: BandSpectra) -> int:
@@ -338,38 +355,60 @@ def self_term(spec: BandSpectra) -> float:
     ``spec.self_power = None`` after changing ``spec.weight``)."""
     if spec.self_power is None:
         xp = spec.xp
-        spec.self_power = float(((xp.abs(spec.x) ** 2).sum(axis=1) * spec.weight).sum())
+
+        def run(sl: slice) -> float:
+            x = spec.x[sl]
+            return float(((x.real**2 + x.imag**2).sum(axis=1) * spec.weight).sum())
+
+        spec.self_power = sum(backend.map_chunks(run, spec.x.shape[0], _chunk(spec), xp))
     return spec.self_power
+
+
+def _aligned_chunk(spec: BandSpectra, d: Any, sl: slice) -> Any:
+    """(Pc, Fa, ny, nx) ``G_t`` of the particles ``sl`` (two in-place passes over one chunk)."""
+    ey, ex = shift_phases(spec, d[sl])
+    g = spec.x[sl] * ey[..., :, None]
+    g *= ex[..., None, :]
+    return g
+
+
+def _as_pairs(g: Any) -> Any:
+    """(..., ny, nx) complex -> (..., 2·ny·nx) real view, interleaved (re, im) per coefficient (no copy)."""
+    return g.reshape(*g.shape[:-2], -1).view(g.real.dtype)
 
 
 def data_term(spec: BandSpectra, d: Any, gradient: bool = True) -> tuple[float, Any]:
     """Log-likelihood ``Σ_p Σ_k w (|Σ_t G|² - Σ_t |G|²)`` and its gradient (P, Fa, 2) w.r.t. d (px).
 
     ``d``: (P, Fa, 2) local shifts for the frames of ``spec`` (array of ``spec.xp``). Computed in
-    particle chunks (:func:`_chunk`); the two gradient components come from one matrix product
-    of ``Im(conj(A) G)`` with the weighted frequency columns ``(w kx, w ky)``. Returns
-    (value: float, grad or None).
+    particle chunks (:func:`_chunk`, on all CPU threads via :func:`gpu.backend.map_chunks`). The
+    gradient ``-4π Σ_k w k Im(conj(A) G_t)`` with ``Im(conj(A) G) = Re A·Im G - Im A·Re G`` is one
+    batched matrix product of the (re, im)-interleaved view of ``G`` (P, Fa, 2K) with the
+    per-particle columns ``(-Im A·w k, Re A·w k)`` (P, 2K, 2): no product spectrum is formed.
+    Returns (value: float, grad or None).
     """
     xp = spec.xp
     p_count, fa, ny, nx = spec.x.shape
     rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
     d = xp.asarray(d, dtype=rdtype)
-    w = spec.weight
-    kk = xp.stack([(w * spec.kx[None, :]).ravel(), (w * spec.ky[:, None]).ravel()], axis=1).astype(rdtype)
-    chunk = _chunk(spec)
-    value = 0.0
+    w = spec.weight.astype(rdtype)
+    wk = xp.stack([(w * spec.kx[None, :]).ravel(), (w * spec.ky[:, None]).ravel()], axis=1).astype(rdtype)  # (K, 2)
     grad = xp.empty((p_count, fa, 2), dtype=rdtype) if gradient else None
-    for start in range(0, p_count, chunk):
-        sl = slice(start, min(p_count, start + chunk))
-        ey, ex = shift_phases(spec, d[sl])
-        g = spec.x[sl] * ey[..., :, None].astype(spec.x.dtype)
-        g *= ex[..., None, :].astype(spec.x.dtype)
+
+    def run(sl: slice) -> float:
+        g = _aligned_chunk(spec, d, sl)
         a = g.sum(axis=1)
-        value += float(((a.real**2 + a.imag**2) * w).sum())
+        value = float(((a.real**2 + a.imag**2) * w).sum())
         if gradient:
-            g *= xp.conj(a)[:, None]
-            im = xp.ascontiguousarray(g.imag).reshape(-1, ny * nx)
-            grad[sl] = (im @ kk).reshape(-1, fa, 2) * (-4.0 * math.pi)
+            ar = a.real.reshape(-1, ny * nx, 1)
+            ai = a.imag.reshape(-1, ny * nx, 1)
+            cols = xp.empty((ar.shape[0], ny * nx, 2, 2), dtype=rdtype)  # (Pc, K, re|im slot, x|y)
+            cols[:, :, 0] = -ai * wk
+            cols[:, :, 1] = ar * wk
+            grad[sl] = xp.matmul(_as_pairs(g), cols.reshape(ar.shape[0], 2 * ny * nx, 2)) * (-4.0 * math.pi)
+        return value
+
+    value = sum(backend.map_chunks(run, p_count, _chunk(spec), xp))
     return value - self_term(spec), grad
 
 
@@ -380,20 +419,63 @@ def per_particle_term(spec: BandSpectra, d: Any) -> Any:
     rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
     d = xp.asarray(d, dtype=rdtype)
     out = xp.empty((p_count,), dtype=xp.float64)
-    chunk = _chunk(spec)
-    for start in range(0, p_count, chunk):
-        sl = slice(start, min(p_count, start + chunk))
-        ey, ex = shift_phases(spec, d[sl])
-        g = spec.x[sl] * ey[..., :, None].astype(spec.x.dtype) * ex[..., None, :].astype(spec.x.dtype)
+
+    def run(sl: slice) -> None:
+        g = _aligned_chunk(spec, d, sl)
         a = g.sum(axis=1)
+        # |G_t|² = |X_t|²: the self term does not depend on the shifts
         self_p = (g.real**2 + g.imag**2).sum(axis=1)
         out[sl] = ((a.real**2 + a.imag**2 - self_p) * spec.weight).sum(axis=(-2, -1))
+
+    backend.map_chunks(run, p_count, _chunk(spec), xp)
+    return out
+
+
+def curvature(spec: BandSpectra) -> Any:
+    """(P, Fa) ``h_t = -∂² log L / ∂d_t²`` (x and y averaged) at d = 0, clipped at 0.
+
+    With ``R_t = A - G_t`` (the sum of the other frames): ``∂² log L/∂d_{t,x}² = -8π² Σ_k w kx²
+    Re(conj(R_t) G_t)``, so ``h_t = 4π² Σ_k w (kx² + ky²) Re(conj(R_t) X_t)``: how sharply frame t
+    of a particle is pinned by the others. Used to precondition the fit (:mod:`gpu.local`).
+    """
+    xp = spec.xp
+    p_count = spec.x.shape[0]
+    rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
+    wk2 = (spec.weight * (spec.kx[None, :] ** 2 + spec.ky[:, None] ** 2)).astype(rdtype)
+    out = xp.empty(spec.x.shape[:2], dtype=rdtype)
+
+    def run(sl: slice) -> None:
+        g = spec.x[sl]
+        a = g.sum(axis=1, keepdims=True)
+        cross = (a.real * g.real + a.imag * g.imag) - (g.real**2 + g.imag**2)
+        out[sl] = (cross * wk2).sum(axis=(-2, -1)) * (4.0 * math.pi**2)
+
+    backend.map_chunks(run, p_count, _chunk(spec), xp)
+    return xp.maximum(out, 0)
+
+
+def aligned_sums(spec: BandSpectra, d: Any, groups: list[Any]) -> list[Any]:
+    """``[Σ_{t in group} G_t]``: (P, ny, nx) sums of the aligned spectra over each group of frame positions.
+
+    ``d``: (P, Fa, 2) shifts; ``groups``: index arrays into ``spec.frames``. Chunked over particles
+    (never the whole aligned (P, Fa, ny, nx) array at once).
+    """
+    xp = spec.xp
+    p_count, _, ny, nx = spec.x.shape
+    rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
+    d = xp.asarray(d, dtype=rdtype)
+    idx = [xp.asarray(np.asarray(g, dtype=np.int64)) for g in groups]
+    out = [xp.empty((p_count, ny, nx), dtype=spec.x.dtype) for _ in groups]
+
+    def run(sl: slice) -> None:
+        g = _aligned_chunk(spec, d, sl)
+        for o, i in zip(out, idx, strict=True):
+            o[sl] = g[:, i].sum(axis=1)
+
+    backend.map_chunks(run, p_count, _chunk(spec), xp)
     return out
 
 
 def aligned_spectra(spec: BandSpectra, d: Any) -> Any:
     """(P, Fa, ny, nx) ``G_t = X_t exp(+2πi k·d_t)``: the band spectra aligned by local shifts d (P, Fa, 2)."""
-    xp = spec.xp
-    rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
-    ey, ex = shift_phases(spec, xp.asarray(d, dtype=rdtype))
-    return spec.x * ey[..., :, None].astype(spec.x.dtype) * ex[..., None, :].astype(spec.x.dtype)
+    return _aligned_chunk(spec, d, slice(None))

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from gpu import backend
-from gpu.local_model import BandSpectra, aligned_spectra
+from gpu.local_model import BandSpectra, aligned_sums
 
 
 def shell_frc(a: Any, b: Any, shell: np.ndarray, band: np.ndarray) -> np.ndarray:
@@ -58,10 +58,7 @@ def shell_frc(a: Any, b: Any, shell: np.ndarray, band: np.ndarray) -> np.ndarray
 def split_frc(spec: BandSpectra, d: np.ndarray, set_a: Any, set_b: Any) -> float:
     """Band-averaged FRC between the sums of frames ``set_a`` and ``set_b`` (positions in
     ``spec.frames``) after aligning by local shifts d (P, F, 2) px (movie frames)."""
-    xp = spec.xp
-    g = aligned_spectra(spec, xp.asarray(d[:, spec.frames]))
-    a = g[:, xp.asarray(np.asarray(set_a))].sum(axis=1)
-    b = g[:, xp.asarray(np.asarray(set_b))].sum(axis=1)
+    a, b = aligned_sums(spec, spec.xp.asarray(d[:, spec.frames]), [set_a, set_b])
     return float(np.nanmean(shell_frc(a, b, spec.shell, spec.band)))
 
 
