@@ -70,6 +70,8 @@ def set_threads(n: int) -> None:
 
 
 def _workers() -> int:
+    if threading.current_thread().name.startswith("lmc-xp"):
+        return 1  # inside a map_chunks chunk: the chunks already use every thread
     return _THREADS["n"] or (os.cpu_count() or 1)
 
 

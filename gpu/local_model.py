@@ -43,6 +43,7 @@ from gpu.dose import dose_weights
 
 # particles per FFT chunk and elements per data-term chunk: bound the temporary memory
 _FFT_CHUNK_BYTES = 256 * 2**20
+_CPU_FFT_CHUNK_BYTES = 32 * 2**20  # per thread: chunks run concurrently on the CPU
 _TERM_CHUNK_ELEMS = 8 * 2**20
 _CPU_CHUNK_ELEMS = 2**18
 
@@ -163,7 +164,9 @@ class _BandTransform:
         xp = self.xp
         pt = xp.asarray(patches, dtype=self.rdtype)
         mean = (pt * self.mask).sum(axis=(-2, -1), keepdims=True) / self.msum
-        spec = backend.rfft2((pt - mean) * self.mask)[..., self.iy, : self.n + 1].astype(self.cdtype)
+        # rows first, then column transforms of the n+1 band columns only (the rest is never used)
+        cols = backend.rfft((pt - mean) * self.mask, axis=-1)[..., : self.n + 1]
+        spec = backend.fft(cols, axis=-2, overwrite_x=True)[..., self.iy, :].astype(self.cdtype, copy=False)
         # the known sub-pixel remainder: shift content by -r
         r = xp.asarray(remainders, dtype=self.rdtype)
         spec *= xp.exp(2j * math.pi * self.ky[None, None, :, None] * r[..., 1, None, None]).astype(self.cdtype)
@@ -280,11 +283,14 @@ def _band_spectra(
     fidx = _check_frames(n_frames, first_frame, last_frame)
     tr = _BandTransform(box, n_frames, fidx, apix, dose_per_frame, pre_exposure, kv, band_low, band_high, xp, dtype)
     out = xp.empty((p_count, len(fidx), 2 * tr.n + 1, tr.n + 1), dtype=tr.cdtype)
-    chunk = max(1, _FFT_CHUNK_BYTES // max(len(fidx) * box * box * 8, 1))
+    budget = _FFT_CHUNK_BYTES if backend.is_gpu(xp) else _CPU_FFT_CHUNK_BYTES
+    chunk = max(1, budget // max(len(fidx) * box * box * 8, 1))
     fsel = slice(int(fidx[0]), int(fidx[-1]) + 1)
-    for start in range(0, p_count, chunk):
-        sl = slice(start, min(p_count, start + chunk))
+
+    def run(sl: slice) -> None:
         out[sl] = tr(*chunk_input(sl, fsel))
+
+    backend.map_chunks(run, p_count, chunk, xp)
     return tr.finish(out, n_frames, apix, bfactor)
 
 
