@@ -119,7 +119,7 @@ class Config:
     # compute
     device: str = _f("auto", "auto|cpu|gpu: use CuPy when a GPU is present (auto) or always/never", ("auto", "cpu", "gpu"), processing=False)
     workers: int = _f(0, "worker processes; 0 = one per GPU, or 1 on CPU", processing=False)
-    threads: int = _f(0, "CPU threads per worker for FFTs and decoding; 0 = all cores / workers", processing=False)
+    threads: int = _f(0, "CPU threads per worker (FFTs, decoding, chunked array work); 0 = all cores / workers", processing=False)
     gpus: str = _f("auto", "GPUs to use: auto, or a list like 0,1", processing=False)
     # live
     poll: float = _f(5.0, "seconds between full rescans of the input folders (always on: network mounts miss events)", processing=False)
