@@ -2,6 +2,7 @@
 
     python benchmarks/k3_movie.py [--format tiff|mrc|eer] [--frames 40] [--particles 300]
                                   [--box 256] [--fcrop-box 128] [--device cpu|gpu] [--no-local]
+                                  [--repeat N | --worker N] [--shape H W]
 
 Writes a synthetic movie (Poisson counts at 1 e/Å²/frame, 0.83 Å/px, K3 5760x4092; EER:
 Falcon 4096², 5 raw pages per frame), a gain reference and a STAR of random picks into
@@ -13,12 +14,21 @@ Falcon 4096², 5 raw pages per frame), a gain reference and a STAR of random pic
   its per-stage seconds and peak RSS.
 
 The ratio end-to-end / I/O floor is the machine-independent figure (issue: within 5x on CPU).
+
+``--worker N`` replaces the whole-job process by a worker's steady state: N hard links of the
+movie (each with its own pick file) go through the real ``streamer.worker.PipelineHandler`` in
+one process exactly as ``Worker._compute`` drives it (prefetch of movie i+1 issued, then movie i
+processed and its result message encoded), so decoding the next movie overlaps the current one.
+Reported: seconds per movie between completions after the first (steady state), its ratio to the
+I/O floor of the same run (decode child with at least 2 reads, the last reported), per-stage means
+and peak RSS. ``--shape H W`` overrides the frame size (tests use a tiny one).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -34,18 +44,22 @@ APIX = 0.83
 REPEAT = {"n": 1}  # --repeat: movies per measuring process (the last one is reported)
 
 
-def make_data(work: Path, fmt: str, frames: int, particles: int, seed: int = 0) -> tuple[Path, Path, Path]:
-    """Movie, gain and picks (cached by parameters)."""
+def make_data(
+    work: Path, fmt: str, frames: int, particles: int, seed: int = 0, shape: tuple[int, int] | None = None
+) -> tuple[Path, Path, Path]:
+    """Movie, gain and picks (cached by parameters). ``shape`` (h, w): default K3, or Falcon for EER."""
     import mrcfile
     import tifffile
 
     from streamer.picks import write_star_coords
 
-    shape = FALCON if fmt == "eer" else K3
-    tag = f"{fmt}_{frames}f"
+    default = FALCON if fmt == "eer" else K3
+    shape = tuple(shape) if shape else default
+    size = "" if shape == default else f"_{shape[0]}x{shape[1]}"
+    tag = f"{fmt}_{frames}f{size}"
     movie = work / {"tiff": f"k3_{tag}.tiff", "mrc": f"k3_{tag}.mrc", "eer": f"falcon_{tag}.eer"}[fmt]
-    gain = work / ("falcon.gain" if fmt == "eer" else "k3_gain.mrc")
-    picks = work / f"picks_{fmt}_{particles}" / (movie.name.split(".")[0] + ".star")
+    gain = work / (f"falcon{size}.gain" if fmt == "eer" else f"k3_gain{size}.mrc")
+    picks = work / f"picks_{fmt}_{particles}{size}" / (movie.name.split(".")[0] + ".star")
     rng = np.random.default_rng(seed)
     lam = APIX * APIX * 1.0  # e/px/frame at 1 e/Å²/frame
     if not movie.exists():
@@ -79,8 +93,9 @@ def make_data(work: Path, fmt: str, frames: int, particles: int, seed: int = 0) 
     if not picks.exists():
         picks.parent.mkdir(parents=True, exist_ok=True)
         h, w = shape
-        x = rng.uniform(200, w - 200, particles)
-        y = rng.uniform(200, h - 200, particles)
+        margin = min(200, min(h, w) // 4)  # 200 px on the K3 and Falcon frames, as the cached picks
+        x = rng.uniform(margin, w - margin, particles)
+        y = rng.uniform(margin, h - margin, particles)
         write_star_coords(picks, x, y)
     return movie, gain, picks
 
@@ -93,6 +108,11 @@ def _peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def stage_decode(movie: Path, cfg_json: str) -> dict:
@@ -138,10 +158,78 @@ def stage_pipeline(movie: Path, cfg_json: str) -> dict:
     }
 
 
-def _child(stage: str, movie: Path, cfg: dict) -> dict:
+def link_movies(movie: Path, picks: Path, folder: Path, n: int) -> Path:
+    """``n`` hard links (copies where links fail) of ``movie`` in ``folder/movies``, each with a copy
+    of ``picks`` under its own stem in ``folder/picks``; returns ``folder``. Existing names are kept."""
+    (folder / "movies").mkdir(parents=True, exist_ok=True)
+    (folder / "picks").mkdir(parents=True, exist_ok=True)
+    stem, ext = movie.name.split(".", 1)
+    for i in range(n):
+        name = f"{stem}_w{i:03d}"
+        dst = folder / "movies" / f"{name}.{ext}"
+        if not dst.exists():
+            try:
+                os.link(movie, dst)
+            except OSError:  # another filesystem: a copy reads the same from the page cache
+                shutil.copyfile(movie, dst)
+        shutil.copyfile(picks, folder / "picks" / f"{name}.star")
+    return folder
+
+
+def stage_worker(folder: Path, cfg_json: str) -> dict:
+    """The movies of ``folder/movies`` through one PipelineHandler, driven as ``Worker._compute`` does."""
+    from streamer import config as c
+    from streamer import protocol
+    from streamer.movies import is_movie
+    from streamer.worker import PipelineHandler
+
+    cfg = c.from_dict(json.loads(cfg_json))
+    movies = sorted(str(p) for p in (folder / "movies").iterdir() if is_movie(p))
+    remote = cfg.to_dict()  # what the dispatcher sends; the handler applies the local compute fields
+    jobs = [{"job_id": f"j{i}", "movie": m, "picks": None, "config": remote, "float16": cfg.float16}
+            for i, m in enumerate(movies)]
+    handler = PipelineHandler(c.Config().with_(device=cfg.device, threads=cfg.threads))
+    done: list[float] = []
+    per_movie: list[dict[str, float]] = []
+    cpu: list[float] = []
+    t_start = time.perf_counter()
+    for i, job in enumerate(jobs):
+        if i + 1 < len(jobs):  # the worker asks for the next queued job's decode before running this one
+            handler.prefetch(jobs[i + 1])
+        t0 = time.perf_counter()
+        result = handler(job)
+        t1 = time.perf_counter()
+        msg = protocol.encode_result(job["job_id"], result, float16=bool(job["float16"]))
+        done.append(time.perf_counter())
+        cpu.append(_cpu_s())
+        stages = {k.removeprefix("seconds_"): v for k, v in result.stats.items() if k.startswith("seconds_")}
+        # handler time not inside process_movie's stages = waiting for the prefetched decode
+        stages["wait_prefetch"] = max(0.0, (t1 - t0) - sum(stages.values()))
+        stages["encode"] = done[-1] - t1
+        per_movie.append(stages)
+        n_particles = result.n
+        del msg, result  # as the worker: nothing of this movie is held while the next one runs
+    steady = per_movie[1:] or per_movie
+    keys = list(dict.fromkeys(k for st in steady for k in st))
+    mean = {k: sum(st.get(k, 0.0) for st in steady) / len(steady) for k in keys}
+    return {
+        "movies": len(jobs),
+        "prefetched": handler.prefetch_hits,
+        "first_s": done[0] - t_start,
+        "steady_s": (done[-1] - done[0]) / (len(done) - 1) if len(done) > 1 else done[0] - t_start,
+        "completions_s": [round(t - t_start, 3) for t in done],
+        # CPU seconds of the process per movie (all threads): less sensitive than wall to other jobs
+        "steady_cpu_s": (cpu[-1] - cpu[0]) / (len(cpu) - 1) if len(cpu) > 1 else cpu[0],
+        "stages": mean,
+        "particles": int(n_particles),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _child(stage: str, movie: Path, cfg: dict, repeat: int | None = None) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--_stage", stage, "--_movie", str(movie), "--_cfg", json.dumps(cfg),
-         "--repeat", str(REPEAT["n"])],
+         "--repeat", str(repeat or REPEAT["n"])],
         capture_output=True,
         text=True,
         check=False,
@@ -164,22 +252,29 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="process the movie this many times per measuring process and report the last "
                          "(a worker's steady state: buffers and gain cached, pages already mapped)")
+    ap.add_argument("--worker", type=int, default=0, metavar="N",
+                    help="a worker's steady state instead: N movies (hard links) through the real "
+                         "PipelineHandler with the next movie decoded ahead (N >= 2)")
+    ap.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"), default=None,
+                    help="frame size instead of K3 (Falcon 4096x4096 for EER); for quick checks")
     ap.add_argument("--_stage")
     ap.add_argument("--_movie")
     ap.add_argument("--_cfg")
     ns = ap.parse_args()
     REPEAT["n"] = max(1, ns.repeat)
     if ns._stage:
-        fn = stage_decode if ns._stage == "decode" else stage_pipeline
+        fn = {"decode": stage_decode, "pipeline": stage_pipeline, "worker": stage_worker}[ns._stage]
         print(json.dumps(fn(Path(ns._movie), ns._cfg)))
         return
+    if ns.worker == 1 or ns.worker < 0:
+        ap.error("--worker N needs N >= 2 (the first movie is not part of the steady state)")
 
     work = Path(ns.workdir)
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    movie, gain, picks = make_data(work, ns.format, ns.frames, ns.particles)
+    movie, gain, picks = make_data(work, ns.format, ns.frames, ns.particles, shape=ns.shape)
     print(f"data ready in {time.perf_counter() - t:.1f} s: {movie} ({movie.stat().st_size / 2**20:.0f} MiB)")
-    out = work / f"out_{ns.format}"
+    out = work / f"out_{ns.format}{'_worker' if ns.worker else ''}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = {
         "out": str(out),
@@ -192,6 +287,9 @@ def main() -> None:
         "local": {"enabled": not ns.no_local},
         "eer": {"fractions": ns.frames},
     }
+    if ns.worker:
+        run_worker(ns, movie, picks, cfg, work)
+        return
     dec = _child("decode", movie, cfg)
     run = _child("pipeline", movie, cfg)
     f, h, w = dec["frames_shape"]
@@ -209,6 +307,35 @@ def main() -> None:
     print(f"peak RSS {run['peak_rss_mb']:.0f} MiB = {run['peak_rss_mb'] / movie_f32_mb:.2f}x the float32 movie "
           f"({movie_f32_mb:.0f} MiB)")
     print(json.dumps({"format": ns.format, "decode": dec, "pipeline": run}))
+
+
+def run_worker(ns: argparse.Namespace, movie: Path, picks: Path, cfg: dict, work: Path) -> None:
+    """``--worker N``: the I/O floor (steady-state read) and N movies through one PipelineHandler."""
+    folder = link_movies(movie, picks, work / f"worker_{movie.name.split('.')[0]}", ns.worker)
+    for extra in sorted((folder / "movies").iterdir())[ns.worker :]:  # left by an earlier, larger N
+        extra.unlink()
+    cfg = {**cfg, "picks": {"dir": str(folder / "picks")}}
+    dec = _child("decode", movie, cfg, repeat=max(2, ns.repeat))
+    run = _child("worker", folder, cfg)
+    f, h, w = dec["frames_shape"]
+    movie_f32_mb = f * h * w * 4 / 2**20
+    floor = dec["decode_s"]
+    print(f"\n{ns.format} movie {w}x{h}x{f}, {run['particles']} particles, box {ns.box} -> {ns.fcrop_box}, "
+          f"device {ns.device}, local {'off' if ns.no_local else 'on'}; worker mode: {run['movies']} movies, "
+          f"{run['prefetched']} decoded ahead")
+    print(f"I/O floor (read + decode, read {max(2, ns.repeat)} of a process): {floor:.2f} s")
+    print(f"worker steady state: {run['steady_s']:.2f} s per movie  ({run['steady_s'] / floor:.1f}x the I/O floor), "
+          f"{3600 / run['steady_s']:.0f} movies/hour")
+    print(f"CPU time of the worker process: {run['steady_cpu_s']:.2f} s per movie (all threads; "
+          f"{run['steady_cpu_s'] / run['steady_s']:.2f} cores busy on average)")
+    print(f"first movie (fresh process, decoded in line): {run['first_s']:.2f} s; "
+          f"completions at {', '.join(f'{t:.1f}' for t in run['completions_s'])} s")
+    print("mean per stage over movies 2..N (decode ~0 when the prefetch finished in time):")
+    for k, v in run["stages"].items():
+        print(f"  {k:<14} {v:7.2f} s")
+    print(f"peak RSS {run['peak_rss_mb']:.0f} MiB = {run['peak_rss_mb'] / movie_f32_mb:.2f}x the float32 movie "
+          f"({movie_f32_mb:.0f} MiB)")
+    print(json.dumps({"format": ns.format, "decode": dec, "worker": run}))
 
 
 if __name__ == "__main__":

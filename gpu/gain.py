@@ -7,6 +7,7 @@ Convention (gpu/__init__): the gain is oriented first (``rotate`` quarter turns 
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -42,19 +43,33 @@ def gain_multiplier(gain: Any, mode: str) -> Any:
 
 
 def apply_gain(
-    frames: Any, multiplier: Any | None, out_dtype: Any = np.float32, chunk: int = 4, out: Any | None = None
+    frames: Any,
+    multiplier: Any | None,
+    out_dtype: Any = np.float32,
+    chunk: int = 4,
+    out: Any | None = None,
+    xp: ModuleType | None = None,
 ) -> Any:
     """``frames (F, h, w)`` of any dtype times ``multiplier (h, w)`` (or just cast when None).
 
-    Returns ``(F, h, w)`` of ``out_dtype`` (into ``out`` when given: a C-contiguous array of that
-    shape and dtype, e.g. a buffer reused between movies so its pages are not faulted in again).
-    On the CPU the cast and the product run one block of rows at a time, so the float32 block is
-    still in cache when it is multiplied (one pass over the output); on the GPU ``chunk`` frames
-    at a time. Either way an 8-bit movie never has a second full-size temporary besides the
-    output. When ``multiplier`` is None, ``out`` is None and the frames already have
-    ``out_dtype``, the input itself is returned (no copy).
+    Returns ``(F, h, w)`` of ``out_dtype`` on ``xp``'s device (default: where ``frames`` are), into
+    ``out`` when given (a C-contiguous array of that shape and dtype, e.g. a buffer reused between
+    movies so its pages are not faulted in again). ``multiplier`` may be a host or device array.
+
+    * CPU (``xp`` numpy): the cast and the product run one block of rows at a time, so the float32
+      block is still in cache when it is multiplied (one pass over the output).
+    * GPU (``xp`` cupy): ``chunk`` frames at a time; host ``frames`` are uploaded chunk by chunk,
+      so the device holds the float32 output plus one raw chunk, never the whole raw movie
+      (peak device bytes = F·h·w·4 + chunk·h·w·raw itemsize + h·w·4).
+
+    Either way an 8-bit movie never has a second full-size temporary besides the output. When
+    ``multiplier`` is None, ``out`` is None and the frames already have ``out_dtype`` on ``xp``,
+    the input itself is returned (no copy).
     """
-    xp = array_module(frames)
+    src = array_module(frames)
+    xp = xp or src
+    if src is not np and xp is np:
+        raise ValueError("gpu/gain.py: frames are on the device but xp is numpy (download them first)")
     if frames.ndim != 3:
         raise ValueError(f"gpu/gain.py: frames must be (F, h, w), got shape {tuple(frames.shape)}")
     if multiplier is not None and tuple(multiplier.shape) != tuple(frames.shape[-2:]):
@@ -64,11 +79,14 @@ def apply_gain(
         )
     dt = xp.dtype(out_dtype)
     if out is None:
-        if multiplier is None and frames.dtype == dt:
+        if multiplier is None and frames.dtype == dt and src is xp:
             return frames
         out = xp.empty(frames.shape, dtype=dt)
-    elif tuple(out.shape) != tuple(frames.shape) or out.dtype != dt:
-        raise ValueError(f"gpu/gain.py: out is {tuple(out.shape)} {out.dtype}, need {tuple(frames.shape)} {dt}")
+    elif tuple(out.shape) != tuple(frames.shape) or out.dtype != dt or array_module(out) is not xp:
+        raise ValueError(
+            f"gpu/gain.py: out is {tuple(out.shape)} {out.dtype} ({array_module(out).__name__}), "
+            f"need {tuple(frames.shape)} {dt} ({xp.__name__})"
+        )
     m = None if multiplier is None else xp.asarray(multiplier, dtype=dt)
     if xp is np:
         n_f, h, w = frames.shape
@@ -80,11 +98,22 @@ def apply_gain(
                 if m is not None:
                     o *= m[r : r + rows]
         return out
-    for i in range(0, frames.shape[0], chunk):
+    return _gain_by_frame_chunks(frames, m, out, chunk, xp)
+
+
+def _gain_by_frame_chunks(frames: Any, m: Any | None, out: Any, chunk: int, xp: ModuleType) -> Any:
+    """``out[i:i+chunk] = frames[i:i+chunk] * m`` (cast to ``out.dtype``) for each chunk of frames.
+
+    ``xp.asarray`` of a chunk uploads it when ``frames`` live on the host (a no-op for device
+    frames), so only one raw chunk is on the device at a time. Runs as is with ``xp`` = numpy.
+    """
+    for i in range(0, frames.shape[0], max(1, chunk)):
+        raw = xp.asarray(frames[i : i + chunk])
         if m is None:
-            out[i : i + chunk] = frames[i : i + chunk]
+            out[i : i + chunk] = raw
         else:
-            xp.multiply(frames[i : i + chunk], m, out=out[i : i + chunk], dtype=dt, casting="unsafe")
+            xp.multiply(raw, m, out=out[i : i + chunk], dtype=out.dtype, casting="unsafe")
+        del raw  # freed before the next upload, else two raw chunks are live at the assignment
     return out
 
 

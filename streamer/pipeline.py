@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -96,11 +97,16 @@ def process_movie(
     gain: np.ndarray | None = None,
     write_sidecars: bool = True,
     preloaded: Any = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> MovieResult:
     """Process one movie end to end (see module docstring). Raises MovieError/PicksError/GainError.
 
     ``preloaded``: the movie already read by ``streamer.movies.read_movie`` (a worker decodes the
-    next movie ahead while the current one is processed).
+    next movie ahead while the current one is processed). Its raw frames are released (replaced
+    by an empty array) once the gain is applied, so the caller's reference does not keep the raw
+    movie alive through the later stages next to the float32 one and the next movie's decode.
+    ``on_stage(name)`` is called as each stage ends (decode, gain, motion, picks, local, extract,
+    micrograph), e.g. to read memory per stage (benchmarks/device_memory.py).
     """
     from gpu.extract import boxes_inside, extract_particles
     from gpu.gain import apply_gain, hot_pixel_mask, replace_pixels
@@ -121,7 +127,9 @@ def process_movie(
             xp.cuda.Stream.null.synchronize()
         now = time.perf_counter()
         timings[f"seconds_{name}"] = round(now - tick, 4)
-        tick = now
+        if on_stage is not None:
+            on_stage(name)
+        tick = time.perf_counter()  # the callback's own time is not charged to the next stage
 
     mov = preloaded if preloaded is not None else read_movie(movie, cfg.eer, threads=cfg.threads)
     warnings.extend(mov.warnings)  # includes the EER leftover-frames note from the reader
@@ -134,11 +142,13 @@ def process_movie(
 
     multiplier = gain if gain is not None else load_gain(cfg, (h, w), u)
     buffer = None if backend.is_gpu(xp) else _take_frame_buffer(mov.frames.shape)
-    frames = apply_gain(
-        xp.asarray(mov.frames), None if multiplier is None else xp.asarray(multiplier), out=buffer
-    )
+    # host frames in: on the GPU apply_gain uploads a few raw frames at a time into the float32
+    # device movie, so the raw movie never sits on the device next to it
+    frames = apply_gain(mov.frames, multiplier, out=buffer, xp=xp)
     reusable = not backend.is_gpu(xp) and frames is not mov.frames
-    del mov
+    if preloaded is not None and frames is not mov.frames:
+        mov.frames = np.empty((0, h, w), mov.frames.dtype)
+    del mov, preloaded
     bad = None
     if cfg.gain.hot_pixel_sigma > 0:
         bad = hot_pixel_mask(frames.sum(axis=0), cfg.gain.hot_pixel_sigma)

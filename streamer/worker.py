@@ -65,9 +65,12 @@ class PipelineHandler:
 
     ``prefetch(job)`` starts reading and decoding the next movie in a background thread while the
     current one is processed (decode is CPU work — LZW, EER, bz2 — that overlaps the GPU stages);
-    the decoded frames are handed to ``process_movie`` when that job comes. At most one movie is
-    held ahead, so a worker's memory is one movie being processed plus one compressed-size
-    (native dtype) movie decoded ahead.
+    the decoded frames are handed to ``process_movie`` when that job comes. The worker calls
+    ``prefetch(next job)`` right before ``handler(current job)``, so the current job's own decode
+    (prefetched during the previous job) must survive that call: ``_ahead`` keeps the current
+    job's entry and the newest prefetch; any other entry is stale (its job was cancelled or
+    reordered) and is dropped. A worker therefore holds the movie being processed plus one
+    native-dtype movie decoded ahead. ``prefetch_hits`` counts jobs that got their frames ahead.
     """
 
     def __init__(self, local: Config | None = None) -> None:
@@ -77,7 +80,8 @@ class PipelineHandler:
         self._cfgs: dict[str, Config] = {}
         self._xp: Any = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmc-prefetch")
-        self._ahead: tuple[str, Any] | None = None  # (movie, Future[Movie])
+        self._ahead: dict[str, Any] = {}  # movie -> Future[Movie], oldest first
+        self.prefetch_hits = 0
 
     def _config(self, job: dict[str, Any]) -> Config:
         key = json.dumps(job["config"], sort_keys=True)
@@ -90,10 +94,14 @@ class PipelineHandler:
     def prefetch(self, job: dict[str, Any]) -> None:
         from streamer.movies import read_movie
 
-        if self._ahead is not None and self._ahead[0] == job["movie"]:
+        movie = job["movie"]
+        if movie in self._ahead:
             return
         cfg = self._config(job)
-        self._ahead = (job["movie"], self._pool.submit(read_movie, job["movie"], cfg.eer, cfg.threads))
+        # at most two: the job about to run (decoded during the previous one) and this one
+        while len(self._ahead) >= 2:
+            self._ahead.pop(next(iter(self._ahead))).cancel()
+        self._ahead[movie] = self._pool.submit(read_movie, movie, cfg.eer, cfg.threads)
 
     def __call__(self, job: dict[str, Any]) -> MovieResult:
         from gpu.backend import get_xp
@@ -102,14 +110,14 @@ class PipelineHandler:
         cfg = self._config(job)
         if self._xp is None:
             self._xp = get_xp(cfg.device)
+        future = self._ahead.pop(job["movie"], None)
+        newest = next(reversed(self._ahead), None)
+        for movie in [m for m in self._ahead if m != newest]:  # stale: only the next job's decode is kept
+            self._ahead.pop(movie).cancel()
         preloaded = None
-        if self._ahead is not None:
-            movie, future = self._ahead
-            self._ahead = None
-            if movie == job["movie"]:
-                preloaded = future.result()  # a MovieError raised while decoding surfaces here
-            else:
-                future.cancel()
+        if future is not None:
+            preloaded = future.result()  # a MovieError raised while decoding surfaces here
+            self.prefetch_hits += 1
         return process_movie(cfg, job["movie"], job.get("picks"), xp=self._xp, preloaded=preloaded)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu.gain import apply_gain, gain_multiplier, hot_pixel_mask, orient_gain, replace_pixels
+from gpu.gain import _gain_by_frame_chunks, apply_gain, gain_multiplier, hot_pixel_mask, orient_gain, replace_pixels
 
 
 def test_orient_gain_rotates_ccw_then_flips():
@@ -34,6 +34,47 @@ def test_apply_gain_casts_and_multiplies_in_chunks():
     assert apply_gain(already, None) is already
     with pytest.raises(ValueError, match=r"^gpu/gain.py: gain of shape \(40, 30\)"):
         apply_gain(frames, gain.T)
+
+
+def test_apply_gain_with_explicit_xp_and_the_frame_chunk_loop():
+    rng = np.random.default_rng(6)
+    frames = rng.integers(0, 9, size=(9, 24, 35)).astype(np.uint8)
+    gain = rng.uniform(0.8, 1.2, size=(24, 35)).astype(np.float32)
+    expected = frames.astype(np.float32) * gain  # independent: one whole-array cast and product
+    np.testing.assert_array_equal(apply_gain(frames, gain, xp=np), expected)
+    buf = np.full(frames.shape, np.nan, np.float32)
+    assert apply_gain(frames, gain, out=buf, xp=np) is buf
+    np.testing.assert_array_equal(buf, expected)
+    # the GPU loop (host chunks uploaded one at a time) run with numpy: chunk 4 leaves a last chunk of 1
+    for chunk in (1, 4, 9, 20):
+        got = _gain_by_frame_chunks(frames, gain, np.full(frames.shape, np.nan, np.float32), chunk, np)
+        np.testing.assert_array_equal(got, expected)
+    got = _gain_by_frame_chunks(frames, None, np.full(frames.shape, np.nan, np.float32), 4, np)
+    np.testing.assert_array_equal(got, frames.astype(np.float32))
+    with pytest.raises(ValueError, match=r"^gpu/gain.py: out is \(9, 24, 35\) float64"):
+        apply_gain(frames, gain, out=np.empty(frames.shape), xp=np)
+
+
+@pytest.mark.gpu
+def test_apply_gain_uploads_host_frames_in_chunks_on_the_device():
+    cp = pytest.importorskip("cupy")
+    rng = np.random.default_rng(7)
+    frames = rng.integers(0, 9, size=(9, 64, 80)).astype(np.uint8)
+    gain = rng.uniform(0.8, 1.2, size=(64, 80)).astype(np.float32)
+    whole = apply_gain(cp.asarray(frames), cp.asarray(gain))  # the whole raw movie on the device
+    for chunk in (1, 4, 9):
+        got = apply_gain(frames, gain, chunk=chunk, xp=cp)
+        assert isinstance(got, cp.ndarray) and got.dtype == cp.float32
+        assert bool((got == whole).all())
+    np.testing.assert_array_equal(cp.asnumpy(whole), apply_gain(frames, gain))
+    buf = cp.empty(frames.shape, cp.float32)
+    assert apply_gain(frames, gain, out=buf, xp=cp) is buf and bool((buf == whole).all())
+    f32 = frames.astype(np.float32)
+    up = apply_gain(f32, None, xp=cp)  # host float32, no gain: still lands on the device
+    assert isinstance(up, cp.ndarray)
+    np.testing.assert_array_equal(cp.asnumpy(up), f32)
+    with pytest.raises(ValueError, match=r"^gpu/gain\.py: frames are on the device"):
+        apply_gain(cp.asarray(frames), gain, xp=np)
 
 
 @pytest.mark.parametrize("lam,shape", [(40.0, (4092, 5760)), (0.5, (2048, 2048))])
