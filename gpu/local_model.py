@@ -104,6 +104,18 @@ class BandSpectra:
         )
 
 
+def auto_binning(box: int, n: int) -> int:
+    """2 when the band (Fourier index <= n) lies within half the Nyquist of 2x2-binned patches, else 1.
+
+    Summing 2x2 pixels before the transform keeps the white counting noise per coefficient and
+    attenuates the signal by ``cos(π kx) cos(π ky)`` (k in cycles per original pixel): at most
+    ``cos(π/8)² = 0.85`` at the band edge when ``n <= box/8``; components above the binned Nyquist
+    alias onto the band only from ``|k| >= 3/8``, where dose-weighted movie frames hold noise alone.
+    The transforms are 4x smaller.
+    """
+    return 2 if box % 4 == 0 and n <= box // 8 else 1
+
+
 def band_size(box: int, apix: float, band_high: float) -> int:
     """Largest Fourier index n with ``n / (box·apix) <= 1 / band_high``, at most box//2 - 1."""
     return max(1, min(box // 2 - 1, math.floor(box * apix / band_high + 1e-9)))
@@ -143,18 +155,24 @@ class _BandTransform:
     """Patch chunk -> band spectra ``X_t(k)`` (see :func:`prepare_spectra`); holds the grids and weights."""
 
     def __init__(self, box: int, n_frames: int, frames: np.ndarray, apix: float, dose_per_frame: float,
-                 pre_exposure: float, kv: float, band_low: float, band_high: float, xp: ModuleType, cdtype: Any) -> None:
+                 pre_exposure: float, kv: float, band_low: float, band_high: float, xp: ModuleType, cdtype: Any,
+                 binning: int | None = None) -> None:
         self.xp, self.box, self.frames = xp, box, frames
         self.cdtype = xp.dtype(cdtype or xp.complex64)
         self.rdtype = xp.float64 if self.cdtype == xp.complex128 else xp.float32
         self.n = n = band_size(box, apix, band_high)
+        self.bin = auto_binning(box, n) if binning is None else int(binning)
+        if self.bin not in (1, 2) or (self.bin == 2 and (box % 4 or n >= box // 4)):
+            raise ValueError(f"gpu/local_model.py: binning {binning} impossible for box {box} and band index {n}")
+        fb = box // self.bin
         iy, kx, ky, self.shell = _band_grid(box, n, xp)
+        iy = np.where(iy >= box - n, iy - box + fb, iy)  # negative ky rows of the (binned) transform
         self.iy = xp.asarray(iy)
         self.kx = kx.astype(self.rdtype)
         self.ky = ky.astype(self.rdtype)
         self.kmag_a = np.hypot(*np.meshgrid(np.arange(-n, n + 1), np.arange(0, n + 1), indexing="ij")) / (box * apix)
         self.band = (self.kmag_a >= 1.0 / band_low) & (self.kmag_a <= 1.0 / band_high)
-        self.mask = soft_mask(box, xp).astype(self.rdtype)
+        self.mask = soft_mask(fb, xp).astype(self.rdtype)
         self.msum = float(self.mask.sum())
         q = dose_weights(xp.asarray(self.kmag_a), n_frames, dose_per_frame, pre_exposure, kv, normalize=False, xp=xp)
         self.q = q[frames].astype(self.rdtype)
@@ -163,12 +181,17 @@ class _BandTransform:
         """(Pc, Fa, a, a) patches of the alignment frames + (Pc, Fa, 2) remainders -> (Pc, Fa, ny, nx)."""
         xp = self.xp
         pt = xp.asarray(patches, dtype=self.rdtype)
-        mean = (pt * self.mask).sum(axis=(-2, -1), keepdims=True) / self.msum
+        if self.bin == 2:  # pairs of rows (contiguous), then pairs of columns
+            rows = pt[..., 0::2, :] + pt[..., 1::2, :]
+            pairs = rows.reshape(*rows.shape[:-1], rows.shape[-1] // 2, 2)
+            pt = pairs[..., 0] + pairs[..., 1]
+        mean = xp.einsum("...ij,ij->...", pt, self.mask)[..., None, None] / self.msum
         # rows first, then column transforms of the n+1 band columns only (the rest is never used)
         cols = backend.rfft((pt - mean) * self.mask, axis=-1)[..., : self.n + 1]
         spec = backend.fft(cols, axis=-2, overwrite_x=True)[..., self.iy, :].astype(self.cdtype, copy=False)
-        # the known sub-pixel remainder: shift content by -r
-        r = xp.asarray(remainders, dtype=self.rdtype)
+        # the known sub-pixel remainder: shift content by -r; a binned pixel's centre sits half an
+        # original pixel past its first pixel's, so the box centre moved by +0.5 px in x and y
+        r = xp.asarray(remainders, dtype=self.rdtype) - 0.5 * (self.bin - 1)
         spec *= xp.exp(2j * math.pi * self.ky[None, None, :, None] * r[..., 1, None, None]).astype(self.cdtype)
         spec *= xp.exp(2j * math.pi * self.kx[None, None, None, :] * r[..., 0, None, None]).astype(self.cdtype)
         spec *= self.q[None]
@@ -198,13 +221,15 @@ def prepare_spectra(
     first_frame: int = 0,
     last_frame: int = -1,
     dtype: Any = None,
+    binning: int | None = None,
 ) -> BandSpectra:
     """Patches (P, F, a, a) + remainders (P, F, 2) px -> :class:`BandSpectra` of the alignment band.
 
     Each patch is made zero-mean under a soft circular mask, Fourier transformed (in particle
     chunks, so only the band is ever kept), cropped to ``band_low >= 1/|k| >= band_high`` (Å),
     multiplied by ``q_t(k)`` and by ``exp(+2πi k·r)``. ``dtype``: complex64 (default) or
-    complex128. Frames ``first_frame..last_frame`` (inclusive, -1 = last) are kept.
+    complex128. Frames ``first_frame..last_frame`` (inclusive, -1 = last) are kept. ``binning``:
+    1, 2 (2x2 sums before the transform) or None = :func:`auto_binning`.
     """
     xp = backend.array_module(patches)
     if patches.ndim != 4 or patches.shape[-1] != patches.shape[-2]:
@@ -219,7 +244,7 @@ def prepare_spectra(
         return patches[sl, fsel], xp.asarray(remainders[sl, fsel])
 
     return _band_spectra(chunk_input, p_count, n_frames, box, apix, dose_per_frame, pre_exposure, kv, band_low,
-                         band_high, bfactor, first_frame, last_frame, xp, dtype)
+                         band_high, bfactor, first_frame, last_frame, xp, dtype, binning)
 
 
 def spectra_from_frames(
@@ -236,6 +261,7 @@ def spectra_from_frames(
     first_frame: int = 0,
     last_frame: int = -1,
     dtype: Any = None,
+    binning: int | None = None,
 ) -> BandSpectra:
     """Like :func:`prepare_spectra`, cutting the patches from ``frames`` (F, h, w) chunk by chunk.
 
@@ -257,7 +283,7 @@ def spectra_from_frames(
         return cut_patches(frames[fsel], ci[sl, fsel].astype(np.int64), box), xp.asarray(rem[sl, fsel])
 
     return _band_spectra(chunk_input, centres.shape[0], n_frames, box, apix, dose_per_frame, pre_exposure, kv,
-                         band_low, band_high, bfactor, first_frame, last_frame, xp, dtype)
+                         band_low, band_high, bfactor, first_frame, last_frame, xp, dtype, binning)
 
 
 def _band_spectra(
@@ -276,12 +302,14 @@ def _band_spectra(
     last_frame: int,
     xp: ModuleType,
     dtype: Any,
+    binning: int | None = None,
 ) -> BandSpectra:
     """The shared body of :func:`prepare_spectra` and :func:`spectra_from_frames`: transform the
     patches particle chunk by particle chunk (``chunk_input(particles, frames) -> (patches, remainders)``)
     so only the band of each chunk is ever kept."""
     fidx = _check_frames(n_frames, first_frame, last_frame)
-    tr = _BandTransform(box, n_frames, fidx, apix, dose_per_frame, pre_exposure, kv, band_low, band_high, xp, dtype)
+    tr = _BandTransform(box, n_frames, fidx, apix, dose_per_frame, pre_exposure, kv, band_low, band_high, xp, dtype,
+                        binning)
     out = xp.empty((p_count, len(fidx), 2 * tr.n + 1, tr.n + 1), dtype=tr.cdtype)
     budget = _FFT_CHUNK_BYTES if backend.is_gpu(xp) else _CPU_FFT_CHUNK_BYTES
     chunk = max(1, budget // max(len(fidx) * box * box * 8, 1))
