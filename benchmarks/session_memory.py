@@ -1,7 +1,7 @@
 """Memory of the session (streamer) process over a long session: it must not grow with the movies.
 
     python benchmarks/session_memory.py [--movies 1000] [--shape 256] [--frames 8] [--particles 3]
-                                        [--workers 1] [--json FILE]
+                                        [--workers 1] [--json FILE] [--tracemalloc [N]]
 
 Simulates ONE small movie (``streamer.simulate``) and hard-links it under ``--movies`` names, each
 with its own copy of the pick file, then runs a real ``lmc run`` session on them
@@ -12,12 +12,19 @@ callback), and the workers' RSS (``/proc/<pid>/status`` of this process's childr
 
 Printed: RSS at 10%, 50% and 100% of the movies, and the least-squares slope of RSS against the
 movies done over the second half (KiB per movie; the first half contains start-up: imports,
-worker spawn, first allocations). A flat line (slope ~0) is the target.
+worker spawn, first allocations), and a verdict: flat when the slope is under ``FLAT_KIB_PER_MOVIE``.
+
+``--tracemalloc N`` (diagnosis; slows the run): traces Python allocations and prints the ``N``
+allocation sites (file:line) that grew most between 30% of the movies and the end of the loop
+(the last snapshot taken while still running, >= 90%), plus sqlite's own heap
+(``sqlite3_memory_used``) and glibc's in-use heap (``mallinfo2``) at both points.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
@@ -25,6 +32,7 @@ import shutil
 import tempfile
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,8 @@ import numpy as np
 from streamer import config as config_mod
 from streamer.session import run_session
 from streamer.simulate import SimParams, simulate_session
+
+FLAT_KIB_PER_MOVIE = 1.0  # below this the per-movie growth is allocator noise, not retained state
 
 
 def rss_kib(pid: int | str = "self") -> int:
@@ -57,6 +67,42 @@ def children_rss_kib() -> int:
             continue
         total += sum(rss_kib(k) for k in kids)
     return total
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+
+
+def native_heaps_kib() -> dict[str, float]:
+    """sqlite's heap (``sqlite3_memory_used`` of the shared libsqlite3; meaningful when Python's
+    ``_sqlite3`` links that library) and glibc's in-use heap (``mallinfo2``: ``uordblks`` over all
+    arenas + ``hblkhd`` mmapped blocks), in KiB; a key is absent where the call is unavailable."""
+    out: dict[str, float] = {}
+    name = ctypes.util.find_library("sqlite3")
+    if name:
+        lib = ctypes.CDLL(name)
+        lib.sqlite3_memory_used.restype = ctypes.c_int64
+        out["sqlite"] = lib.sqlite3_memory_used() / 1024.0
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _Mallinfo2
+        info = libc.mallinfo2()
+        out["malloc_in_use"] = (info.uordblks + info.hblkhd) / 1024.0
+    return out
+
+
+def top_growth(first: tracemalloc.Snapshot, last: tracemalloc.Snapshot, n: int) -> list[str]:
+    """The ``n`` file:line sites whose traced Python allocations grew most from ``first`` to ``last``."""
+    keep = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, __file__)]
+    stats = last.filter_traces(keep).compare_to(first.filter_traces(keep), "lineno")
+    stats.sort(key=lambda s: s.size_diff, reverse=True)
+    return [f"{s.size_diff / 1024:+9.1f} KiB {s.count_diff:+7d} blocks  {s.traceback[0].filename}:"
+            f"{s.traceback[0].lineno}" for s in stats[:n]]
+
+
+def _traced(snap: tracemalloc.Snapshot) -> int:
+    return sum(s.size for s in snap.statistics("filename"))
 
 
 def make_session(work: Path, n: int, shape: int, frames: int, particles: int) -> tuple[Path, Path]:
@@ -87,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--every", type=float, default=0.25, help="seconds between RSS samples")
     p.add_argument("--json", default=None)
+    p.add_argument("--tracemalloc", type=int, nargs="?", const=15, default=0, metavar="N",
+                   help="print the N allocation sites that grew most between 30%% and the end (slow)")
     ns = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="lmc-sessmem-"))
     try:
@@ -102,8 +150,17 @@ def main(argv: list[str] | None = None) -> int:
         samples: list[tuple[float, int, int, int]] = []  # (t, movies done, session KiB, workers KiB)
         stop = threading.Event()
 
+        traced: dict[str, Any] = {}  # "first"/"last": (movies done, tracemalloc snapshot, native heaps)
+
         def on_state(snap: dict[str, Any]) -> None:
             done["n"] = int(snap["this_session"]["done"]) + int(snap["this_session"].get("failed", 0))
+            if not ns.tracemalloc or snap.get("phase") != "running":
+                return
+            # the end point is taken while the loop still runs, so the session's objects are all alive
+            if "first" not in traced and done["n"] >= 0.3 * ns.movies:
+                traced["first"] = (done["n"], tracemalloc.take_snapshot(), native_heaps_kib())
+            elif "first" in traced and done["n"] >= 0.9 * ns.movies:
+                traced["last"] = (done["n"], tracemalloc.take_snapshot(), native_heaps_kib())
 
         def sampler() -> None:
             t0 = time.monotonic()
@@ -113,11 +170,15 @@ def main(argv: list[str] | None = None) -> int:
 
         th = threading.Thread(target=sampler, daemon=True)
         th.start()
+        if ns.tracemalloc:
+            tracemalloc.start(1)
         t = time.perf_counter()
         summary = run_session(cfg, once=True, headless=False, on_state=on_state)
         wall = time.perf_counter() - t
         stop.set()
         th.join()
+        if ns.tracemalloc:
+            tracemalloc.stop()
         final = int(summary["this_session"]["done"])
         samples.append((wall, final, rss_kib(), 0))
         arr = np.array(samples, dtype=np.float64)
@@ -145,6 +206,25 @@ def main(argv: list[str] | None = None) -> int:
               f"{wall:.0f} s ({final / wall:.1f} movies/s)")
         print("session RSS (MiB) at " + ", ".join(f"{k}: {v}" for k, v in res["session_rss_mib"].items())
               + f"; slope over the second half {slope:+.2f} KiB/movie; workers' RSS max {res['workers_rss_max_mib']} MiB")
+        flat = abs(slope) < FLAT_KIB_PER_MOVIE
+        caveats = []
+        if summary.get("failures"):  # a broken worker makes every movie fail: the figures mean little
+            caveats.append(f"{len(summary['failures'])} movies failed, e.g. {summary['failures'][0][1]}")
+        if ns.tracemalloc:
+            caveats.append("RSS includes tracemalloc's own tables: judge flatness from a run without --tracemalloc")
+        print(f"verdict: {'FLAT' if flat else 'GROWING'} (|slope| {abs(slope):.2f} KiB/movie "
+              f"{'<' if flat else '>='} {FLAT_KIB_PER_MOVIE} KiB/movie)" + "".join(f"; {c}" for c in caveats))
+        res["flat"] = flat
+        if "first" in traced and "last" in traced:
+            (n0, snap0, heap0), (n1, snap1, heap1) = traced["first"], traced["last"]
+            moved = max(n1 - n0, 1)
+            print(f"tracemalloc: top {ns.tracemalloc} growing sites from {n0} to {n1} movies "
+                  f"(traced total {(_traced(snap1) - _traced(snap0)) / moved:+.0f} B/movie)")
+            for line in top_growth(snap0, snap1, ns.tracemalloc):
+                print("  " + line)
+            for k in heap1:
+                print(f"  {k} heap: {heap0.get(k, 0) / 1024:.1f} -> {heap1[k] / 1024:.1f} MiB "
+                      f"({(heap1[k] - heap0.get(k, 0)) * 1024 / moved:+.0f} B/movie)")
         print(json.dumps(res))
         if ns.json:
             Path(ns.json).write_text(json.dumps({**res, "samples": samples}, indent=1))

@@ -137,7 +137,7 @@ class Committer:
         self._sign = 1.0 if cfg.invert_contrast else -1.0
         self._columns, self._cs_dtype = folder_format(self.ledger)
         self._recover()
-        self._done = self.ledger.done_movies()
+        # no in-memory set of done movies: the ledger's indexed lookup answers, so memory does not grow
         self._stacks = self.ledger.stacks()
         self._snapshots = _Snapshots(self.out, cfg, self.snapshot_interval)
         try:
@@ -180,10 +180,11 @@ class Committer:
     # -- queries ----------------------------------------------------------------------
     def done_movies(self) -> set[str]:
         """Movies finished for good (done or skipped); failed ones are retried."""
-        return set(self._done)
+        return self.ledger.done_movies()
 
     def is_done(self, movie: str) -> bool:
-        return movie in self._done
+        """Done or skipped (one indexed ledger lookup)."""
+        return self.ledger.is_done(movie)
 
     def failed(self) -> list[tuple[str, str]]:
         """``[(movie, reason), ...]`` in the order they failed."""
@@ -246,7 +247,7 @@ class Committer:
         """Write one movie's particles and record it (the ledger transaction is the commit point).
         A movie already done is ignored. Raises CommitError (nothing committed) when writing fails."""
         movie = result.movie
-        if movie in self._done:
+        if self.ledger.is_done(movie):
             log.info("%s: already committed; result ignored", movie)
             return
         self._check(result)
@@ -320,7 +321,6 @@ class Committer:
                     ) from exc
                 raise
         self._stacks.update(counts)
-        self._done.add(movie)
         self._columns, self._cs_dtype = columns, cs_dtype
         _crash_point("after_ledger")
         try:
@@ -330,24 +330,18 @@ class Committer:
 
     def mark_failed(self, movie: str, reason: str, stats: dict[str, Any] | None = None) -> None:
         """Record that a movie failed (retried by a later run); ignored for a movie already done."""
-        if movie in self._done and self.ledger.status(movie) == "done":
+        if not self.ledger.mark_failed(movie, reason, stats):
             log.info("%s: already committed; failure (%s) ignored", movie, reason)
-            return
-        self.ledger.mark_failed(movie, reason, stats)
-        self._done.discard(movie)
 
     def mark_skipped(self, movie: str, reason: str, stats: dict[str, Any] | None = None) -> None:
         """Record a movie finished without particles (e.g. no picks); it is not processed again."""
-        if self.ledger.mark_skipped(movie, reason, stats):
-            self._done.add(movie)
-        else:
+        if not self.ledger.mark_skipped(movie, reason, stats):
             log.info("%s: already committed; skip (%s) ignored", movie, reason)
 
     def forget(self, movie: str) -> None:
         """Drop a movie so it can be processed again (e.g. its picks changed). Its old stack images
         stay on disk unreferenced; the snapshots are rebuilt without it (O(all particles), once)."""
         if self.ledger.forget(movie):
-            self._done.discard(movie)
             self._snapshots.invalidate()
             self._snapshots.write()
 

@@ -30,6 +30,7 @@ import termios
 import threading
 import time
 import tty
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,11 +202,15 @@ def enrich_snapshot(snapshot: dict[str, Any], out_dir: str | Path | None = None,
 
 class TrendHistory:
     """Motion and quality of every movie seen in successive snapshots' ``recent`` lists (which hold
-    only the last few), so the console's trend covers the whole session. Bounded to ``limit`` movies."""
+    only the last few), so the console's trend covers the whole session. Bounded to ``limit`` movies.
+
+    Duplicates are recognised by (movie, time) among the last ``max(4 * len(recent), 256)`` movies
+    added: an entry older than that has left every later ``recent`` list, so the memory of what was
+    seen stays bounded too."""
 
     def __init__(self, limit: int = 20000) -> None:
         self.limit = limit
-        self._seen: dict[tuple[str, Any], None] = {}
+        self._seen: OrderedDict[tuple[str, Any], None] = OrderedDict()  # the oldest are dropped first
         self.motion: list[float | None] = []
         self.quality: list[float | None] = []
 
@@ -217,6 +222,9 @@ class TrendHistory:
             self._seen[key] = None
             self.motion.append(_num(r.get("motion_total_A")))
             self.quality.append(_num(r.get("quality_gain")))
+        keep = max(4 * len(recent), 256)
+        while len(self._seen) > keep:
+            self._seen.popitem(last=False)
         if len(self.motion) > self.limit:
             # halve the resolution of the oldest part instead of forgetting the start of the session
             self.motion = self.motion[::2]

@@ -164,8 +164,9 @@ class Dispatcher:
         self.auth: Any = None
         self.endpoint = ""
         self.queue: deque[str] = deque()
+        # unfinished jobs only: a finished job is forgotten, so a late copy of its result finds no job
+        # and is dropped (no per-job record outlives the job: memory stays flat over a long session)
         self.jobs: dict[str, Job] = {}
-        self.finished: set[str] = set()
         self.workers: dict[bytes, WorkerInfo] = {}
         self.dropped = 0
         self._ids = itertools.count(1)
@@ -409,9 +410,8 @@ class Dispatcher:
         events.append(event)
 
     def _forget(self, job: Job) -> None:
-        """The job is finished: no other copy of it will be accepted."""
+        """The job is finished: no other copy of it will be accepted (job ids are never reused)."""
         self.jobs.pop(job.job_id, None)
-        self.finished.add(job.job_id)
         if job.job_id in self.queue:
             self.queue.remove(job.job_id)
 

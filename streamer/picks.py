@@ -147,7 +147,7 @@ _FORMAT_EXTS: dict[str, tuple[str, ...]] = {
 _EXT_FORMAT = {".star": "star", ".box": "box", ".cbox": "cbox", ".txt": "topaz", ".cs": "cs"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PickSource:
     """Where one movie's picks are: a file (``format`` star|box|cbox|topaz|cs) as it was when indexed
     (``mtime`` seconds, ``size`` bytes), and for multi-micrograph files the micrograph name exactly
@@ -165,16 +165,18 @@ class PickSource:
         return (self.mtime, self.size)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
+    """One indexed pick file (kept per file on disk: slots keep it small)."""
+
     mtime_ns: int
     size: int
     sources: dict[str, PickSource] = field(default_factory=dict)
 
 
-def _file_format(path: Path, fmt: str) -> str | None:
-    """The reader for ``path`` under ``picks.format`` = ``fmt``, or None if it is not a pick file."""
-    ext = path.suffix.lower()
+def _file_format(name: str, fmt: str) -> str | None:
+    """The reader for the file ``name`` under ``picks.format`` = ``fmt``, or None if it is not a pick file."""
+    ext = os.path.splitext(name)[1].lower()
     if fmt == "auto":
         return _EXT_FORMAT.get(ext)
     if ext not in _FORMAT_EXTS[fmt]:
@@ -206,7 +208,8 @@ class PickIndex:
         self.refresh()
 
     # -- scanning --------------------------------------------------------------------------
-    def _candidates(self) -> list[tuple[Path, str]]:
+    def _candidates(self) -> list[tuple[str, str]]:
+        """``[(path, format), ...]`` of the pick files (plain strings: this runs every poll over every file)."""
         if self.path.is_file():
             fmt = self.format if self.format != "auto" else _EXT_FORMAT.get(self.path.suffix.lower())
             if fmt == "box" and self.path.suffix.lower() == ".cbox":
@@ -214,33 +217,33 @@ class PickIndex:
             if fmt is None:
                 self.unusable[str(self.path)] = f"{self.path}: unknown pick file extension"
                 return []
-            return [(self.path, fmt)]
+            return [(str(self.path), fmt)]
         out = []
         for root, dirs, files in os.walk(self.path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
                 if name.startswith("."):
                     continue
-                p = Path(root, name)
-                fmt = _file_format(p, self.format)
+                fmt = _file_format(name, self.format)
                 if fmt is not None:
-                    out.append((p, fmt))
+                    out.append((os.path.join(root, name), fmt))
         return out
 
     def refresh(self) -> list[str]:
         """Rescan; returns the stems whose source is new or changed (sorted). Stems whose files
         disappeared are dropped from the index and not returned."""
         seen: set[str] = set()
-        for p, fmt in self._candidates():
-            key = str(p)
+        changed = False
+        for key, fmt in self._candidates():
             try:
-                st = p.stat()
+                st = os.stat(key)
             except OSError:
                 continue  # vanished between listing and stat
             seen.add(key)
             old = self._entries.get(key)
             if old is not None and old.mtime_ns == st.st_mtime_ns and old.size == st.st_size:
                 continue
+            changed = True
             entry = _Entry(st.st_mtime_ns, st.st_size)
             self.unusable.pop(key, None)
             try:
@@ -253,6 +256,9 @@ class PickIndex:
         for key in set(self._entries) - seen:
             del self._entries[key]
             self.unusable.pop(key, None)
+            changed = True
+        if not changed:  # nothing new on disk: the stem table stands (no O(files) rebuild every poll)
+            return []
         before = self._by_stem
         self._by_stem, self.conflicts = _choose(self._entries)
         return sorted(s for s, src in self._by_stem.items() if before.get(s) != src)

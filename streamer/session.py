@@ -271,7 +271,9 @@ class Session:
         self.inflight: dict[str, Job] = {}
         self.submitted = 0
         self.latencies: deque[float] = deque(maxlen=500)
-        self.commits: deque[tuple[float, int]] = deque()  # (monotonic, particles) this session
+        # commits of the last RECENT_WINDOW_S in one-second buckets [second, movies, particles]: at most
+        # RECENT_WINDOW_S + 1 buckets however fast movies come (one entry per movie would grow with the rate)
+        self.commits: deque[list[int]] = deque()
         self.session_counts = {"done": 0, "failed": 0, "skipped": 0, "particles": 0}
         self.recent: deque[dict[str, Any]] = deque(maxlen=KEEP)
         self.warnings: deque[str] = deque(maxlen=KEEP)
@@ -374,6 +376,7 @@ class Session:
             poll=cfg.poll, poll_only=cfg.poll_only, reprocess_changed_picks=cfg.reprocess_changed_picks, once=self.once,
             done=self.writer.done_movies,
         )
+        self.writer.done_movies = set()  # the watcher holds its own record; one copy per movie is enough
         self.watcher.start()
         self.phase = "running"
 
@@ -536,7 +539,12 @@ class Session:
         self.watcher.mark(job.movie, "done")
         latency = now - float(job.meta.get("ready_at", now))
         self.latencies.append(latency)
-        self.commits.append((now, result.n))
+        second = int(now)
+        if self.commits and self.commits[-1][0] == second:
+            self.commits[-1][1] += 1
+            self.commits[-1][2] += result.n
+        else:
+            self.commits.append([second, 1, result.n])
         self.session_counts["done"] += 1
         self.session_counts["particles"] += result.n
         stats = result.stats or {}
@@ -618,16 +626,16 @@ class Session:
         uptime = now - self.started
         counts = self.watcher.counts() if self.watcher else {}
         cutoff = now - RECENT_WINDOW_S
-        while self.commits and self.commits[0][0] < cutoff:
+        while self.commits and self.commits[0][0] + 1 <= cutoff:  # buckets wholly before the window
             self.commits.popleft()
         window = min(RECENT_WINDOW_S, max(uptime, 1e-9))
         lat = sorted(self.latencies)
         done = self.session_counts["done"]
         rates = {
             "movies_per_hour": round(done / max(uptime, 1e-9) * 3600, 1),
-            "movies_per_hour_recent": round(len(self.commits) / window * 3600, 1),
+            "movies_per_hour_recent": round(sum(b[1] for b in self.commits) / window * 3600, 1),
             "particles_per_s": round(self.session_counts["particles"] / max(uptime, 1e-9), 2),
-            "particles_per_s_recent": round(sum(n for _, n in self.commits) / window, 2),
+            "particles_per_s_recent": round(sum(b[2] for b in self.commits) / window, 2),
             "latency_median_s": round(statistics.median(lat), 3) if lat else None,
             "latency_p95_s": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 3) if lat else None,
             "latency_last_s": round(self.latencies[-1], 3) if self.latencies else None,

@@ -20,6 +20,12 @@ first (or newest first). The session moves entries to running/done/failed with :
 With ``once`` (``lmc run``), a file whose mtime is already ``settle_seconds`` old counts as settled,
 and an incomplete movie or a movie without picks is reported at once instead of waited for.
 
+Memory: an :class:`Entry` lives only while its movie is unfinished. A finished movie (done /
+failed / skipped) keeps just its path in ``_done`` (with the pick source it was processed with,
+to notice a rewritten pick file), ``_skipped`` or ``_failed``: the dedup record a watcher needs so
+that a rescan never queues it again, ~100 bytes per movie beyond the path string. The ledger stays
+the durable record: a restart seeds ``_done`` from it (``done=``).
+
 The class is driven by :meth:`tick` from one thread; only the watchdog callback runs elsewhere,
 and it only adds paths to a locked set.
 """
@@ -44,6 +50,14 @@ TERMINAL = frozenset({"done", "failed", "skipped"})
 
 _IGNORED_SUFFIXES = (".tmp", ".part", "downloading", ".crdownload", "~")
 _MAGIC = set("*?[")
+
+
+class _Unseen:
+    """Value in ``Watcher._done`` for a movie done in an earlier session that no scan has found yet
+    (it is counted as done only once found, as when every movie had an Entry)."""
+
+
+_UNSEEN = _Unseen()
 
 
 def ignored_name(name: str) -> bool:
@@ -140,10 +154,14 @@ class Watcher:
         self.reprocess = reprocess_changed_picks
         self.once = once
         self.clock = clock
-        self.entries: dict[str, Entry] = {}
+        self.entries: dict[str, Entry] = {}  # unfinished movies only (see the module docstring)
         self._active: set[str] = set()  # paths in a PRE_DISPATCH state: the only ones a tick looks at
         self.index: Any = None
-        self._done = {os.path.abspath(m) for m in done}
+        # finished movies: path -> PickSource it was processed with (None: unknown; _UNSEEN: from the ledger)
+        self._done: dict[str, Any] = dict.fromkeys((os.path.abspath(m) for m in done), _UNSEEN)
+        self._skipped: set[str] = set()
+        self._failed: set[str] = set()
+        self._finished_counts = dict.fromkeys(TERMINAL, 0)
         self._dirty: set[str] = set()
         self._picks_dirty = True
         self._lock = threading.Lock()
@@ -216,14 +234,18 @@ class Watcher:
         name = os.path.basename(path)
         if ignored_name(name):
             return False
-        try:
-            rel = Path(path).relative_to(self.root)
-        except ValueError:
-            return False
-        if any(part.startswith(".") for part in rel.parts[:-1]):
+        root = str(self.root)
+        if path == root:
+            parts: tuple[str, ...] = ()
+        else:
+            prefix = root if root.endswith(os.sep) else root + os.sep
+            if not path.startswith(prefix):
+                return False
+            parts = tuple(p for p in path[len(prefix):].split(os.sep) if p)
+        if any(part.startswith(".") for part in parts[:-1]):
             return False
         if self.pattern is not None:
-            return match_parts(rel.parts, self.pattern)
+            return match_parts(parts, self.pattern)
         from streamer.movies import is_movie
 
         return is_movie(path)
@@ -237,23 +259,78 @@ class Watcher:
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             for name in files:
                 path = os.path.join(folder, name)
-                if self._wanted(path):
+                # a path already known was wanted when first found: skip the name checks every rescan
+                if self._known(path) or self._wanted(path):
                     found.add(path)
         return found
 
-    def _add(self, path: str, now: float) -> Entry:
+    def _known(self, path: str) -> bool:
+        return path in self.entries or path in self._done or path in self._skipped or path in self._failed
+
+    def _add(self, path: str, now: float) -> Entry | None:
+        """The Entry of ``path``, made when new; None for a finished movie (it is not looked at again)."""
         e = self.entries.get(path)
-        if e is None:
-            state = "done" if path in self._done else "seen"
-            e = Entry(path=path, state=state, first_seen=now, state_since=now, stable_since=now)
-            self.entries[path] = e
-            if state in PRE_DISPATCH:
-                self._active.add(path)
+        if e is not None:
+            return e
+        if path in self._done:
+            if self._done[path] is _UNSEEN:  # done in an earlier session, found now: counts as done
+                self._done[path] = None
+                self._finished_counts["done"] += 1
+            return None
+        if path in self._skipped or path in self._failed:
+            return None
+        e = Entry(path=path, first_seen=now, state_since=now, stable_since=now)
+        self.entries[path] = e
+        self._active.add(path)
         return e
 
     def _drop(self, path: str) -> None:
         self.entries.pop(path, None)
         self._active.discard(path)
+
+    def _finished_state(self, path: str) -> str | None:
+        if path in self._done:
+            return "done"
+        if path in self._skipped:
+            return "skipped"
+        return "failed" if path in self._failed else None
+
+    def _unfinish(self, path: str) -> None:
+        """Remove ``path``'s finished record (and its count)."""
+        if path in self._done:
+            if self._done.pop(path) is not _UNSEEN:
+                self._finished_counts["done"] -= 1
+        elif path in self._skipped:
+            self._skipped.discard(path)
+            self._finished_counts["skipped"] -= 1
+        elif path in self._failed:
+            self._failed.discard(path)
+            self._finished_counts["failed"] -= 1
+
+    def _finish(self, path: str, state: str, picks: Any = None) -> None:
+        """Record ``path`` as finished in ``state`` (done / failed / skipped) and drop its Entry."""
+        self._drop(path)
+        self._unfinish(path)
+        if state == "done":
+            self._done[path] = picks
+        elif state == "skipped":
+            self._skipped.add(path)
+        else:
+            self._failed.add(path)
+        self._finished_counts[state] += 1
+
+    def _revive(self, path: str, now: float) -> None:
+        """A finished movie to process again (its picks changed): a fresh Entry, already settled
+        (the file was whole when processed; a change since is still caught by the stat). A movie
+        file gone since is just forgotten."""
+        self._unfinish(path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        self.entries[path] = Entry(path=path, first_seen=now, state_since=now, stable_since=now,
+                                   stamp=(st.st_size, st.st_mtime_ns), mtime=st.st_mtime)
+        self._active.add(path)
 
     # -- the tick -------------------------------------------------------------------------------
     def tick(self, now: float | None = None) -> list[Notice]:
@@ -323,31 +400,34 @@ class Watcher:
     def _picks_changed(self, stems: list[str], now: float, notices: list[Notice]) -> None:
         from streamer.picks import match_key
 
+        if self.index is None:
+            return
         wanted = set(stems)
-        for e in self.entries.values():
-            if e.state not in ("done", "skipped") or match_key(e.path) not in wanted:
-                continue
-            src = self.index.lookup(e.path) if self.index is not None else None
-            if src is None:
-                continue
-            if e.state == "done" and e.picks is not None and e.picks.stamp == src.stamp:
-                continue
-            if e.state == "done" and e.picks is None and e.path in self._done:
-                # done in an earlier session: we cannot tell whether the file changed since
-                continue
-            kind = "picks_changed" if e.state == "done" else "picks_arrived"
-            what = "changed after the movie was processed" if e.state == "done" else "arrived after the movie was skipped"
-            if self.reprocess:
-                notices.append(Notice(kind, e.path, f"{e.path}: pick file {src.path} {what}; reprocessing"))
-                self._set(e, "seen", now)
-                e.whole_stamp = None
-                e.picks = None
-            else:
-                notices.append(Notice(kind, e.path, f"{e.path}: pick file {src.path} {what} (not reprocessed; "
-                                                    "set reprocess_changed_picks to redo it)"))
-                e.picks = src
+        # done movies whose pick source is unknown (None: done in an earlier session or without
+        # picks; _UNSEEN: not in the folder) cannot tell whether the file changed since: left alone
+        done = [p for p, src in self._done.items() if src is not None and src is not _UNSEEN]
+        for state, paths in (("done", done), ("skipped", list(self._skipped))):
+            for path in paths:
+                if match_key(path) not in wanted:
+                    continue
+                src = self.index.lookup(path)
+                if src is None or (state == "done" and self._done[path].stamp == src.stamp):
+                    continue
+                kind = "picks_changed" if state == "done" else "picks_arrived"
+                what = "changed after the movie was processed" if state == "done" else "arrived after the movie was skipped"
+                if self.reprocess:
+                    notices.append(Notice(kind, path, f"{path}: pick file {src.path} {what}; reprocessing"))
+                    self._revive(path, now)
+                    continue
+                notices.append(Notice(kind, path, f"{path}: pick file {src.path} {what} (not reprocessed; "
+                                                  "set reprocess_changed_picks to redo it)"))
+                if state == "done":
+                    self._done[path] = src  # reported once per change
 
     def _set(self, e: Entry, state: str, now: float, reason: str = "") -> None:
+        if state in TERMINAL:
+            self._finish(e.path, state, e.picks)
+            return
         if e.state != state:
             e.state = state
             e.state_since = now
@@ -442,26 +522,48 @@ class Watcher:
         return items if n is None else items[:n]
 
     def mark(self, path: str, state: str, reason: str = "", now: float | None = None) -> None:
-        """Move an entry to ``state`` (running / done / failed / skipped, or back to queued)."""
+        """Move a movie to ``state`` (running / done / failed / skipped, or back to queued). A finished
+        state drops its Entry (see the module docstring)."""
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")
         e = self.entries.get(path)
+        if state in TERMINAL:
+            if e is None and self._finished_state(path) == state and self._done.get(path) is not _UNSEEN:
+                return  # already recorded
+            self._finish(path, state, e.picks if e is not None else None)
+            return
+        now = self.clock() if now is None else now
         if e is None:
-            now = self.clock() if now is None else now
+            self._unfinish(path)  # a finished movie sent back (e.g. requeued): unfinished again
             e = self._add(path, now)
-        self._set(e, state, self.clock() if now is None else now, reason)
-        if state == "done":
-            self._done.add(path)
+            assert e is not None
+        self._set(e, state, now, reason)
+
+    def state_of(self, path: str) -> str | None:
+        """The state of ``path`` (finished ones included), None when unknown."""
+        e = self.entries.get(path)
+        if e is not None:
+            return e.state
+        if self._done.get(path, None) is _UNSEEN:
+            return None
+        return self._finished_state(path)
+
+    def retained(self) -> dict[str, int]:
+        """How much per-movie state is held: ``entries`` (unfinished movies, full Entry objects) and
+        ``finished`` (paths only: done + skipped + failed)."""
+        return {"entries": len(self.entries), "finished": len(self._done) + len(self._skipped) + len(self._failed)}
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)
         for e in self.entries.values():
             out[e.state] += 1
+        for state, n in self._finished_counts.items():
+            out[state] += n
         return out
 
     def pending(self) -> int:
         """Entries not finished (for ``once``: the session exits when this reaches 0)."""
-        return sum(1 for e in self.entries.values() if e.state not in TERMINAL and not (e.state == "incomplete" and e.reported and self.once))
+        return sum(1 for e in self.entries.values() if not (e.state == "incomplete" and e.reported and self.once))
 
     def waiting(self, limit: int = 20, now: float | None = None) -> list[dict[str, Any]]:
         """Entries held back (incomplete, waiting for picks, settling), longest-waiting first."""

@@ -300,3 +300,30 @@ def test_disk_full_gives_a_clear_error_and_keeps_committed_outputs(tmp_path, sta
     with Committer(out, cfg) as c:
         c.commit(make_result(2, 40))
     check_folder(out, {0: 7, 1: 7, 2: 40}, cfg)
+
+
+def test_no_per_movie_state_in_memory_and_done_checks_still_hold(tmp_path):
+    """The committer answers "done?" from the ledger (indexed), not from a set growing with the session:
+    no container it holds grows from 20 to 41 movies (one stack file throughout), and a
+    movie done (or skipped) still cannot be committed twice, in this run or after reopening."""
+    out = tmp_path / "out"
+    cfg = CFG.with_(stack_size=1000)
+    def sized(c: Committer) -> dict[str, int]:
+        return {k: len(v) for k, v in vars(c).items() if isinstance(v, (dict, set, list))}
+
+    with Committer(out, cfg) as c:
+        for i in range(40):
+            c.commit(make_result(i, n=2))
+            if i == 19:
+                half = sized(c)
+        c.mark_skipped(movie_name(40), "no picks")
+        assert sized(c) == half, (half, sized(c))  # nothing grew from 20 to 41 movies
+        c.commit(make_result(3, n=2))  # a second result for a done movie is ignored
+        c.commit(make_result(40, n=2))  # a skipped movie is finished for good
+        c.mark_failed(movie_name(5), "late failure")  # a done movie stays done
+        assert c.totals() == {"done": 40, "failed": 0, "skipped": 1, "particles": 80, "stacks": 1}
+    with Committer(out, cfg) as c:
+        assert c.is_done(movie_name(39)) and c.is_done(movie_name(40)) and not c.is_done(movie_name(41))
+        c.commit(make_result(0, n=2))
+        assert c.totals()["particles"] == 80 and len(c.done_movies()) == 41
+    check_folder(out, {i: 2 for i in range(40)}, cfg)

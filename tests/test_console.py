@@ -361,3 +361,14 @@ def test_lmc_watch_under_a_pseudo_terminal(tmp_path: Path) -> None:
     assert after == before
     os.close(master)
     os.close(slave)
+
+
+def test_trend_history_remembers_only_a_bounded_window_of_seen_movies() -> None:
+    """The duplicate check must not grow with the session: after 3000 movies through 50-movie
+    ``recent`` lists, it holds a few hundred keys, and no movie is counted twice."""
+    history = TrendHistory(limit=100000)
+    for k in range(3000):
+        history.add([{"movie": f"m{i}", "time": float(i), "motion_total_A": float(i)}
+                     for i in range(max(0, k - 49), k + 1)])
+        assert len(history._seen) <= 256
+    assert history.motion == [float(i) for i in range(3000)]

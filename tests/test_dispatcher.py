@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -245,3 +246,31 @@ def test_drain_cancels_prefetched_jobs_but_not_the_running_one(dispatcher: Dispa
     events = run_until(dispatcher, lambda ev: dispatcher.pending() == 0)
     assert [e.job.job_id for e in kinds(events, "cancelled")] == [second.job_id]
     assert [e.job.job_id for e in kinds(events, "result")] == [first.job_id]
+
+
+def test_nothing_is_kept_per_finished_job(dispatcher: Dispatcher, procs: list, tmp_path: Path) -> None:
+    """A long session must not grow the dispatcher: after 40 jobs (and a late duplicate), no container
+    it holds has an entry per job; a late copy of a finished job's result is still dropped."""
+    procs.append(spawn_worker(dispatcher.endpoint, "--name", "w0"))
+    run_until(dispatcher, lambda ev: len(kinds(ev, "joined")) == 1)
+    jobs = [dispatcher.submit(movie(tmp_path, f"m{i}", n=1)) for i in range(40)]
+    events = run_until(dispatcher, lambda ev: len(kinds(ev, "result")) == 40)
+    assert sorted(e.job.job_id for e in kinds(events, "result")) == sorted(j.job_id for j in jobs)
+    sized = {k: len(v) for k, v in vars(dispatcher).items() if isinstance(v, (dict, set, list, deque))}
+    assert max(sized.values()) <= 1, sized  # the one worker; no per-job record outlives its job
+    # a stale result for a finished job (e.g. from a worker thought lost) is dropped, not delivered twice
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(dispatcher.endpoint)
+        job = jobs[0]
+        result = MovieResult(job.movie, np.zeros((1, 8, 8), np.float32), np.zeros(1), np.zeros(1), {}, [],
+                             np.zeros((3, 2)), np.zeros((1, 3, 2)), np.zeros((1, 3, 2)), (64, 64), 1.0, {})
+        sock.send_multipart(protocol.encode_result(job.job_id, result))
+        late: list[Event] = []
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            late += dispatcher.poll(0.05)
+        assert not kinds(late, "result") and dispatcher.pending() == 0
+    finally:
+        sock.close()

@@ -91,3 +91,25 @@ def test_readonly_open(tmp_path):
     assert ro.totals()["particles"] == 4
     with pytest.raises(sqlite3.OperationalError):
         ro.mark_failed("x.tif", "no")
+
+
+def test_totals_read_an_index_not_every_movie_row(tmp_path):
+    """``totals()`` runs after every write: it must read the covering index (a few bytes per movie),
+    not every movie row with its STAR/.cs payload (time and sqlite's page cache grew with the session)."""
+    path = tmp_path / "l.sqlite"
+    led = _open(path, Config())
+    for i in range(30):
+        led.commit_movie(f"m{i}.tif", 3, {}, [("s1", 3 * i, 3)], {"s1": 3 * i + 3}, "row\n" * 3, b"x" * 3000)
+    led.mark_failed("bad.tif", "broken")
+    assert led.totals() == {"done": 30, "failed": 1, "skipped": 0, "particles": 90, "stacks": 1}
+    for sql, args in (("SELECT status, COUNT(*) FROM movies GROUP BY status", ()),
+                      ("SELECT COALESCE(SUM(n_particles), 0) FROM movies WHERE status = 'done'", ()),
+                      ("SELECT COALESCE(MAX(id), 0) FROM movies WHERE status = 'done'", ())):
+        plan = " ".join(str(r[-1]) for r in led.db.execute("EXPLAIN QUERY PLAN " + sql, args))
+        assert "COVERING INDEX movies_status" in plan, (sql, plan)
+    assert led.last_done_id() == 30
+    led.close()
+    ro = Ledger(path, readonly=True)  # readers (lmc status) get the same plan
+    assert ro.totals()["done"] == 30
+    plan = " ".join(str(r[-1]) for r in ro.db.execute("EXPLAIN QUERY PLAN SELECT status, COUNT(*) FROM movies GROUP BY status"))
+    assert "COVERING INDEX movies_status" in plan

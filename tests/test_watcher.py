@@ -45,8 +45,8 @@ def make(tmp: Path, **kw) -> Watcher:
     return Watcher(str(tmp / "raw"), str(tmp / "picks") if with_picks else None, **defaults)
 
 
-def state(w: Watcher, path: Path) -> str:
-    return w.entries[str(path)].state
+def state(w: Watcher, path: Path) -> str | None:
+    return w.state_of(str(path))
 
 
 def test_name_and_pattern_helpers() -> None:
@@ -272,3 +272,60 @@ def test_mark_validates_states(tmp_path: Path, bad: str) -> None:
     else:
         w.mark(str(tmp_path / "x.tiff"), bad, now=1.0)
         assert w.counts()["running"] == 1
+
+
+def test_finished_movies_keep_no_entry_however_many_pass(tmp_path: Path) -> None:
+    """Per-movie state stays bounded in a live session: a movie leaves ``entries`` when it is done,
+    failed or skipped (only its path is kept, the dedup record), so 45 movies arriving one by one leave
+    0 entries behind; rescans still never queue them again, counts still see them, and a restart
+    seeded with the done paths (as from the ledger) queues none of them."""
+    (tmp_path / "picks").mkdir()
+    w = make(tmp_path, settle_seconds=0.0, picks_timeout=0.5)
+    done, t = [], 0.0
+    for i in range(45):
+        m = write_movie(tmp_path / "raw" / f"m{i:03d}.tiff")
+        if i % 15 != 14:  # every 15th movie never gets picks: skipped
+            write_picks(tmp_path / "picks", f"m{i:03d}")
+        for _ in range(3):
+            t += 1.1  # past the poll: rescan + picks refresh
+            w.tick(t)
+        if i % 15 == 14:
+            assert w.state_of(str(m)) == "skipped"
+        else:
+            (e,) = w.ready()
+            w.mark(e.path, "running", now=t)
+            w.mark(e.path, "failed" if i % 15 == 7 else "done", now=t)
+            done += [e.path] if i % 15 != 7 else []
+        assert len(w.entries) == 0 and not w._active  # nothing unfinished is held for a finished movie
+    assert w.retained() == {"entries": 0, "finished": 45}
+    for _ in range(3):
+        t += 1.1
+        assert not w.tick(t) and not w.ready()  # rescans find every file and queue none again
+    counts = w.counts()
+    assert (counts["done"], counts["failed"], counts["skipped"]) == (39, 3, 3) and w.pending() == 0
+    restarted = make(tmp_path, settle_seconds=0.0, done=done)
+    restarted.tick(0.0)
+    restarted.tick(1.1)
+    # only the failed movies are redone; the skipped ones wait for picks again; no done one comes back
+    assert sorted(e.path for e in restarted.ready()) == [str(tmp_path / "raw" / f"m{i:03d}.tiff") for i in (7, 22, 37)]
+    assert restarted.counts()["done"] == 39 and restarted.counts()["waiting_picks"] == 3 and len(restarted.entries) == 6
+
+
+def test_picks_arriving_after_a_skip_are_reported_or_reprocessed(tmp_path: Path) -> None:
+    for reprocess in (False, True):
+        base = tmp_path / str(reprocess)
+        (base / "picks").mkdir(parents=True)
+        w = make(base, picks_timeout=1.0, reprocess_changed_picks=reprocess)
+        m = write_movie(base / "raw" / "late.tiff")
+        w.tick(0.0)
+        w.tick(2.5)
+        assert [n.kind for n in w.tick(3.6)] == ["skipped"] and state(w, m) == "skipped" and not w.entries
+        write_picks(base / "picks", "late")
+        notices = w.tick(4.7)
+        assert [n.kind for n in notices] == ["picks_arrived"] and notices[0].path == str(m)
+        if reprocess:
+            assert "reprocessing" in notices[0].message and state(w, m) == "queued"
+            assert w.ready()[0].picks.path == str(base / "picks" / "late_autopick.star")
+            assert w.counts()["skipped"] == 0 and w.counts()["queued"] == 1
+        else:
+            assert "not reprocessed" in notices[0].message and state(w, m) == "skipped" and not w.entries
