@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu.backend import array_module, fft, irfft2, rfft, rfft2
+from gpu.backend import array_module, fft, irfft2, is_gpu, map_chunks, rfft, rfft2
 from gpu.fourier import next_smooth_even, prev_smooth_even
 
 
@@ -106,16 +106,26 @@ def window_rfft(spectra: Any, win: CropWindow) -> Any:
     return xp.concatenate([spectra[..., :n_pos, :c], spectra[..., win.h - n_neg :, :c]], axis=-2)
 
 
+def window_row_segments(win: CropWindow) -> list[tuple[slice, slice]]:
+    """``[(input rows, window rows)]``: the window's rows as at most two contiguous slices of the input
+    grid (``m >= 0`` first, then ``m < 0``), so a pass over the window can read them in place."""
+    if win.h2 == win.h:
+        return [(slice(0, win.h), slice(0, win.h))]
+    n_pos = int(np.sum(win.m >= 0))
+    n_neg = len(win.m) - n_pos
+    segs = [(slice(0, n_pos), slice(0, n_pos))]
+    if n_neg:
+        segs.append((slice(win.h - n_neg, win.h), slice(n_pos, n_pos + n_neg)))
+    return segs
+
+
 def _window_rows(spectra: Any, win: CropWindow) -> Any:
     """The window's rows ``(..., rows, c)`` of ``spectra (..., h, c)`` in FFT order (two slices)."""
     xp = array_module(spectra)
-    if win.h2 == win.h:
-        return spectra
-    n_pos = int(np.sum(win.m >= 0))
-    n_neg = len(win.m) - n_pos
-    if n_neg == 0:
-        return spectra[..., :n_pos, :]
-    return xp.concatenate([spectra[..., :n_pos, :], spectra[..., win.h - n_neg :, :]], axis=-2)
+    segs = window_row_segments(win)
+    if len(segs) == 1:
+        return spectra if win.h2 == win.h else spectra[..., segs[0][0], :]
+    return xp.concatenate([spectra[..., src, :] for src, _ in segs], axis=-2)
 
 
 def window_rfft2(images: Any, win: CropWindow) -> Any:
@@ -176,8 +186,10 @@ def bin_real(frames: Any, factor: int, reduce: str = "mean", chunk: int = 4) -> 
 
     Each output pixel pools a ``factor x factor`` block (trailing rows/columns that do not fill
     a block are dropped), so output pixel ``j`` is centred at input ``j * factor + (factor - 1)/2``.
-    ``reduce``: "mean" or "sum". Leading dims are processed ``chunk`` images at a time to bound
-    the temporaries; pooling uses strided adds (much faster than a reshape-reduce on the CPU).
+    ``reduce``: "mean" or "sum". Leading dims are processed ``chunk`` images at a time, and on the
+    CPU in blocks of rows (about 2 MiB of input each), so the temporaries stay in cache instead of
+    being freshly mapped per image; pooling uses strided adds (much faster than a reshape-reduce
+    on the CPU).
     """
     xp = array_module(frames)
     if int(factor) != factor or factor < 1:
@@ -193,26 +205,31 @@ def bin_real(frames: Any, factor: int, reduce: str = "mean", chunk: int = 4) -> 
     flat = frames.reshape((-1, h, w))
     out = xp.empty((flat.shape[0], hb, wb), dtype=xp.float32)
     scale = np.float32(1.0 / (f * f)) if reduce == "mean" else None
+    rows = hb if is_gpu(xp) else max(1, (2 << 20) // (chunk * f * w * flat.itemsize))
     for i in range(0, flat.shape[0], chunk):
-        v = flat[i : i + chunk, : hb * f, : wb * f]
-        rows = _strided_sum(v, f, -2, xp)
-        acc = _strided_sum(rows, f, -1, xp)
-        if scale is not None:
-            acc *= scale
-        out[i : i + chunk] = acc
+        for r in range(0, hb, rows):
+            r1 = min(hb, r + rows)
+            v = flat[i : i + chunk, r * f : r1 * f, : wb * f]
+            dst = out[i : i + chunk, r:r1]
+            _strided_sum(_strided_sum(v, f, -2, xp), f, -1, xp, out=dst)
+            if scale is not None:
+                dst *= scale
     return out.reshape((*lead, hb, wb))
 
 
-def _strided_sum(v: Any, f: int, axis: int, xp: Any) -> Any:
+def _strided_sum(v: Any, f: int, axis: int, xp: Any, out: Any = None) -> Any:
     """float32 sum of every ``f``-th slice along ``axis`` (-2 or -1), starting at 0..f-1; the first add
-    writes the new array directly (no cast copy of the first slice)."""
+    writes the new array (or ``out``) directly (no cast copy of the first slice)."""
 
     def part(j: int) -> Any:
         return v[..., j::f, :] if axis == -2 else v[..., j::f]
 
     if f == 1:
-        return part(0).astype(xp.float32)
-    acc = xp.add(part(0), part(1), dtype=xp.float32)
+        if out is None:
+            return part(0).astype(xp.float32)
+        out[...] = part(0)
+        return out
+    acc = xp.add(part(0), part(1), dtype=xp.float32, out=out)
     for j in range(2, f):
         acc += part(j)
     return acc
@@ -270,7 +287,8 @@ def downsample_spectra(frames: Any, factor: float, chunk: int = 1, taper: float 
 
     Plan from :func:`downsample_plan`; work is done ``chunk`` frames at a time, so no full-size
     complex array of the movie is ever held (one frame at a time is also the fastest on the CPU:
-    the temporaries stay small enough to be reused instead of page-faulted in again).
+    the temporaries stay small enough to be reused instead of page-faulted in again); on the CPU the
+    chunks run on the worker's threads (:func:`gpu.backend.map_chunks`).
     ``taper`` > 0: each binned frame ``x`` becomes ``mean + (x - mean) * edge_taper(fraction=taper)``
     before the transform, so its edges fade to its mean (no wrap-around discontinuity).
     """
@@ -282,13 +300,19 @@ def downsample_spectra(frames: Any, factor: float, chunk: int = 1, taper: float 
     win = crop_window(hb, wb, hc, wc)
     out = xp.empty((n, hc, wc // 2 + 1), dtype=xp.complex64)
     window = edge_taper(hb, wb, taper, xp) if taper > 0 else None
-    for i in range(0, n, chunk):
-        part = frames[i : i + chunk]
-        binned = bin_real(part, b, chunk=chunk)[:, :hb, :wb] if b > 1 else part[:, :hb, :wb].astype(xp.float32)
+
+    def run(sl: slice) -> None:
+        part = frames[sl, : hb * b, : wb * b]
+        binned = bin_real(part, b, chunk=chunk) if b > 1 else part.astype(xp.float32)
         if window is not None:
+            # in place: the same arithmetic as mean + (x - mean) * window, without three temporaries
             mean = binned.mean(axis=(1, 2), keepdims=True)
-            binned = (binned - mean) * window + mean
-        out[i : i + chunk] = fold_window(window_rfft2(binned, win), win)
+            binned -= mean
+            binned *= window
+            binned += mean
+        out[sl] = fold_window(window_rfft2(binned, win), win)
+
+    map_chunks(run, n, chunk, xp)
     return Downsampled(out, (hc, wc), (b * hb / hc, b * wb / wc), b, (b - 1) / 2.0)
 
 

@@ -50,7 +50,7 @@ frame) and the exact MAP path of ``Σ ℓ_t`` under the velocity part of the pri
 programming (Viterbi; the quadratic transition cost is separable in x and y). Then Newton steps
 on the full posterior ``Σ_t ℓ_t(s_t + δ_t) - prior(s + δ)`` with the others frozen (Jacobi): each
 frame's value, gradient and Hessian come from the exact trigonometric interpolant of ``c_t`` (one
-separable DFT: an elementwise product, one GEMM, a tiny contraction), and the ``2F`` coupled
+separable DFT: one real GEMM per frame on the stored cross-powers, a tiny contraction), and the ``2F`` coupled
 unknowns from one small linear solve ``(P - κH) ε = κg - P(s + δ)``. Iteration stops when no
 re-referenced shift changes by more than ``tolerance_px``.
 
@@ -66,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu.backend import array_module, irfft2, to_numpy
+from gpu.backend import array_module, fft, irfft2, is_gpu, map_chunks, to_numpy
 from gpu.crop import downsample_spectra
 from gpu.shift import ramp_factors
 
@@ -78,6 +78,7 @@ _MAX_SEARCHES = 2  # ... but only once: on weak data, frames coupled mostly to e
 _TAPER = 0.1  # fraction of each side faded to the frame mean before correlation
 _MAX_SHIFT_A = 150.0  # default search radius (module doc)
 _HEIGHT_ROUNDS = 1  # split-half rounds estimating h (more change nothing measurable on the simulator)
+_DENSE_MAX_PLUS = 1 << 22  # elements: _max_plus takes every j up to this size (32 MiB of float64)
 _NOISE_FLOOR = 1e-3  # noise power never below this fraction of a frame's power (noise-free input)
 # prior at smoothing = 1 (module doc): sigma(e) = late + burst * exp(-e / tau)
 _BURST_TAU = 2.0  # e/Å²
@@ -176,9 +177,9 @@ def prior_matrix(velocity: np.ndarray, acceleration: np.ndarray, n_frames: int) 
 class _Trig:
     """Frame-independent factors of the interpolant's value, gradient and Hessian (:func:`_peak_terms`)."""
 
-    dx: Any  # (wk, 3) complex64: m_kx (2πi kx)^j
+    dx: np.ndarray  # (wk, 3) complex128, host: m_kx (2πi kx)^j
     dy: Any  # (3, hc) complex128: (2πi ky)^i
-    kx: Any  # (wk,)
+    kx: np.ndarray  # (wk,) host
     ky: Any  # (hc,)
 
     @classmethod
@@ -186,27 +187,71 @@ class _Trig:
         ky = np.fft.fftfreq(hc)
         kx = np.fft.rfftfreq(wc)
         mult = np.where(np.arange(kx.size) == 0, 1.0, 2.0)
-        dx = np.stack([mult * (2j * np.pi * kx) ** j for j in range(3)], axis=1).astype(np.complex64)
+        dx = np.stack([mult * (2j * np.pi * kx) ** j for j in range(3)], axis=1)
         iy = 2j * np.pi * ky
-        return cls(xp.asarray(dx), xp.asarray(np.stack([iy**0, iy, iy * iy], axis=0)), xp.asarray(kx), xp.asarray(ky))
+        return cls(dx, xp.asarray(np.stack([iy**0, iy, iy * iy], axis=0)), kx, xp.asarray(ky))
 
 
-def _peak_terms(p: Any, d: Any, trig: _Trig, xp: ModuleType, work: Any = None) -> np.ndarray:
+def _real_gemm_factor(b: np.ndarray) -> np.ndarray:
+    """``(..., 2k, 2j)`` float32 ``R`` with ``z.view(float32) @ R = (z @ b).view(float32)`` for complex ``z (..., k)``
+    and ``b (..., k, j)``: rows ``2k`` (real parts of ``z``) get ``[Re b, Im b]``, rows ``2k+1`` ``[-Im b, Re b]``.
+
+    One real GEMM reads the complex64 data once, in place (no complex GEMM, no product array)."""
+    *lead, k, j = b.shape
+    r = np.empty((*lead, k, 2, j, 2), dtype=np.float32)
+    r[..., 0, :, 0] = b.real
+    r[..., 0, :, 1] = b.imag
+    r[..., 1, :, 0] = -b.imag
+    r[..., 1, :, 1] = b.real
+    return r.reshape(*lead, 2 * k, 2 * j)
+
+
+def _peak_terms(p: Any, d: Any, trig: _Trig, xp: ModuleType) -> np.ndarray:
     """``(F, 3, 3)`` host float64 ``M_ij = Σ_ky (2πi ky)^i e_y Σ_kx p (2πi kx)^j m e_x`` (real part)
     at offsets ``d (F, 2)`` binned px: ``c = M_00``, gradient ``(M_01, M_10)``, Hessian
     ``[[M_02, M_11], [M_11, M_20]]`` of ``c(δ) = Σ_k m_k Re[p_k exp(+2πi k·δ)]``.
 
-    One elementwise product with ``e_x``, one GEMM against the frame-independent ``(wk, 3)`` matrix
-    (a single large GEMM: batched small ones hit slow BLAS paths), and a tiny contraction over ``ky``.
-    ``work``: optional buffer like ``p`` for the product.
+    ``e_x`` is folded into each frame's ``(wk, 3)`` factor, so the inner sums are one real GEMM per
+    frame on ``p`` as stored (:func:`_real_gemm_factor`; frame chunks on the CPU threads), followed
+    by a tiny contraction over ``ky``.
     """
-    n, hc, wk = p.shape
-    d = xp.asarray(d, dtype=xp.float64)
-    ex = xp.exp(2j * np.pi * d[:, 0:1] * trig.kx[None, :]).astype(xp.complex64)  # (F, wk)
-    ey = xp.exp(2j * np.pi * d[:, 1:2] * trig.ky[None, :])  # (F, hc)
-    q = xp.multiply(p, ex[:, None, :], out=xp.empty_like(p) if work is None else work)
-    t = (q.reshape(n * hc, wk) @ trig.dx).reshape(n, hc, 3).astype(xp.complex128)
-    return to_numpy(xp.einsum("iy,fy,fyj->fij", trig.dy, ey, t).real)
+    n, hc = p.shape[:2]
+    d = np.asarray(to_numpy(d), dtype=np.float64)
+    ex = np.exp(2j * np.pi * d[:, 0:1] * trig.kx[None, :])  # (F, wk)
+    r = xp.asarray(_real_gemm_factor(ex[:, :, None] * trig.dx[None]))  # (F, 2wk, 6)
+    pv = p.view(xp.float32)
+    t = xp.empty((n, hc, 6), dtype=xp.float32)
+
+    def run(sl: slice) -> None:
+        t[sl] = xp.matmul(pv[sl], r[sl])
+
+    map_chunks(run, n, 2, xp)
+    tc = t[..., 0::2].astype(xp.complex128) + 1j * t[..., 1::2]  # (F, hc, 3)
+    ey = xp.exp(2j * np.pi * xp.asarray(d[:, 1:2]) * trig.ky[None, :])  # (F, hc)
+    return to_numpy(xp.einsum("iy,fy,fyj->fij", trig.dy, ey, tc).real)
+
+
+def _row_chunk(n: int, wk: int, xp: ModuleType) -> int:
+    """Rows ``ky`` per chunk of an ``(n, hc, wk)`` pass: ~2 MiB of complex64 per chunk on the CPU (it stays
+    in cache through the chunk's several passes, and the chunks run on the worker's threads); all rows on the GPU."""
+    return 1 << 30 if is_gpu(xp) else max(1, (2 << 20) // (8 * n * wk))
+
+
+def _frame_power(spectra: Any, wgt: Any) -> tuple[Any, np.ndarray]:
+    """``(w|A_t|² (F, hc, wk) float32, Σ_k (w|A_t|²)² (F,) host float64)`` for spectra ``A (F, hc, wk)``."""
+    xp = array_module(spectra)
+    n, hc, wk = spectra.shape
+    power = xp.empty(spectra.shape, dtype=xp.float32)
+
+    def rows(sl: slice) -> Any:
+        a, pw = spectra[:, sl], power[:, sl]
+        xp.multiply(a.real, a.real, out=pw)
+        pw += a.imag * a.imag
+        pw *= wgt[sl]
+        v = pw.reshape(n, -1)
+        return xp.einsum("ij,ij->i", v, v).astype(xp.float64)
+
+    return power, to_numpy(sum(map_chunks(rows, hc, _row_chunk(n, wk, xp), xp)))
 
 
 def _cross_spectra(movie: BinnedMovie, s: Any, wgt: Any, power: Any, power_sq: Any, p: Any) -> np.ndarray:
@@ -216,48 +261,81 @@ def _cross_spectra(movie: BinnedMovie, s: Any, wgt: Any, power: Any, power_sq: A
     With ``a = w|T|²`` (T the sum of all frames), ``b = w|A_t|²`` and ``r = Re p``:
     ``w|R_t|² = a - 2r - b`` and ``w N_t = b - r/(F-1)``, so ``σ_t² = ½ Σ m² (a - 2r - b)(b - r/(F-1))``,
     expanded into per-frame reductions (no full-size temporaries beyond ``r``); ``m = 2`` wherever
-    ``w != 0``.
+    ``w != 0``. Every frequency row is independent (the frame sum runs along the first axis), so
+    the passes run fused on row chunks (:func:`_row_chunk`).
     """
     xp = array_module(movie.spectra)
     n = movie.n_frames
     hc, wc = movie.shape
+    wk = movie.spectra.shape[-1]
     ey, ex = ramp_factors(-s, hc, wc, True, xp)
-    xp.multiply(movie.spectra, ey, out=p)
-    p *= ex
-    total = p.sum(axis=0)
-    a = ((total.real**2 + total.imag**2) * wgt).reshape(-1)
-    p *= (xp.conj(total) * wgt)[None]
-    p -= power  # = A_t conj(Σ_{u≠t} A_u) w: frame against the sum of the others
-    r = xp.ascontiguousarray(p.real).reshape(n, -1)
-    b = power.reshape(n, -1)
+
+    def rows(sl: slice) -> Any:
+        pc = p[:, sl]
+        xp.multiply(movie.spectra[:, sl], ey[:, sl], out=pc)
+        pc *= ex
+        total = pc.sum(axis=0)
+        w = wgt[sl]
+        a = ((total.real**2 + total.imag**2) * w).reshape(-1)
+        pc *= (xp.conj(total) * w)[None]
+        pc -= power[:, sl]  # = A_t conj(Σ_{u≠t} A_u) w: frame against the sum of the others
+        r = xp.ascontiguousarray(pc.real).reshape(n, -1)
+        b = power[:, sl].reshape(n, -1)
+        sums = (b @ a, r @ a, xp.einsum("ij,ij->i", r, b), xp.einsum("ij,ij->i", r, r))
+        return xp.stack(sums).astype(xp.float64)
+
+    sab, sar, srb, srr = to_numpy(sum(map_chunks(rows, hc, _row_chunk(n, wk, xp), xp)))
     q = max(n - 1, 1)
-    sab, sar = b @ a, r @ a
-    srb, srr = xp.einsum("ij,ij->i", r, b), xp.einsum("ij,ij->i", r, r)
-    sab, sar, srb, srr = (to_numpy(v).astype(np.float64) for v in (sab, sar, srb, srr))
     var = 2.0 * (sab - sar / q - (2.0 - 1.0 / q) * srb + 2.0 * srr / q - power_sq)
     floor = 2.0 * _NOISE_FLOOR * (sab - 2.0 * srb - power_sq)
     return np.maximum(np.maximum(var, floor), 1e-30)
 
 
-def _window_maps(p: Any, radius: tuple[int, int], hc: int, wc: int, split: bool, chunk: int = 8) -> list[np.ndarray]:
+def _window_maps(
+    p: Any, radius: tuple[int, int], hc: int, wc: int, split: bool, chunk: int | None = None
+) -> list[np.ndarray]:
     """``[c]`` or, with ``split``, ``[c, c1]``: ``(F, 2ry+1, 2rx+1)`` host float64 correlation maps
     ``c_t(δ)`` at integer offsets ``|δx| <= rx``, ``|δy| <= ry`` (row ``i`` is ``δy = i - ry``), in the
     units of :func:`_peak_terms`; ``c1`` is the same from half of the frequencies (a checkerboard in
-    the rfft half-plane, whose stored coefficients with ``kx > 0`` are all independent; ``c - c1`` is
-    the other half)."""
+    the rfft half-plane, ``ky + kx`` odd (indices), whose stored coefficients with ``kx > 0`` are all
+    independent; ``c - c1`` is the other half).
+
+    Only the window of the inverse transform is formed: one 1-D FFT along ``ky`` (a forward one,
+    whose row ``-δy`` holds the offset ``δy``), then the window rows against the
+    ``(wk, 2rx+1)`` matrix ``m_kx e^{2πi kx δx / wc}`` (real part; one real GEMM). For even ``hc``
+    the checkerboard needs no transform of its own: restricting ``ky`` to odd (even) indices is
+    ``½(Z[-δy] ∓ Z[-δy + hc/2])``, used for even (odd) ``kx``. ``chunk``: frames per transform
+    (default: about 8 MiB of them on the CPU, 8 frames on the GPU).
+    """
     xp = array_module(p)
     rx, ry = radius
-    rows = xp.asarray(np.arange(-ry, ry + 1) % hc)
-    cols = xp.asarray(np.arange(-rx, rx + 1) % wc)
     wk = p.shape[-1]
-    half = xp.asarray(((np.arange(hc)[:, None] + np.arange(wk)[None, :]) % 2).astype(np.float32))
+    if chunk is None:
+        chunk = 8 if is_gpu(xp) else max(1, (8 << 20) // (8 * hc * wk))
+    rows = (-np.arange(-ry, ry + 1)) % hc
+    kx = np.arange(wk)
+    mult = np.where((kx == 0) | (2 * kx == wc), 1.0, 2.0)
+    e = mult[:, None] * np.exp(2j * np.pi * kx[:, None] * np.arange(-rx, rx + 1)[None, :] / wc)  # (wk, 2rx+1)
+    g = xp.asarray(_real_gemm_factor(e[None])[0][:, 0::2])  # (2wk, 2rx+1): real part only
+    g1 = xp.asarray(_real_gemm_factor((e * np.where(kx % 2 == 0, -1.0, 1.0)[:, None])[None])[0][:, 0::2])
+    half = None if hc % 2 == 0 else xp.asarray(((np.arange(hc)[:, None] + kx[None, :]) % 2).astype(np.float32))
+    rows_d = xp.asarray(rows)
+    n_r = rows.size
+
+    def window(z: Any, m: Any) -> np.ndarray:
+        zr = xp.ascontiguousarray(z).view(xp.float32).reshape(-1, 2 * wk)
+        return to_numpy((zr @ m).reshape(-1, n_r, 2 * rx + 1))
+
     out: list[list[np.ndarray]] = [[], []] if split else [[]]
     for i in range(0, p.shape[0], chunk):
-        q = p[i : i + chunk]
-        out[0].append(to_numpy(irfft2(q, s=(hc, wc))[:, rows][:, :, cols]))
-        if split:
-            out[1].append(to_numpy(irfft2(q * half, s=(hc, wc))[:, rows][:, :, cols]))
-    return [np.concatenate(o).astype(np.float64) * float(hc * wc) for o in out]
+        z = fft(p[i : i + chunk], axis=-2)
+        c = window(z[:, rows_d], g)
+        out[0].append(c)
+        if split and half is None:
+            out[1].append(0.5 * (c + window(z[:, xp.asarray((rows + hc // 2) % hc)], g1)))
+        elif split:
+            out[1].append(window(fft(p[i : i + chunk] * half, axis=-2)[:, rows_d], g))
+    return [np.concatenate(o).astype(np.float64) for o in out]
 
 
 def _max_plus(score: np.ndarray, offset: float, precision: float) -> np.ndarray:
@@ -270,11 +348,12 @@ def _max_plus(score: np.ndarray, offset: float, precision: float) -> np.ndarray:
     i = np.arange(w)
     spread = float(score.max() - score.min())
     band = w if precision <= 0 else int(np.ceil(np.sqrt(2.0 * spread / precision))) + 1
-    if band >= w - 1:
-        j = np.broadcast_to(i[None, :], (w, w))
-    else:
-        centre = np.clip(i + round(offset), 0, w - 1)
-        j = np.clip(centre[:, None] + np.arange(-band, band + 1)[None, :], 0, w - 1)
+    if band >= w - 1 or score.size * w <= _DENSE_MAX_PLUS:
+        # every j (the same maximum: the others cannot win): a broadcast is several times faster than
+        # gathering score[:, j], most of all from the transposed scores of the second axis
+        return (score[:, None, :] - (0.5 * precision) * (offset + i[:, None] - i[None, :]) ** 2).max(axis=-1)
+    centre = np.clip(i + round(offset), 0, w - 1)
+    j = np.clip(centre[:, None] + np.arange(-band, band + 1)[None, :], 0, w - 1)
     return (score[:, j] - (0.5 * precision) * (offset + i[:, None] - j) ** 2).max(axis=-1)
 
 
@@ -435,9 +514,8 @@ def _refine(
     no step exceeds ``tol`` binned px."""
     xp = array_module(p)
     d = np.array(start, dtype=np.float64)
-    work = xp.empty_like(p)
     for _ in range(steps):
-        step = _solve_update(_peak_terms(p, xp.asarray(d), trig, xp, work), kappa, prior, s + d)
+        step = _solve_update(_peak_terms(p, d, trig, xp), kappa, prior, s + d)
         norm = np.hypot(step[:, 0], step[:, 1])
         step *= min(1.0, _MAX_NEWTON_STEP / max(float(norm.max()), 1e-30))
         d += step
@@ -498,8 +576,7 @@ def estimate_frame_shifts(
     step_precision = np.stack([vel * ax * ax, vel * ay * ay], axis=1)
     wgt = correlation_weights(movie, bfactor)
     # |A_t|² does not change with the shift: the self term of A_t · conj(Σ_u A_u) is fixed
-    power = (movie.spectra.real**2 + movie.spectra.imag**2) * wgt
-    power_sq = to_numpy(xp.einsum("ij,ij->i", power.reshape(n, -1), power.reshape(n, -1))).astype(np.float64)
+    power, power_sq = _frame_power(movie.spectra, wgt)
     trig = _Trig.make(hc, wc, xp)
     scale = np.array([sx, sy])
     s = np.zeros((n, 2), dtype=np.float64)

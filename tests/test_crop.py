@@ -133,3 +133,18 @@ def test_taper_fades_edges_to_the_frame_mean():
     mean = img.mean()
     np.testing.assert_allclose(out, mean + (img[0] - mean) * edge_taper(64, 64, 0.25), atol=1e-5)
     np.testing.assert_allclose(out[20:44, 20:44], img[0, 20:44, 20:44], atol=1e-5)  # untouched inside
+
+
+def test_bin_real_in_many_row_blocks_and_threaded_frames_equal_one_frame_at_a_time():
+    # ~2 MiB row blocks: a 1100-px wide frame binned by 2 takes several blocks and a partial last one
+    rng = np.random.default_rng(6)
+    frames = rng.random((3, 1003, 1100), dtype=np.float32) * 4
+    ref = frames[:, :1002, :].astype(np.float64).reshape(3, 501, 2, 550, 2).mean(axis=(2, 4))
+    got = bin_real(frames, 2, chunk=1)
+    assert got.shape == (3, 501, 550)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    np.testing.assert_array_equal(bin_real(frames, 2, chunk=3), got)
+    # frame chunks of downsample_spectra run on threads: each frame as if alone
+    d = downsample_spectra(frames, 3.1, taper=0.1)
+    for t in range(3):
+        np.testing.assert_array_equal(d.spectra[t], downsample_spectra(frames[t : t + 1], 3.1, taper=0.1).spectra[0])

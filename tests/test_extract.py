@@ -3,8 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gpu.crop import crop_window, fold_window, fourier_crop_rfft
 from gpu.dose import dose_weights
-from gpu.extract import EDGE_REASON, cut_patches, extract_particles
+from gpu.extract import EDGE_REASON, chunk_shape, cut_patches, extract_particles, window_ramps, window_sum
+from gpu.shift import phase_ramp
 
 
 def blob(x, y, s=1.0):
@@ -131,3 +133,37 @@ def test_chunking_and_shared_trajectory_give_identical_results(movie):
     assert empty.shape == (0, 40, 40) and kept.size == 0
     with pytest.raises(ValueError, match=r"^gpu/extract.py: edge must be"):
         extract_particles(frames, pos, traj, 48, 40, 1.0, edge="wrap")
+
+
+@pytest.mark.parametrize(("box", "out_box"), [(48, 48), (48, 24), (48, 27), (50, 32)])
+def test_window_sum_equals_per_frame_shifted_weighted_and_cropped_spectra(box, out_box):
+    # Σ_f q_f(k) e^{+2πik·frac_f} FFT(patch_f), Fourier-cropped, with every patch transformed on its own in float64
+    rng = np.random.default_rng(8)
+    n_p, n_f = 3, 4
+    patches = rng.standard_normal((n_p, n_f, box, box)).astype(np.float32)
+    frac = rng.uniform(-0.5, 0.5, (n_p, n_f, 2))
+    win = crop_window(box, box, out_box, out_box)
+    k = np.hypot(win.ky[:, None], win.kx[None, :])
+    weights = dose_weights(k, n_f, 3.0)
+    ramps = window_ramps(frac, win, np)
+    got = fold_window(window_sum(patches, ramps, win, weights), win)
+    assert got.shape == (n_p, out_box, out_box // 2 + 1) and got.dtype == np.complex64
+    full_w = dose_weights(np.hypot(np.fft.fftfreq(box)[:, None], np.fft.rfftfreq(box)[None, :]), n_f, 3.0)
+    spec = np.fft.rfft2(patches.astype(np.float64)) * phase_ramp(-frac, box, box).astype(np.complex128)
+    want = fourier_crop_rfft((spec * full_w).sum(axis=1), (out_box, out_box), box)
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+    plain = fourier_crop_rfft(spec.sum(axis=1), (out_box, out_box), box)
+    np.testing.assert_allclose(fold_window(window_sum(patches, ramps, win), win), plain, atol=2e-5 * np.abs(plain).max())
+    # in frame steps, added up
+    steps = window_sum(patches[:, :3], (ramps[0][:, :3], ramps[1][:, :3]), win, weights[:3])
+    window_sum(patches[:, 3:], (ramps[0][:, 3:], ramps[1][:, 3:]), win, weights[3:], out=steps)
+    np.testing.assert_allclose(fold_window(steps, win), want, atol=2e-5 * np.abs(want).max())
+
+
+def test_chunk_shape_splits_frames_only_when_one_particle_does_not_fit():
+    per = 64 * 64 * 4 + 64 * 33 * 8 + 2 * 33 * 17 * 8  # one patch's working set, box 64 -> 32
+    assert chunk_shape(10, 64, 32, 25 * per) == (2, 10)
+    assert chunk_shape(10, 64, 32, 4 * per) == (1, 4)  # 3 equal steps of at most 4 frames
+    assert chunk_shape(40, 64, 32, 12 * per) == (1, 10)
+    assert chunk_shape(10, 64, 32, 4 * per, particles=2) == (2, 2)
+    assert chunk_shape(10, 64, 32, 1) == (1, 1)
