@@ -69,6 +69,11 @@ def set_threads(n: int) -> None:
     _THREADS["n"] = int(n)
 
 
+def cpu_threads() -> int:
+    """Threads this worker's CPU work may use (:func:`set_threads`; 1 inside a :func:`map_chunks` chunk)."""
+    return _workers()
+
+
 def _workers() -> int:
     if threading.current_thread().name.startswith("lmc-xp"):
         return 1  # inside a map_chunks chunk: the chunks already use every thread

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from gpu.backend import array_module, to_numpy
+from gpu.backend import array_module, cpu_threads, map_chunks, to_numpy
 
 _CPU_BLOCK_BYTES = 1 << 20  # output rows per cast+multiply step on the CPU: stays in L2
 _BLOCK = 64  # px; local level for hot-pixel detection is estimated per block of this size
@@ -49,6 +49,7 @@ def apply_gain(
     chunk: int = 4,
     out: Any | None = None,
     xp: ModuleType | None = None,
+    sum_out: Any | None = None,
 ) -> Any:
     """``frames (F, h, w)`` of any dtype times ``multiplier (h, w)`` (or just cast when None).
 
@@ -64,7 +65,10 @@ def apply_gain(
 
     Either way an 8-bit movie never has a second full-size temporary besides the output. When
     ``multiplier`` is None, ``out`` is None and the frames already have ``out_dtype`` on ``xp``,
-    the input itself is returned (no copy).
+    the input itself is returned (no copy). ``sum_out``: an ``(h, w)`` array of ``out_dtype`` that
+    receives the sum of the corrected frames (for :func:`hot_pixel_mask`); on the CPU it is
+    accumulated while each block is in cache (no second pass over the movie), and frames are
+    split between the worker's threads (:func:`gpu.backend.map_chunks`).
     """
     src = array_module(frames)
     xp = xp or src
@@ -78,8 +82,12 @@ def apply_gain(
             f"{tuple(frames.shape[-2:])} (check gain rotation)"
         )
     dt = xp.dtype(out_dtype)
+    if sum_out is not None and (tuple(sum_out.shape) != tuple(frames.shape[-2:]) or sum_out.dtype != dt):
+        raise ValueError(f"gpu/gain.py: sum_out is {tuple(sum_out.shape)} {sum_out.dtype}, need {tuple(frames.shape[-2:])} {dt}")
     if out is None:
         if multiplier is None and frames.dtype == dt and src is xp:
+            if sum_out is not None:
+                sum_out[...] = frames.sum(axis=0)
             return frames
         out = xp.empty(frames.shape, dtype=dt)
     elif tuple(out.shape) != tuple(frames.shape) or out.dtype != dt or array_module(out) is not xp:
@@ -89,16 +97,39 @@ def apply_gain(
         )
     m = None if multiplier is None else xp.asarray(multiplier, dtype=dt)
     if xp is np:
-        n_f, h, w = frames.shape
-        rows = max(1, _CPU_BLOCK_BYTES // max(1, w * dt.itemsize))
-        for f in range(n_f):
-            for r in range(0, h, rows):
-                o = out[f, r : r + rows]
-                np.copyto(o, frames[f, r : r + rows], casting="unsafe")
-                if m is not None:
-                    o *= m[r : r + rows]
+        _gain_cpu(frames, m, out, sum_out)
         return out
-    return _gain_by_frame_chunks(frames, m, out, chunk, xp)
+    out = _gain_by_frame_chunks(frames, m, out, chunk, xp)
+    if sum_out is not None:
+        sum_out[...] = out.sum(axis=0)
+    return out
+
+
+def _gain_cpu(frames: np.ndarray, m: np.ndarray | None, out: np.ndarray, sum_out: np.ndarray | None) -> None:
+    """CPU body of :func:`apply_gain`: blocks of rows (all frames of a block while its gain and sum
+    rows stay in cache); the blocks are split between the worker's threads (disjoint rows, no
+    partial sums to allocate or merge)."""
+    n_f, h, w = frames.shape
+    rows = max(1, _CPU_BLOCK_BYTES // max(1, w * out.itemsize))
+
+    def run(rs: slice) -> None:
+        for r in range(rs.start, rs.stop, rows):
+            r1 = min(rs.stop, r + rows)
+            acc = None if sum_out is None else sum_out[r:r1]
+            for f in range(n_f):
+                o = out[f, r:r1]
+                np.copyto(o, frames[f, r:r1], casting="unsafe")
+                if m is not None:
+                    o *= m[r:r1]
+                if acc is not None:
+                    if f == 0:
+                        acc[...] = o
+                    else:
+                        acc += o
+
+    n_blocks = -(-h // rows)
+    per_thread = -(-n_blocks // max(1, cpu_threads()))
+    map_chunks(run, h, per_thread * rows)
 
 
 def _gain_by_frame_chunks(frames: Any, m: Any | None, out: Any, chunk: int, xp: ModuleType) -> Any:

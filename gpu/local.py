@@ -267,19 +267,20 @@ class BlockPreconditioner:
 
     def __init__(self, m: np.ndarray, size: int) -> None:
         self.linv = np.linalg.inv(np.linalg.cholesky(m))  # (B, n, n) lower triangular
+        self.linv_t = np.ascontiguousarray(self.linv.transpose(0, 2, 1))
         self.shape = (m.shape[0], m.shape[1], 2)
         if int(np.prod(self.shape)) != size:
             raise ValueError(f"gpu/local.py: preconditioner blocks {self.shape} do not cover {size} parameters")
 
     def to_z(self, y: np.ndarray) -> np.ndarray:
-        return np.einsum("bkj,bkc->bjc", self.linv, y.reshape(self.shape)).ravel()
+        return np.matmul(self.linv_t, y.reshape(self.shape)).ravel()
 
     def to_y(self, z: np.ndarray) -> np.ndarray:
-        return np.linalg.solve(self.linv.transpose(0, 2, 1), z.reshape(self.shape)).ravel()
+        return np.linalg.solve(self.linv_t, z.reshape(self.shape)).ravel()
 
     def gradient(self, gz: np.ndarray) -> np.ndarray:
         """∂J/∂y = L^{-1} ∂J/∂z."""
-        return np.einsum("bjk,bkc->bjc", self.linv, gz.reshape(self.shape)).ravel()
+        return np.matmul(self.linv, gz.reshape(self.shape)).ravel()
 
 
 # -- fitting ---------------------------------------------------------------------------------

@@ -634,6 +634,15 @@ def aligned_sum(
     binned = sh / xp.asarray([sx, sy])
     hc, wc = movie.shape
     ey, ex = ramp_factors(-binned, hc, wc, True, xp)
-    total = ((movie.spectra * ey) * ex).sum(axis=0)
+    spectra = movie.spectra
+    total = xp.empty(spectra.shape[1:], dtype=spectra.dtype)
+    rows = max(1, (1 << 21) // max(1, spectra.shape[0] * spectra.shape[2] * spectra.itemsize))
+
+    def run(sl: slice) -> None:  # row blocks of all frames: the product stays in cache until summed
+        block = spectra[:, sl] * ey[:, sl]
+        block *= ex
+        total[sl] = block.sum(axis=0)
+
+    map_chunks(run, hc, rows, xp)
     img = irfft2(total, s=(hc, wc)).astype(xp.float32, copy=False)
     return img, 0.5 * (sx + sy)

@@ -144,14 +144,15 @@ def process_movie(
     buffer = None if backend.is_gpu(xp) else _take_frame_buffer(mov.frames.shape)
     # host frames in: on the GPU apply_gain uploads a few raw frames at a time into the float32
     # device movie, so the raw movie never sits on the device next to it
-    frames = apply_gain(mov.frames, multiplier, out=buffer, xp=xp)
+    frame_sum = xp.empty((h, w), dtype=xp.float32) if cfg.gain.hot_pixel_sigma > 0 else None
+    frames = apply_gain(mov.frames, multiplier, out=buffer, xp=xp, sum_out=frame_sum)
     reusable = not backend.is_gpu(xp) and frames is not mov.frames
     if preloaded is not None and frames is not mov.frames:
         mov.frames = np.empty((0, h, w), mov.frames.dtype)
     del mov, preloaded
     bad = None
     if cfg.gain.hot_pixel_sigma > 0:
-        bad = hot_pixel_mask(frames.sum(axis=0), cfg.gain.hot_pixel_sigma)
+        bad = hot_pixel_mask(frame_sum, cfg.gain.hot_pixel_sigma)
     if cfg.gain.defects:
         defects = xp.asarray(_defect_mask(cfg.gain.defects, os.path.getmtime(cfg.gain.defects), (h, w)))
         bad = defects if bad is None else (bad | defects)

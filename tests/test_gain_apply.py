@@ -36,6 +36,29 @@ def test_apply_gain_casts_and_multiplies_in_chunks():
         apply_gain(frames, gain.T)
 
 
+def test_apply_gain_frame_sum_on_threads_equals_the_sum_of_the_output():
+    """sum_out accumulated block by block on 2 threads == the output summed over frames afterwards."""
+    from gpu import backend
+
+    rng = np.random.default_rng(11)
+    frames = rng.integers(0, 9, size=(9, 700, 500)).astype(np.uint8)  # several 1 MiB row blocks
+    gain = rng.uniform(0.8, 1.2, size=(700, 500)).astype(np.float32)
+    backend.set_threads(2)
+    try:
+        total = np.empty((700, 500), np.float32)
+        out = apply_gain(frames, gain, sum_out=total)
+    finally:
+        backend.set_threads(0)
+    np.testing.assert_array_equal(out, frames.astype(np.float32) * gain)
+    np.testing.assert_allclose(total, out.astype(np.float64).sum(axis=0), rtol=1e-6)
+    same = frames.astype(np.float32)
+    total2 = np.empty((700, 500), np.float32)
+    assert apply_gain(same, None, sum_out=total2) is same
+    np.testing.assert_allclose(total2, same.sum(axis=0), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"^gpu/gain.py: sum_out"):
+        apply_gain(frames, gain, sum_out=np.empty((5, 5), np.float32))
+
+
 def test_apply_gain_with_explicit_xp_and_the_frame_chunk_loop():
     rng = np.random.default_rng(6)
     frames = rng.integers(0, 9, size=(9, 24, 35)).astype(np.uint8)
