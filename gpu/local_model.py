@@ -116,6 +116,36 @@ def auto_binning(box: int, n: int) -> int:
     return 2 if box % 4 == 0 and n <= box // 8 else 1
 
 
+def binned_movie(frames: Any, out: Any = None) -> Any:
+    """(F, h, w) -> (F, h//2, w//2) float32 2x2 sums (:func:`gpu.crop.bin_real`), frame chunks on all threads.
+
+    ``out``: a buffer of that shape to fill (reused between movies by a worker).
+    """
+    from gpu.crop import bin_real
+
+    xp = backend.array_module(frames)
+    n, h, w = frames.shape
+    shape = (n, h // 2, w // 2)
+    if out is None or tuple(out.shape) != shape:
+        out = xp.empty(shape, dtype=xp.float32)
+
+    def run(sl: slice) -> None:
+        out[sl] = bin_real(frames[sl], 2, reduce="sum", chunk=1)
+
+    backend.map_chunks(run, n, 1, xp)
+    return out
+
+
+def binned_boxes_inside(centres: np.ndarray, box: int, binned_shape: tuple[int, int]) -> np.ndarray:
+    """Bool (...): the (box/2)² patch around ``rint((c - 0.5)/2)`` lies inside frames of ``binned_shape``.
+
+    ``centres``: (..., 2) px on the original grid (see :func:`spectra_from_frames`).
+    """
+    from gpu.extract import boxes_inside
+
+    return boxes_inside(np.rint((np.asarray(centres, dtype=np.float64) - 0.5) / 2.0), box // 2, binned_shape)
+
+
 def band_size(box: int, apix: float, band_high: float) -> int:
     """Largest Fourier index n with ``n / (box·apix) <= 1 / band_high``, at most box//2 - 1."""
     return max(1, min(box // 2 - 1, math.floor(box * apix / band_high + 1e-9)))
@@ -177,11 +207,15 @@ class _BandTransform:
         q = dose_weights(xp.asarray(self.kmag_a), n_frames, dose_per_frame, pre_exposure, kv, normalize=False, xp=xp)
         self.q = q[frames].astype(self.rdtype)
 
-    def __call__(self, patches: Any, remainders: Any) -> Any:
-        """(Pc, Fa, a, a) patches of the alignment frames + (Pc, Fa, 2) remainders -> (Pc, Fa, ny, nx)."""
+    def __call__(self, patches: Any, remainders: Any, prebinned: bool = False) -> Any:
+        """(Pc, Fa, a, a) patches of the alignment frames + (Pc, Fa, 2) remainders -> (Pc, Fa, ny, nx).
+
+        ``prebinned``: the patches are already 2x2 sums (Pc, Fa, a/2, a/2) cut from a binned movie
+        and the remainders are measured from their centre (in original px).
+        """
         xp = self.xp
         pt = xp.asarray(patches, dtype=self.rdtype)
-        if self.bin == 2:  # pairs of rows (contiguous), then pairs of columns
+        if self.bin == 2 and not prebinned:  # pairs of rows (contiguous), then pairs of columns
             rows = pt[..., 0::2, :] + pt[..., 1::2, :]
             pairs = rows.reshape(*rows.shape[:-1], rows.shape[-1] // 2, 2)
             pt = pairs[..., 0] + pairs[..., 1]
@@ -191,7 +225,7 @@ class _BandTransform:
         spec = backend.fft(cols, axis=-2, overwrite_x=True)[..., self.iy, :].astype(self.cdtype, copy=False)
         # the known sub-pixel remainder: shift content by -r; a binned pixel's centre sits half an
         # original pixel past its first pixel's, so the box centre moved by +0.5 px in x and y
-        r = xp.asarray(remainders, dtype=self.rdtype) - 0.5 * (self.bin - 1)
+        r = xp.asarray(remainders, dtype=self.rdtype) - (0.0 if prebinned else 0.5 * (self.bin - 1))
         spec *= xp.exp(2j * math.pi * self.ky[None, None, :, None] * r[..., 1, None, None]).astype(self.cdtype)
         spec *= xp.exp(2j * math.pi * self.kx[None, None, None, :] * r[..., 0, None, None]).astype(self.cdtype)
         spec *= self.q[None]
@@ -240,8 +274,8 @@ def prepare_spectra(
             f"gpu/local_model.py: remainders must be (P, F, 2) = ({p_count}, {n_frames}, 2), got {tuple(remainders.shape)}"
         )
 
-    def chunk_input(sl: slice, fsel: slice) -> tuple[Any, Any]:
-        return patches[sl, fsel], xp.asarray(remainders[sl, fsel])
+    def chunk_input(sl: slice, fsel: slice) -> tuple[Any, Any, bool]:
+        return patches[sl, fsel], xp.asarray(remainders[sl, fsel]), False
 
     return _band_spectra(chunk_input, p_count, n_frames, box, apix, dose_per_frame, pre_exposure, kv, band_low,
                          band_high, bfactor, first_frame, last_frame, xp, dtype, binning)
@@ -262,12 +296,18 @@ def spectra_from_frames(
     last_frame: int = -1,
     dtype: Any = None,
     binning: int | None = None,
+    binned_frames: Any = None,
 ) -> BandSpectra:
     """Like :func:`prepare_spectra`, cutting the patches from ``frames`` (F, h, w) chunk by chunk.
 
     ``centres``: (P, F, 2) px, each particle's full-frame trajectory position ``c = position + s_t``
     (every box of size ``box`` around ``rint(c)`` must lie inside the frame). Only one chunk of
     patches exists at a time, so memory stays bounded for any number of particles.
+    ``binned_frames``: the same frames summed 2x2, (F, h//2, w//2) (``gpu.crop.bin_real(frames, 2,
+    "sum")``); when the band is binned (:func:`auto_binning`) the (box/2)² patches are cut from
+    them around ``rint(c_b)``, ``c_b = (c - 0.5)/2`` (binned pixel j is centred at 2j + 0.5), with
+    remainder ``2 (c_b - rint(c_b))`` px: a quarter of the gather, and no binning per patch.
+    Every such box must lie inside the binned frames (:func:`binned_boxes_inside`).
     """
     from gpu.extract import cut_patches
 
@@ -276,11 +316,23 @@ def spectra_from_frames(
     n_frames = int(frames.shape[0])
     if centres.ndim != 3 or centres.shape[1:] != (n_frames, 2):
         raise ValueError(f"gpu/local_model.py: centres must be (P, {n_frames}, 2), got shape {centres.shape}")
-    ci = np.rint(centres)
-    rem = centres - ci
+    b = auto_binning(box, band_size(box, apix, band_high)) if binning is None else int(binning)
+    if binned_frames is not None and b == 2:
+        cb = (centres - 0.5) / 2.0
+        ci = np.rint(cb)
+        rem = 2.0 * (cb - ci)
+        if not binned_boxes_inside(centres, box, tuple(binned_frames.shape[1:])).all():
+            raise ValueError(f"gpu/local_model.py: a ({box // 2} px) box leaves the binned frames")
 
-    def chunk_input(sl: slice, fsel: slice) -> tuple[Any, Any]:
-        return cut_patches(frames[fsel], ci[sl, fsel].astype(np.int64), box), xp.asarray(rem[sl, fsel])
+        def chunk_input(sl: slice, fsel: slice) -> tuple[Any, Any, bool]:
+            patches = cut_patches(binned_frames[fsel], ci[sl, fsel].astype(np.int64), box // 2)
+            return patches, xp.asarray(rem[sl, fsel]), True
+    else:
+        ci = np.rint(centres)
+        rem = centres - ci
+
+        def chunk_input(sl: slice, fsel: slice) -> tuple[Any, Any, bool]:
+            return cut_patches(frames[fsel], ci[sl, fsel].astype(np.int64), box), xp.asarray(rem[sl, fsel]), False
 
     return _band_spectra(chunk_input, centres.shape[0], n_frames, box, apix, dose_per_frame, pre_exposure, kv,
                          band_low, band_high, bfactor, first_frame, last_frame, xp, dtype, binning)

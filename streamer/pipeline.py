@@ -33,6 +33,16 @@ EARLY_EXPOSURE = 4.0  # e/Å²: "early" motion as in RELION's motion statistics
 # One float32 movie buffer kept between movies on the CPU: faulting in 3.6 GB of fresh pages for a
 # K3 movie costs 0.3-8 s of kernel time per movie (more the first time on a VM); a worker reuses it.
 _FRAME_BUFFERS: list[np.ndarray] = []
+# and the 2x2-binned movie the per-particle stage cuts its patches from (a quarter of the size)
+_BINNED_BUFFERS: list[np.ndarray] = []
+
+
+def _take_binned_buffer(shape: tuple[int, ...]) -> np.ndarray | None:
+    while _BINNED_BUFFERS:
+        buf = _BINNED_BUFFERS.pop()
+        if buf.shape == tuple(shape):
+            return buf
+    return None
 
 
 def _take_frame_buffer(shape: tuple[int, ...]) -> np.ndarray | None:
@@ -192,12 +202,17 @@ def process_movie(
     local_info: dict[str, Any] = {}
     if cfg.local.enabled and len(pk) > 0:
         from gpu.local import estimate_local
-        from gpu.local_model import spectra_from_frames
+        from gpu.local_model import auto_binning, band_size, binned_boxes_inside, binned_movie, spectra_from_frames
 
         a = (cfg.local.align_box or cfg.box) * u
         centres = positions[:, None, :] + shifts_px[None, :, :]
         centres_int = np.rint(centres)
         inside = boxes_inside(centres_int, a, (h, w)).all(axis=1)
+        sums2 = None
+        if inside.any() and auto_binning(a, band_size(a, apix, cfg.local.band_high)) == 2:
+            # the band allows 2x2-binned patches: bin the movie once (one pass) and cut a quarter of the pixels
+            sums2 = binned_movie(frames, None if backend.is_gpu(xp) else _take_binned_buffer((n_frames, h // 2, w // 2)))
+            inside &= binned_boxes_inside(centres, a, (h // 2, w // 2)).all(axis=1)
         if inside.any():
             # band-limited patch spectra, cut chunk by chunk: never all patches of a movie at once
             spectra = spectra_from_frames(
@@ -213,7 +228,11 @@ def process_movie(
                 bfactor=cfg.local.bfactor,
                 first_frame=cfg.local.first_frame,
                 last_frame=cfg.local.last_frame,
+                binned_frames=sums2,
             )
+            if sums2 is not None and not backend.is_gpu(xp):
+                _BINNED_BUFFERS[:] = [sums2]
+            sums2 = None
             res = estimate_local(
                 None,
                 None,
