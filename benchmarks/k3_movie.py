@@ -19,7 +19,8 @@ The ratio end-to-end / I/O floor is the machine-independent figure (issue: withi
 movie (each with its own pick file) go through the real ``streamer.worker.PipelineHandler`` in
 one process exactly as ``Worker._compute`` drives it (prefetch of movie i+1 issued, then movie i
 processed and its result message encoded), so decoding the next movie overlaps the current one.
-Reported: seconds per movie between completions after the first (steady state), its ratio to the
+Reported: seconds per movie between completions after the first, up to the second-to-last (the
+last movie has no next movie decoding beside it; steady state), its ratio to the
 I/O floor of the same run (decode child with at least 2 reads, the last reported), per-stage means
 and peak RSS. ``--shape H W`` overrides the frame size (tests use a tiny one).
 """
@@ -209,17 +210,20 @@ def stage_worker(folder: Path, cfg_json: str) -> dict:
         per_movie.append(stages)
         n_particles = result.n
         del msg, result  # as the worker: nothing of this movie is held while the next one runs
-    steady = per_movie[1:] or per_movie
+    last = len(done) - 2 if len(done) >= 3 else len(done) - 1  # index of the last steady-state completion
+    steady = per_movie[1 : last + 1] or per_movie
     keys = list(dict.fromkeys(k for st in steady for k in st))
     mean = {k: sum(st.get(k, 0.0) for st in steady) / len(steady) for k in keys}
     return {
         "movies": len(jobs),
         "prefetched": handler.prefetch_hits,
         "first_s": done[0] - t_start,
-        "steady_s": (done[-1] - done[0]) / (len(done) - 1) if len(done) > 1 else done[0] - t_start,
+        # the last movie has no next one decoding beside it: a steady-state interval needs one, so
+        # intervals run from the first completion to the second-to-last (N >= 3)
+        "steady_s": (done[last] - done[0]) / last if last > 0 else done[0] - t_start,
         "completions_s": [round(t - t_start, 3) for t in done],
         # CPU seconds of the process per movie (all threads): less sensitive than wall to other jobs
-        "steady_cpu_s": (cpu[-1] - cpu[0]) / (len(cpu) - 1) if len(cpu) > 1 else cpu[0],
+        "steady_cpu_s": (cpu[last] - cpu[0]) / last if last > 0 else cpu[0],
         "stages": mean,
         "particles": int(n_particles),
         "peak_rss_mb": _peak_rss_mb(),
@@ -330,7 +334,7 @@ def run_worker(ns: argparse.Namespace, movie: Path, picks: Path, cfg: dict, work
           f"{run['steady_cpu_s'] / run['steady_s']:.2f} cores busy on average)")
     print(f"first movie (fresh process, decoded in line): {run['first_s']:.2f} s; "
           f"completions at {', '.join(f'{t:.1f}' for t in run['completions_s'])} s")
-    print("mean per stage over movies 2..N (decode ~0 when the prefetch finished in time):")
+    print("mean per stage over movies 2..N-1 (decode ~0 when the prefetch finished in time):")
     for k, v in run["stages"].items():
         print(f"  {k:<14} {v:7.2f} s")
     print(f"peak RSS {run['peak_rss_mb']:.0f} MiB = {run['peak_rss_mb'] / movie_f32_mb:.2f}x the float32 movie "
