@@ -36,7 +36,6 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import imagecodecs
 import numpy as np
@@ -170,9 +169,7 @@ def _open_whole_eer(path: str) -> Iterator[tuple[tifffile.TiffFile, list]]:
         yield tf, pages
 
 
-def read_eer(
-    path: str | os.PathLike, upsampling: int, fractions: int, threads: int = 0, pool: Any = None
-) -> tuple[np.ndarray, int, int]:
+def read_eer(path: str | os.PathLike, upsampling: int, fractions: int, threads: int = 0) -> tuple[np.ndarray, int, int]:
     """Decode an EER movie into ``fractions`` summed frames.
 
     Returns ``(frames, n_raw, leftover)``: ``frames`` is ``(fractions, h * u, w * u)`` electron counts (uint8
@@ -180,8 +177,7 @@ def read_eer(
     ``n = n_raw // fractions`` make fraction ``f``; the last ``leftover = n_raw - fractions * n`` raw frames are
     not used (the caller reports them). ``u = upsampling`` is 1 (detector grid), 2 or 4 (using the sub-pixel
     bits). Fractions are decoded in parallel (``threads`` workers, 0 = all cores), each accumulating its raw
-    frames straight into its output frame, so no raw frame is ever held decoded. ``pool``: a
-    :class:`streamer.movies.FramePool` to take the (zeroed) output from.
+    frames straight into its output frame, so no raw frame is ever held decoded.
     """
     path = str(path)
     if upsampling not in (1, 2, 4):
@@ -202,8 +198,7 @@ def read_eer(
         rows = int(key.rowsperstrip) or h
         per = n_raw // fractions
         dtype = np.uint8 if per <= np.iinfo(np.uint8).max else np.uint16
-        shape = (fractions, h * upsampling, w * upsampling)
-        frames = pool.take(shape, dtype, zero=True) if pool is not None else np.zeros(shape, dtype)
+        frames = np.zeros((fractions, h * upsampling, w * upsampling), dtype)
         fh = tf.filehandle
         lock = threading.Lock()
 

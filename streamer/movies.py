@@ -11,11 +11,9 @@ from __future__ import annotations
 import bz2
 import os
 import struct
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import mrcfile.dtypes
 import mrcfile.utils
@@ -27,7 +25,6 @@ from streamer.eer import EER_COMPRESSIONS, MovieError, eer_header, quiet_tifffil
 
 __all__ = [
     "MOVIE_SUFFIXES",
-    "FramePool",
     "Movie",
     "MovieError",
     "is_movie",
@@ -55,39 +52,6 @@ class Movie:
     n_raw_frames: int = 0
     leftover_raw_frames: int = 0
     warnings: list[str] = field(default_factory=list)
-
-
-class FramePool:
-    """Decoded-movie arrays handed back for reuse (at most ``keep``), shared by a worker's threads.
-
-    A freshly allocated array costs the kernel a page fault per page on first touch (~1 s per GiB
-    on the development VM, as much as decoding an LZW movie); a worker decodes every movie into
-    the same two arrays instead: the one being processed and the one decoded ahead.
-    """
-
-    def __init__(self, keep: int = 2) -> None:
-        self.keep = keep
-        self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    def take(self, shape: tuple[int, ...], dtype: Any, zero: bool = False) -> np.ndarray:
-        """A C-contiguous array of ``shape``/``dtype`` (a returned one when it fits; zeroed if asked)."""
-        dtype = np.dtype(dtype)
-        with self._lock:
-            for i, a in enumerate(self._free):
-                if a.shape == tuple(shape) and a.dtype == dtype:
-                    out = self._free.pop(i)
-                    if zero:
-                        out.fill(0)
-                    return out
-        return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
-
-    def give(self, a: np.ndarray) -> None:
-        """Return an array nobody uses any more."""
-        if a.flags.c_contiguous and a.flags.owndata and a.size:
-            with self._lock:
-                if len(self._free) < self.keep:
-                    self._free.append(a)
 
 
 def is_movie(path: str | os.PathLike) -> bool:
@@ -185,21 +149,13 @@ def _native(a: np.ndarray) -> np.ndarray:
     return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
 
-def _read_mrc(path: str, pool: FramePool | None = None) -> Movie:
+def _read_mrc(path: str) -> Movie:
     layout = _mrc_layout(_read_head(path, False), path)
     size = os.path.getsize(path)
     if size - layout.data_offset < layout.data_bytes:
         raise MovieError(path, _truncation(layout, size - layout.data_offset))
-    shape = (layout.nz, layout.ny, layout.nx)
-    if pool is not None and np.dtype(layout.dtype).isnative:
-        frames = pool.take(shape, layout.dtype)
-        with open(path, "rb") as fh:
-            fh.seek(layout.data_offset)
-            if fh.readinto(memoryview(frames).cast("B")) != frames.nbytes:
-                raise MovieError(path, _truncation(layout, os.path.getsize(path) - layout.data_offset))
-    else:
-        frames = np.fromfile(path, layout.dtype, layout.nz * layout.ny * layout.nx, offset=layout.data_offset)
-        frames = _native(frames.reshape(shape))
+    frames = np.fromfile(path, layout.dtype, layout.nz * layout.ny * layout.nx, offset=layout.data_offset)
+    frames = _native(frames.reshape(layout.nz, layout.ny, layout.nx))
     return Movie(path, frames, "mrc", 1, layout.nz, 0, list(layout.warnings))
 
 
@@ -291,7 +247,7 @@ def _is_eer_tiff(tf: tifffile.TiffFile) -> bool:
         return False
 
 
-def _read_tiff(path: str, threads: int, pool: FramePool | None = None) -> Movie:
+def _read_tiff(path: str, threads: int) -> Movie:
     with _open_tiff(path) as tf:
         try:
             with quiet_tifffile():  # damage is reported in one line, below
@@ -309,15 +265,11 @@ def _read_tiff(path: str, threads: int, pool: FramePool | None = None) -> Movie:
                 )
         if len(first.shape) != 2:
             raise MovieError(path, f"pages must be single-channel images (page 0 has shape {first.shape})")
-        out = pool.take((len(pages), *first.shape), first.dtype) if pool is not None and first.dtype.isnative else None
         try:
-            frames = tf.asarray(key=range(len(pages)), maxworkers=threads or os.cpu_count() or 1, out=out)
+            frames = tf.asarray(key=range(len(pages)), maxworkers=threads or os.cpu_count() or 1)
         except Exception as exc:
             raise MovieError(path, f"corrupt TIFF data ({exc})") from None
-    if out is not None and np.shares_memory(frames, out):
-        frames = out  # tifffile returns a view of it; the pool wants the array itself back
-    else:
-        frames = _native(np.asarray(frames).reshape(len(pages), *first.shape))
+    frames = _native(np.asarray(frames).reshape(len(pages), *first.shape))
     return Movie(path, frames, "tiff", 1, len(pages), 0, [])
 
 
@@ -335,33 +287,30 @@ def _tiff_whole(path: str) -> tuple[bool, str]:
 # -- public ------------------------------------------------------------------------------------------
 
 
-def read_movie(
-    path: str | os.PathLike, eer: EerConfig | None = None, threads: int = 0, pool: FramePool | None = None
-) -> Movie:
+def read_movie(path: str | os.PathLike, eer: EerConfig | None = None, threads: int = 0) -> Movie:
     """Read a whole movie.
 
     MRC/MRCS and ``.mrc.bz2`` are checked against the header (a short file raises, naming the header's and
     the file's frame counts). TIFF: every page must have the same shape and lie inside the file; pages are
     decoded with ``threads`` workers (0 = all cores). EER (``.eer``, or a TIFF whose pages are EER-compressed)
     is fractionated per ``eer`` (default ``EerConfig()``); raw frames left over are counted and reported in
-    ``warnings``. ``pool``: decode into an array from this :class:`FramePool` (MRC, TIFF, EER; the
-    caller gives it back when done). Raises ``MovieError`` (``"{path}: {what}"``).
+    ``warnings``. Raises ``MovieError`` (``"{path}: {what}"``).
     """
     path = str(path)
     kind = _kind(path)
     if not os.path.isfile(path):
         raise MovieError(path, "no such file")
     if kind == "mrc":
-        return _read_mrc(path, pool)
+        return _read_mrc(path)
     if kind == "mrc.bz2":
         return _read_mrc_bz2(path)
     if kind == "tiff":
         with _open_tiff(path) as tf:
             is_eer = _is_eer_tiff(tf)
         if not is_eer:
-            return _read_tiff(path, threads, pool)
+            return _read_tiff(path, threads)
     eer = eer or EerConfig()
-    frames, n_raw, leftover = read_eer(path, eer.upsampling, eer.fractions, threads, pool=pool)
+    frames, n_raw, leftover = read_eer(path, eer.upsampling, eer.fractions, threads)
     notes = []
     if leftover:
         notes.append(

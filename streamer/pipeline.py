@@ -108,7 +108,6 @@ def process_movie(
     write_sidecars: bool = True,
     preloaded: Any = None,
     on_stage: Callable[[str], None] | None = None,
-    frame_pool: Any = None,
 ) -> MovieResult:
     """Process one movie end to end (see module docstring). Raises MovieError/PicksError/GainError.
 
@@ -116,8 +115,6 @@ def process_movie(
     next movie ahead while the current one is processed). Its raw frames are released (replaced
     by an empty array) once the gain is applied, so the caller's reference does not keep the raw
     movie alive through the later stages next to the float32 one and the next movie's decode.
-    ``frame_pool``: a :class:`streamer.movies.FramePool`: the movie is decoded into one of its
-    arrays (when not preloaded) and the raw frames go back to it once the gain is applied.
     ``on_stage(name)`` is called as each stage ends (decode, gain, motion, picks, local, extract,
     micrograph), e.g. to read memory per stage (benchmarks/device_memory.py).
     """
@@ -144,7 +141,7 @@ def process_movie(
             on_stage(name)
         tick = time.perf_counter()  # the callback's own time is not charged to the next stage
 
-    mov = preloaded if preloaded is not None else read_movie(movie, cfg.eer, threads=cfg.threads, pool=frame_pool)
+    mov = preloaded if preloaded is not None else read_movie(movie, cfg.eer, threads=cfg.threads)
     warnings.extend(mov.warnings)  # includes the EER leftover-frames note from the reader
     u = int(mov.upsampling)
     eer_leftover = int(mov.leftover_raw_frames)
@@ -160,9 +157,7 @@ def process_movie(
     frame_sum = xp.empty((h, w), dtype=xp.float32) if cfg.gain.hot_pixel_sigma > 0 else None
     frames = apply_gain(mov.frames, multiplier, out=buffer, xp=xp, sum_out=frame_sum)
     reusable = not backend.is_gpu(xp) and frames is not mov.frames
-    if frames is not mov.frames:  # the raw frames are done with (frames may be them: float32 without gain)
-        if frame_pool is not None:
-            frame_pool.give(mov.frames)
+    if preloaded is not None and frames is not mov.frames:
         mov.frames = np.empty((0, h, w), mov.frames.dtype)
     del mov, preloaded
     bad = None

@@ -79,10 +79,7 @@ class PipelineHandler:
         self.local = local
         self._cfgs: dict[str, Config] = {}
         self._xp: Any = None
-        from streamer.movies import FramePool
-
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmc-prefetch")
-        self.frame_pool = FramePool(keep=2)  # the movie being processed and the one decoded ahead
         self._ahead: dict[str, Any] = {}  # movie -> Future[Movie], oldest first
         self.prefetch_hits = 0
 
@@ -104,7 +101,7 @@ class PipelineHandler:
         # at most two: the job about to run (decoded during the previous one) and this one
         while len(self._ahead) >= 2:
             self._ahead.pop(next(iter(self._ahead))).cancel()
-        self._ahead[movie] = self._pool.submit(read_movie, movie, cfg.eer, cfg.threads, self.frame_pool)
+        self._ahead[movie] = self._pool.submit(read_movie, movie, cfg.eer, cfg.threads)
 
     def __call__(self, job: dict[str, Any]) -> MovieResult:
         from gpu.backend import get_xp
@@ -121,8 +118,7 @@ class PipelineHandler:
         if future is not None:
             preloaded = future.result()  # a MovieError raised while decoding surfaces here
             self.prefetch_hits += 1
-        return process_movie(cfg, job["movie"], job.get("picks"), xp=self._xp, preloaded=preloaded,
-                             frame_pool=self.frame_pool)
+        return process_movie(cfg, job["movie"], job.get("picks"), xp=self._xp, preloaded=preloaded)
 
 
 def pipeline_handler(local: Config | None = None) -> Handler:

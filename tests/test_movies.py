@@ -236,33 +236,3 @@ def test_unknown_suffix_and_missing_file(tmp_path):
         read_movie(tmp_path / "a.jpg")
     with pytest.raises(MovieError, match=r"nope\.mrc: no such file"):
         read_movie(tmp_path / "nope.mrc")
-
-
-def test_frame_pool_decodes_into_reused_arrays(tmp_path):
-    """MRC, LZW TIFF and EER decoded into pool arrays equal a plain decode; a returned array is reused
-    (EER output zeroed first, since fractions accumulate)."""
-    from streamer.movies import FramePool
-
-    rng = np.random.default_rng(3)
-    data = rng.integers(0, 7, (4, 24, 32)).astype(np.int8)
-    mrc = tmp_path / "a.mrc"
-    with mrcfile.new(str(mrc)) as m:
-        m.set_data(data)
-    tif = tmp_path / "b.tif"
-    tifffile.imwrite(tif, data.astype(np.uint8), compression="lzw", photometric="minisblack")
-    eer, _ = _eer_file(tmp_path / "c.eer", 9, seed=4)
-    cfg = EerConfig(upsampling=1, fractions=3)
-    pool = FramePool(keep=2)
-    for path in (mrc, tif, eer):
-        plain = read_movie(path, cfg).frames
-        first = read_movie(path, cfg, pool=pool).frames
-        np.testing.assert_array_equal(first, plain)
-        first[...] = 99  # a used array goes back dirty
-        pool.give(first)
-        again = read_movie(path, cfg, pool=pool).frames
-        assert again is first  # the same memory, no fresh allocation
-        np.testing.assert_array_equal(again, plain)
-    assert pool.take((2, 2), np.uint8) is not pool.take((2, 2), np.uint8)
-    for _ in range(3):
-        pool.give(np.zeros((5, 5), np.uint16))
-    assert len(pool._free) == 2  # bounded: the movie in use and the one decoded ahead
