@@ -82,7 +82,8 @@ def model_movie(movie: Path, gain: Path, picks: Path, fmt: str, ns: argparse.Nam
 
     tracemalloc.start()
     t0 = time.perf_counter()
-    result = pipeline.process_movie(cfg, str(movie), preloaded=mov, write_sidecars=False, on_stage=on_stage)
+    result = pipeline.process_movie(cfg, str(movie), preloaded=mov, write_sidecars=False, on_stage=on_stage,
+                                     binned_patches=False)  # as on a GPU
     total_s = time.perf_counter() - t0
     tracemalloc.stop()
     del mov
@@ -105,7 +106,7 @@ def warm_up(work: Path, ns: argparse.Namespace) -> None:
     movie, gain, picks = make_data(work, "tiff", 4, 3, shape=(256, 256))
     cfg = c.from_dict({"apix": APIX, "box": 64, "device": "cpu", "threads": 1, "gain": {"file": str(gain)},
                        "picks": {"dir": str(picks.parent)}, "local": {"enabled": not ns.no_local}})
-    pipeline.process_movie(cfg, str(movie), write_sidecars=False)
+    pipeline.process_movie(cfg, str(movie), write_sidecars=False, binned_patches=False)
     pipeline._FRAME_BUFFERS.clear()
 
 

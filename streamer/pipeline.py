@@ -108,6 +108,7 @@ def process_movie(
     write_sidecars: bool = True,
     preloaded: Any = None,
     on_stage: Callable[[str], None] | None = None,
+    binned_patches: bool | None = None,
 ) -> MovieResult:
     """Process one movie end to end (see module docstring). Raises MovieError/PicksError/GainError.
 
@@ -115,6 +116,8 @@ def process_movie(
     next movie ahead while the current one is processed). Its raw frames are released (replaced
     by an empty array) once the gain is applied, so the caller's reference does not keep the raw
     movie alive through the later stages next to the float32 one and the next movie's decode.
+    ``binned_patches``: cut the per-particle alignment patches from a 2x2-binned copy of the movie
+    when the band allows it (None = on the CPU only; the GPU keeps device memory for the movie).
     ``on_stage(name)`` is called as each stage ends (decode, gain, motion, picks, local, extract,
     micrograph), e.g. to read memory per stage (benchmarks/device_memory.py).
     """
@@ -209,7 +212,8 @@ def process_movie(
         centres_int = np.rint(centres)
         inside = boxes_inside(centres_int, a, (h, w)).all(axis=1)
         sums2 = None
-        if not backend.is_gpu(xp) and inside.any() and auto_binning(a, band_size(a, apix, cfg.local.band_high)) == 2:
+        use_binned = not backend.is_gpu(xp) if binned_patches is None else binned_patches
+        if use_binned and inside.any() and auto_binning(a, band_size(a, apix, cfg.local.band_high)) == 2:
             # the band allows 2x2-binned patches: bin the movie once (one pass) and cut a quarter of the
             # pixels. CPU only: on a GPU the gather is cheap and device memory is not (EER at
             # upsampling 2: +2.7 GB)
