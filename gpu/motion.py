@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 
 from gpu.backend import array_module, fft, irfft2, is_gpu, map_chunks, to_numpy
-from gpu.crop import downsample_spectra
+from gpu.crop import downsample_plan, downsample_spectra
 from gpu.shift import ramp_factors
 
 _NEWTON_STEPS = 6  # from the path of a global search
@@ -112,12 +112,16 @@ class BinnedMovie:
 
 
 def bin_movie(
-    frames: Any, apix: float, max_resolution_A: float = 8.0, chunk: int | None = None, taper: float = _TAPER
+    frames: Any, apix: float, max_resolution_A: float = 8.0, chunk: int | None = None, taper: float = _TAPER,
+    sums2: Any = None,
 ) -> BinnedMovie:
     """Bin ``frames (F, h, w)`` so that Nyquist ≈ ``max_resolution_A`` (never coarser) and FFT them.
 
     ``chunk``: frames per pass (default 1 on the CPU, where it is fastest, 8 on the GPU).
     ``taper``: fraction of each side over which the binned frames fade to their mean (module doc).
+    ``sums2``: the frames' 2x2 sums ``(F, h//2, w//2)`` (:func:`gpu.local_model.binned_movie`), made
+    anyway for the per-particle patches; when the plan bins by 2 they replace that binning (the
+    same means, a quarter of the reading).
     """
     if frames.ndim != 3:
         raise ValueError(f"gpu/motion.py: frames must be (F, h, w), got shape {tuple(frames.shape)}")
@@ -125,8 +129,15 @@ def bin_movie(
         raise ValueError(f"gpu/motion.py: apix and max_resolution_A must be > 0 (got {apix}, {max_resolution_A})")
     if chunk is None:
         chunk = 8 if array_module(frames).__name__ == "cupy" else 1
-    d = downsample_spectra(frames, max_resolution_A / (2.0 * apix), chunk=chunk, taper=taper)
-    return BinnedMovie(d.spectra, d.shape, d.scale, float(apix), (int(frames.shape[1]), int(frames.shape[2])))
+    factor = max_resolution_A / (2.0 * apix)
+    h, w = int(frames.shape[1]), int(frames.shape[2])
+    if sums2 is not None and downsample_plan(h, w, factor)[0] == 2 and tuple(sums2.shape) == (frames.shape[0], h // 2, w // 2):
+        d = downsample_spectra(sums2, factor / 2.0, chunk=chunk, taper=taper)  # plan: no further binning
+        spectra = d.spectra
+        spectra *= np.float32(0.25)  # sums -> means (the transform and the taper are linear)
+        return BinnedMovie(spectra, d.shape, (2.0 * d.scale[0], 2.0 * d.scale[1]), float(apix), (h, w))
+    d = downsample_spectra(frames, factor, chunk=chunk, taper=taper)
+    return BinnedMovie(d.spectra, d.shape, d.scale, float(apix), (h, w))
 
 
 def correlation_weights(movie: BinnedMovie, bfactor: float) -> Any:

@@ -174,7 +174,18 @@ def process_movie(
         frames = replace_pixels(frames, bad)
     lap("gain")
 
-    binned = bin_movie(frames, apix, cfg.motion.max_resolution)
+    # the frames' 2x2 sums, once (CPU; on a GPU the gather is cheap and device memory is not: EER at
+    # upsampling 2 would need 2.7 GB more): the per-particle patches are cut from them when their
+    # band allows it, and the motion stage's own first binning, when it is by 2, is the same mean
+    sums2 = None
+    use_binned = not backend.is_gpu(xp) if binned_patches is None else binned_patches
+    if use_binned and cfg.local.enabled:
+        from gpu.local_model import auto_binning, band_size, binned_movie
+
+        a = (cfg.local.align_box or cfg.box) * u
+        if auto_binning(a, band_size(a, apix, cfg.local.band_high)) == 2:
+            sums2 = binned_movie(frames, _take_binned_buffer((n_frames, h // 2, w // 2)))
+    binned = bin_movie(frames, apix, cfg.motion.max_resolution, sums2=sums2)
     shifts_px = estimate_frame_shifts(
         binned,
         apix,
@@ -205,19 +216,13 @@ def process_movie(
     local_info: dict[str, Any] = {}
     if cfg.local.enabled and len(pk) > 0:
         from gpu.local import estimate_local
-        from gpu.local_model import auto_binning, band_size, binned_boxes_inside, binned_movie, spectra_from_frames
+        from gpu.local_model import binned_boxes_inside, spectra_from_frames
 
         a = (cfg.local.align_box or cfg.box) * u
         centres = positions[:, None, :] + shifts_px[None, :, :]
         centres_int = np.rint(centres)
         inside = boxes_inside(centres_int, a, (h, w)).all(axis=1)
-        sums2 = None
-        use_binned = not backend.is_gpu(xp) if binned_patches is None else binned_patches
-        if use_binned and inside.any() and auto_binning(a, band_size(a, apix, cfg.local.band_high)) == 2:
-            # the band allows 2x2-binned patches: bin the movie once (one pass) and cut a quarter of the
-            # pixels. CPU only: on a GPU the gather is cheap and device memory is not (EER at
-            # upsampling 2: +2.7 GB)
-            sums2 = binned_movie(frames, _take_binned_buffer((n_frames, h // 2, w // 2)))
+        if sums2 is not None:  # patches cut from the 2x2 sums: a quarter of the gather
             inside &= binned_boxes_inside(centres, a, (h // 2, w // 2)).all(axis=1)
         if inside.any():
             # band-limited patch spectra, cut chunk by chunk: never all patches of a movie at once
@@ -236,9 +241,6 @@ def process_movie(
                 last_frame=cfg.local.last_frame,
                 binned_frames=sums2,
             )
-            if sums2 is not None:
-                _BINNED_BUFFERS[:] = [sums2]
-            sums2 = None
             res = estimate_local(
                 None,
                 None,
@@ -260,6 +262,9 @@ def process_movie(
             del spectra
         if not inside.all():
             warnings.append(f"{int((~inside).sum())} particles too close to the edge for the alignment box: full-frame motion only")
+    if sums2 is not None:
+        _BINNED_BUFFERS[:] = [sums2]  # for the next movie (its pages stay mapped)
+        sums2 = None
     lap("local")
 
     traj_smooth_px = shifts_px[None] + local_smooth

@@ -91,3 +91,23 @@ def test_max_plus_dense_and_banded_equal_the_direct_maximum():
             want = np.maximum(want, score[:, j : j + 1] - 0.5 * precision * (offset + i[None, :] - j) ** 2)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
     assert 120 * 200 * 200 > motion._DENSE_MAX_PLUS  # the last two took the banded path
+
+
+def test_bin_movie_from_the_2x2_sums_equals_binning_the_frames():
+    """A plan that bins by 2 gives the same spectra and scale from the frames' 2x2 sums (a quarter of the reading)."""
+    from gpu.crop import downsample_plan
+    from gpu.local_model import binned_movie
+    from gpu.motion import bin_movie
+
+    rng = np.random.default_rng(21)
+    frames = rng.poisson(2.0, (3, 412, 576)).astype(np.float32)
+    apix = 0.83
+    assert downsample_plan(412, 576, 8.0 / (2 * apix))[0] == 2
+    plain = bin_movie(frames, apix, 8.0)
+    fast = bin_movie(frames, apix, 8.0, sums2=binned_movie(frames))
+    assert fast.shape == plain.shape and fast.movie_shape == plain.movie_shape
+    np.testing.assert_allclose(fast.scale, plain.scale, rtol=1e-12)
+    np.testing.assert_allclose(fast.spectra, plain.spectra, rtol=1e-4, atol=1e-4 * np.abs(plain.spectra).max())
+    # a plan that does not bin by 2 ignores the sums
+    coarse = bin_movie(frames, 0.4, 8.0, sums2=binned_movie(frames))
+    np.testing.assert_array_equal(coarse.spectra, bin_movie(frames, 0.4, 8.0).spectra)
