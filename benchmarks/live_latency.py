@@ -31,6 +31,7 @@ from streamer.session import run_session
 from streamer.simulate import SimParams, simulate_session
 
 LOCAL = {"enabled": True}
+SESSION: dict[str, Any] = {}  # extra top-level settings from the command line (threads)
 
 
 def _cfg(root: Path, src: Path, out: Path, workers: int, box: int) -> config_mod.Config:
@@ -38,7 +39,7 @@ def _cfg(root: Path, src: Path, out: Path, workers: int, box: int) -> config_mod
         "local": dict(LOCAL),
         "movies": str(root / "movies"), "picks": {"dir": str(root / "picks")}, "out": str(out),
         "gain": {"file": str(src / "gain.mrc")}, "apix": 1.0, "box": box, "plots": False, "device": "cpu",
-        "workers": workers, "settle_seconds": 0.3, "poll": 0.5,
+        "workers": workers, "settle_seconds": 0.3, "poll": 0.5, **SESSION,
     })
 
 
@@ -112,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=1.5, help="seconds between movies in the latency run")
     p.add_argument("--no-local", action="store_true", help="full-frame motion only (local.enabled = false)")
     p.add_argument("--throughput-only", action="store_true", help="skip the live latency runs")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per worker (0 = the session's default: cores / workers)")
     p.add_argument("--json", default=None, help="write the results here")
     ns = p.parse_args(argv)
     LOCAL["enabled"] = not ns.no_local
+    if ns.threads:
+        SESSION["threads"] = ns.threads
     work = Path(tempfile.mkdtemp(prefix="lmc-bench-"))
     try:
         src = work / "src"
