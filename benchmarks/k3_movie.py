@@ -125,7 +125,7 @@ def stage_decode(movie: Path, cfg_json: str) -> dict:
     for _ in range(REPEAT["n"]):
         mov = None  # as a worker between movies: the previous movie is freed before the next is read
         t = time.perf_counter()
-        mov = read_movie(str(movie), cfg.eer, threads=cfg.threads)
+        mov = read_movie(str(movie), cfg.eer, threads=0)  # the floor: read + decode on all cores
         times.append(time.perf_counter() - t)
     # the floor is the best warm read (reads 2..N; a shared VM's speed drifts by tens of percent)
     return {"decode_s": min(times[1:] or times), "decode_first_s": times[0], "peak_rss_mb": _peak_rss_mb(),
@@ -261,6 +261,10 @@ def main() -> None:
     ap.add_argument("--worker", type=int, default=0, metavar="N",
                     help="a worker's steady state instead: N movies (hard links) through the real "
                          "PipelineHandler with the next movie decoded ahead (N >= 2)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads of the measured pipeline/worker (0 = all cores); e.g. 1 for each of "
+                         "two workers run side by side with different --tag")
+    ap.add_argument("--tag", default="", help="suffix for this run's worker and output folders (runs side by side)")
     ap.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"), default=None,
                     help="frame size instead of K3 (Falcon 4096x4096 for EER); for quick checks")
     ap.add_argument("--_stage")
@@ -280,7 +284,7 @@ def main() -> None:
     t = time.perf_counter()
     movie, gain, picks = make_data(work, ns.format, ns.frames, ns.particles, shape=ns.shape)
     print(f"data ready in {time.perf_counter() - t:.1f} s: {movie} ({movie.stat().st_size / 2**20:.0f} MiB)")
-    out = work / f"out_{ns.format}{'_worker' if ns.worker else ''}"
+    out = work / f"out_{ns.format}{'_worker' if ns.worker else ''}{ns.tag}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = {
         "out": str(out),
@@ -292,6 +296,7 @@ def main() -> None:
         "picks": {"dir": str(picks.parent)},
         "local": {"enabled": not ns.no_local},
         "eer": {"fractions": ns.frames},
+        "threads": ns.threads,
     }
     if ns.worker:
         run_worker(ns, movie, picks, cfg, work)
@@ -318,7 +323,7 @@ def main() -> None:
 
 def run_worker(ns: argparse.Namespace, movie: Path, picks: Path, cfg: dict, work: Path) -> None:
     """``--worker N``: the I/O floor (steady-state read) and N movies through one PipelineHandler."""
-    folder = link_movies(movie, picks, work / f"worker_{movie.name.split('.')[0]}", ns.worker)
+    folder = link_movies(movie, picks, work / f"worker_{movie.name.split('.')[0]}{ns.tag}", ns.worker)
     for extra in sorted((folder / "movies").iterdir())[ns.worker :]:  # left by an earlier, larger N
         extra.unlink()
     cfg = {**cfg, "picks": {"dir": str(folder / "picks")}}
