@@ -37,17 +37,10 @@ _FRAME_BUFFERS: list[np.ndarray] = []
 _BINNED_BUFFERS: list[np.ndarray] = []
 
 
-def _take_binned_buffer(shape: tuple[int, ...]) -> np.ndarray | None:
-    while _BINNED_BUFFERS:
-        buf = _BINNED_BUFFERS.pop()
-        if buf.shape == tuple(shape):
-            return buf
-    return None
-
-
-def _take_frame_buffer(shape: tuple[int, ...]) -> np.ndarray | None:
-    while _FRAME_BUFFERS:
-        buf = _FRAME_BUFFERS.pop()  # atomic: a concurrent caller gets None and allocates its own
+def _take_buffer(pool: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray | None:
+    """A kept buffer of ``shape`` from ``pool`` (``_FRAME_BUFFERS`` / ``_BINNED_BUFFERS``), else None."""
+    while pool:
+        buf = pool.pop()  # atomic: a concurrent caller gets None and allocates its own
         if buf.shape == tuple(shape):
             return buf
     return None
@@ -154,7 +147,7 @@ def process_movie(
     lap("decode")
 
     multiplier = gain if gain is not None else load_gain(cfg, (h, w), u)
-    buffer = None if backend.is_gpu(xp) else _take_frame_buffer(mov.frames.shape)
+    buffer = None if backend.is_gpu(xp) else _take_buffer(_FRAME_BUFFERS, mov.frames.shape)
     # host frames in: on the GPU apply_gain uploads a few raw frames at a time into the float32
     # device movie, so the raw movie never sits on the device next to it
     frame_sum = xp.empty((h, w), dtype=xp.float32) if cfg.gain.hot_pixel_sigma > 0 else None
@@ -184,7 +177,7 @@ def process_movie(
 
         a = (cfg.local.align_box or cfg.box) * u
         if auto_binning(a, band_size(a, apix, cfg.local.band_high)) == 2:
-            sums2 = binned_movie(frames, _take_binned_buffer((n_frames, h // 2, w // 2)))
+            sums2 = binned_movie(frames, _take_buffer(_BINNED_BUFFERS, (n_frames, h // 2, w // 2)))
     binned = bin_movie(frames, apix, cfg.motion.max_resolution, sums2=sums2)
     shifts_px = estimate_frame_shifts(
         binned,

@@ -95,8 +95,9 @@ class PipelineHandler:
         """Threads for the decode ahead: all of the worker's beside a GPU; half of them on a CPU
         worker, whose compute keeps its cores busy meanwhile (the decode still finishes well
         within one movie's processing, with less switching between the two)."""
-        on_gpu = cfg.device == "gpu" or (cfg.device == "auto" and self._xp is not None and self._xp.__name__ == "cupy")
-        if on_gpu:
+        from gpu.backend import is_gpu
+
+        if cfg.device == "gpu" or (self._xp is not None and is_gpu(self._xp)):
             return cfg.threads
         return max(1, (cfg.threads or os.cpu_count() or 1) // 2)
 
