@@ -365,7 +365,7 @@ def per_frame_shifts(spec: BandSpectra, d: np.ndarray, steps: int = 4, max_step:
     """
     xp = spec.xp
     p_count, fa, ny, nx = spec.x.shape
-    rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
+    rdtype = spec.rdtype
     out = np.array(d, dtype=np.float64, copy=True)
     dd = xp.asarray(d[:, spec.frames], dtype=rdtype)
     two_pi = 2.0 * math.pi

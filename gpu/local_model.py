@@ -79,6 +79,12 @@ class BandSpectra:
     def xp(self) -> ModuleType:
         return backend.array_module(self.x)
 
+    @property
+    def rdtype(self) -> Any:
+        """The real dtype matching ``x`` (float32 for complex64, float64 for complex128)."""
+        xp = self.xp
+        return xp.float64 if self.x.dtype == xp.complex128 else xp.float32
+
     def subset(self, frame_positions: Any) -> BandSpectra:
         """The same spectra restricted to alignment frames ``frame_positions`` (indices into ``frames``)."""
         pos = np.asarray(frame_positions, dtype=np.int64)
@@ -417,7 +423,7 @@ def shift_phases(spec: BandSpectra, d: Any) -> tuple[Any, Any]:
     """
     xp = spec.xp
     two_pi = 2.0 * math.pi
-    rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
+    rdtype = spec.rdtype
     d = xp.asarray(d, dtype=rdtype)
 
     def unit(theta: Any) -> Any:
@@ -477,7 +483,7 @@ def data_term(spec: BandSpectra, d: Any, gradient: bool = True) -> tuple[float, 
     """
     xp = spec.xp
     p_count, fa, ny, nx = spec.x.shape
-    rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
+    rdtype = spec.rdtype
     d = xp.asarray(d, dtype=rdtype)
     w = spec.weight.astype(rdtype)
     wk = xp.stack([(w * spec.kx[None, :]).ravel(), (w * spec.ky[:, None]).ravel()], axis=1).astype(rdtype)  # (K, 2)
@@ -504,7 +510,7 @@ def per_particle_term(spec: BandSpectra, d: Any) -> Any:
     """(P,) per-particle cross-frame log-likelihood ``Σ_k w (|Σ_t G|² - Σ_t |G|²)`` at shifts d (P, Fa, 2)."""
     xp = spec.xp
     p_count = spec.x.shape[0]
-    rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
+    rdtype = spec.rdtype
     d = xp.asarray(d, dtype=rdtype)
     out = xp.empty((p_count,), dtype=xp.float64)
 
@@ -528,7 +534,7 @@ def curvature(spec: BandSpectra) -> Any:
     """
     xp = spec.xp
     p_count = spec.x.shape[0]
-    rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
+    rdtype = spec.rdtype
     wk2 = (spec.weight * (spec.kx[None, :] ** 2 + spec.ky[:, None] ** 2)).astype(rdtype)
     out = xp.empty(spec.x.shape[:2], dtype=rdtype)
 
@@ -550,7 +556,7 @@ def aligned_sums(spec: BandSpectra, d: Any, groups: list[Any]) -> list[Any]:
     """
     xp = spec.xp
     p_count, _, ny, nx = spec.x.shape
-    rdtype = xp.float64 if spec.x.dtype == xp.complex128 else xp.float32
+    rdtype = spec.rdtype
     d = xp.asarray(d, dtype=rdtype)
     idx = [xp.asarray(np.asarray(g, dtype=np.int64)) for g in groups]
     out = [xp.empty((p_count, ny, nx), dtype=spec.x.dtype) for _ in groups]
