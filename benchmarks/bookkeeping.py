@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.committer import Committer
 from streamer.config import Config
+from streamer.output.committer import Committer
 from streamer.types import MovieResult
 
 

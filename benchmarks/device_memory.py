@@ -49,7 +49,7 @@ def model_movie(movie: Path, gain: Path, picks: Path, fmt: str, ns: argparse.Nam
     """Host (decode) and per-stage device figures for one movie (bytes)."""
     from streamer import config as c
     from streamer import pipeline
-    from streamer.movies import read_movie
+    from streamer.formats.movies import read_movie
 
     u = ns.upsampling if fmt == "eer" else 1
     cfg = c.from_dict({

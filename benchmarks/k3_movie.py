@@ -8,7 +8,7 @@ Writes a synthetic movie (Poisson counts at 1 e/Å²/frame, 0.83 Å/px, K3 5760x
 Falcon 4096², 5 raw pages per frame), a gain reference and a STAR of random picks into
 ``--workdir`` (reused between runs), then measures in separate processes:
 
-* the I/O floor: read + decode only (``streamer.movies.read_movie``), and its peak RSS;
+* the I/O floor: read + decode only (``streamer.formats.movies.read_movie``), and its peak RSS;
 * the whole job: ``streamer.pipeline.process_movie`` (decode, gain, motion, picks, local,
   extraction, quality, plot/trajectories) + ``Committer.commit`` (stacks, ledger, STAR/.cs);
   its per-stage seconds and peak RSS.
@@ -16,7 +16,7 @@ Falcon 4096², 5 raw pages per frame), a gain reference and a STAR of random pic
 The ratio end-to-end / I/O floor is the machine-independent figure (issue: within 5x on CPU).
 
 ``--worker N`` replaces the whole-job process by a worker's steady state: N hard links of the
-movie (each with its own pick file) go through the real ``streamer.worker.PipelineHandler`` in
+movie (each with its own pick file) go through the real ``streamer.live.worker.PipelineHandler`` in
 one process exactly as ``Worker._compute`` drives it (prefetch of movie i+1 issued, then movie i
 processed and its result message encoded), so decoding the next movie overlaps the current one.
 Reported: seconds per movie between completions after the first, up to the second-to-last (the
@@ -52,7 +52,7 @@ def make_data(
     import mrcfile
     import tifffile
 
-    from streamer.picks import write_star_coords
+    from streamer.formats.picks import write_star_coords
 
     default = FALCON if fmt == "eer" else K3
     shape = tuple(shape) if shape else default
@@ -74,7 +74,7 @@ def make_data(
                 m.set_data(rng.poisson(lam, size=(frames, *shape)).astype(np.int8))
                 m.voxel_size = APIX
         else:
-            from streamer.eer import counts_to_events, write_eer
+            from streamer.formats.eer import counts_to_events, write_eer
 
             raw = 5
             events = []
@@ -118,7 +118,7 @@ def _cpu_s() -> float:
 
 def stage_decode(movie: Path, cfg_json: str) -> dict:
     from streamer import config as c
-    from streamer.movies import read_movie
+    from streamer.formats.movies import read_movie
 
     cfg = c.from_dict(json.loads(cfg_json))
     times = []
@@ -134,7 +134,7 @@ def stage_decode(movie: Path, cfg_json: str) -> dict:
 
 def stage_pipeline(movie: Path, cfg_json: str) -> dict:
     from streamer import config as c
-    from streamer.committer import Committer
+    from streamer.output.committer import Committer
     from streamer.pipeline import process_movie
 
     cfg = c.from_dict(json.loads(cfg_json))
@@ -181,9 +181,9 @@ def link_movies(movie: Path, picks: Path, folder: Path, n: int) -> Path:
 def stage_worker(folder: Path, cfg_json: str) -> dict:
     """The movies of ``folder/movies`` through one PipelineHandler, driven as ``Worker._compute`` does."""
     from streamer import config as c
-    from streamer import protocol
-    from streamer.movies import is_movie
-    from streamer.worker import PipelineHandler
+    from streamer.formats.movies import is_movie
+    from streamer.live import protocol
+    from streamer.live.worker import PipelineHandler
 
     cfg = c.from_dict(json.loads(cfg_json))
     movies = sorted(str(p) for p in (folder / "movies").iterdir() if is_movie(p))

@@ -26,9 +26,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from streamer import config as config_mod
-from streamer.ledger import Ledger
-from streamer.session import run_session
-from streamer.simulate import SimParams, simulate_session
+from streamer.live.session import run_session
+from streamer.output.ledger import Ledger
+from streamer.sim.simulate import SimParams, simulate_session
 
 LOCAL = {"enabled": True}
 SESSION: dict[str, Any] = {}  # extra top-level settings from the command line (threads)

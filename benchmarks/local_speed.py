@@ -28,7 +28,7 @@ from gpu.local import estimate_local
 from gpu.local_model import spectra_from_frames
 from gpu.motion import estimate_frame_shifts
 from streamer.config import LocalConfig
-from streamer.simulate import SimParams, render_movie, write_gain
+from streamer.sim.simulate import SimParams, render_movie, write_gain
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Quality of per-particle motion correction on simulated sessions with known trajectories.
 
-For each regime, movies are rendered with :mod:`streamer.simulate` (in memory), gain-corrected,
+For each regime, movies are rendered with :mod:`streamer.sim.simulate` (in memory), gain-corrected,
 hot pixels replaced, full-frame motion estimated (:func:`gpu.motion.estimate_frame_shifts`), and
 the same particles (true particles whose boxes stay inside the frame; positions = the written
 picks, with their pick error) are extracted four ways with :func:`gpu.extract.extract_particles`:
@@ -11,7 +11,7 @@ picks, with their pick error) are extracted four ways with :func:`gpu.extract.ex
 (d) ``oracle``: the TRUE trajectories, dose weighted.
 
 Each set is scored against the noise-free ground-truth particle images
-(:func:`streamer.simulate.truth_particles`) by the Fourier ring correlation pooled over all
+(:func:`streamer.sim.simulate.truth_particles`) by the Fourier ring correlation pooled over all
 particles of the regime, after the best sub-pixel translation of each particle onto its truth
 (the same procedure for all four), and averaged over the shells from ``--band`` (Å). Reported:
 band-averaged FRC of a-d, the oracle gain fraction ``(c - b) / (d - b)``, trajectory RMSE against
@@ -53,7 +53,7 @@ from gpu.local_model import spectra_from_frames
 from gpu.motion import estimate_frame_shifts
 from gpu.quality import evenodd_gain
 from streamer.config import LocalConfig
-from streamer.simulate import SimParams, file_stem, render_movie, truth_particles, write_gain
+from streamer.sim.simulate import SimParams, file_stem, render_movie, truth_particles, write_gain
 
 REGIMES: dict[str, dict[str, Any]] = {
     "default": {},

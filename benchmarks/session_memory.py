@@ -3,9 +3,9 @@
     python benchmarks/session_memory.py [--movies 1000] [--shape 256] [--frames 8] [--particles 3]
                                         [--workers 1] [--json FILE] [--tracemalloc [N]]
 
-Simulates ONE small movie (``streamer.simulate``) and hard-links it under ``--movies`` names, each
+Simulates ONE small movie (``streamer.sim.simulate``) and hard-links it under ``--movies`` names, each
 with its own copy of the pick file, then runs a real ``lmc run`` session on them
-(``streamer.session.run_session(cfg, once=True)``, local motion off, no plots) in this process.
+(``streamer.live.session.run_session(cfg, once=True)``, local motion off, no plots) in this process.
 A thread samples this process's resident set (``VmRSS`` of ``/proc/self/status``) every
 ``--every`` s together with the number of movies committed so far (from the session's state
 callback), and the workers' RSS (``/proc/<pid>/status`` of this process's children).
@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from streamer import config as config_mod
-from streamer.session import run_session
-from streamer.simulate import SimParams, simulate_session
+from streamer.live.session import run_session
+from streamer.sim.simulate import SimParams, simulate_session
 
 FLAT_KIB_PER_MOVIE = 1.0  # below this the per-movie growth is allocator noise, not retained state
 

@@ -26,7 +26,7 @@ def _add_session_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from streamer.session import run_session
+    from streamer.live.session import run_session
 
     cfg = _cfg(ns)
     _need(cfg, "movies", "out")
@@ -35,7 +35,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 
 def cmd_watch(ns: argparse.Namespace) -> int:
-    from streamer.session import run_session
+    from streamer.live.session import run_session
 
     cfg = _cfg(ns)
     _need(cfg, "movies", "out")
@@ -43,7 +43,7 @@ def cmd_watch(ns: argparse.Namespace) -> int:
     on_state = None
     console = None
     if not headless:
-        from streamer.console import LiveConsole
+        from streamer.ui.console import LiveConsole
 
         console = LiveConsole(cfg)
         on_state = console.update
@@ -59,20 +59,20 @@ def cmd_watch(ns: argparse.Namespace) -> int:
 
 
 def cmd_worker(ns: argparse.Namespace) -> int:
-    from streamer.worker import worker_main
+    from streamer.live.worker import worker_main
 
     cfg = _cfg(ns)
     return int(worker_main(ns.connect, cfg, gpu=ns.gpu, keys=cfg.keys) or 0)
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
-    from streamer.status import print_status
+    from streamer.output.status import print_status
 
     return int(print_status(Path(ns.out), as_json=ns.json) or 0)
 
 
 def cmd_keys(ns: argparse.Namespace) -> int:
-    from streamer.keys import create_keys
+    from streamer.live.keys import create_keys
 
     paths = create_keys(Path(ns.dir))
     for p in paths:
@@ -81,7 +81,7 @@ def cmd_keys(ns: argparse.Namespace) -> int:
 
 
 def cmd_simulate(ns: argparse.Namespace) -> int:
-    from streamer.simulate import SimParams, simulate_session
+    from streamer.sim.simulate import SimParams, simulate_session
 
     kwargs: dict[str, Any] = {}
     for name in ("movies", "frames", "particles", "seed", "format", "apix", "dose_per_frame", "mass_kda", "local_A"):
@@ -99,7 +99,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from streamer.demo import run_demo
+    from streamer.sim.demo import run_demo
 
     return int(run_demo(ns) or 0)
 

@@ -50,14 +50,14 @@ def _take_buffer(pool: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray |
 def _gain_multiplier(
     path: str, mtime: float, gcfg: GainConfig, shape: tuple[int, int], upsampling: int
 ) -> np.ndarray:
-    from streamer.gainref import read_gain
+    from streamer.formats.gainref import read_gain
 
     return read_gain(path, gcfg, shape, upsampling=upsampling)
 
 
 @functools.lru_cache(maxsize=4)
 def _defect_mask(path: str, mtime: float, shape: tuple[int, int]) -> np.ndarray:
-    from streamer.gainref import read_defects
+    from streamer.formats.gainref import read_defects
 
     return read_defects(path, shape)
 
@@ -72,7 +72,7 @@ def load_gain(cfg: Config, frame_shape: tuple[int, int], upsampling: int = 1) ->
 
 def resolve_picks(cfg: Config, movie: str, picks: Any, frame_shape_phys: tuple[int, int]) -> Picks:
     """Read the picks for ``movie`` from a PickSource, a pick file/folder path or ``cfg.picks.dir``."""
-    from streamer.picks import PickIndex, PicksError, read_picks
+    from streamer.formats.picks import PickIndex, PicksError, read_picks
 
     source = picks
     if source is None or isinstance(source, (str, Path)):
@@ -105,7 +105,7 @@ def process_movie(
 ) -> MovieResult:
     """Process one movie end to end (see module docstring). Raises MovieError/PicksError/GainError.
 
-    ``preloaded``: the movie already read by ``streamer.movies.read_movie`` (a worker decodes the
+    ``preloaded``: the movie already read by ``streamer.formats.movies.read_movie`` (a worker decodes the
     next movie ahead while the current one is processed). Its raw frames are released (replaced
     by an empty array) once the gain is applied, so the caller's reference does not keep the raw
     movie alive through the later stages next to the float32 one and the next movie's decode.
@@ -118,7 +118,7 @@ def process_movie(
     from gpu.gain import apply_gain, hot_pixel_mask, replace_pixels
     from gpu.motion import aligned_sum, bin_movie, estimate_frame_shifts
     from gpu.normalize import normalize_background
-    from streamer.movies import read_movie
+    from streamer.formats.movies import read_movie
 
     xp = xp or backend.get_xp(cfg.device)
     if cfg.threads:
@@ -340,15 +340,15 @@ def process_movie(
 
 def write_sidecar_files(cfg: Config, result: MovieResult, micrograph: np.ndarray, binning_phys: float) -> None:
     """trajectories/<stem>.star and plots/<stem>.png (idempotent, atomic replace)."""
-    from streamer.picks import movie_stem
-    from streamer.trajectories import write_trajectories
+    from streamer.formats.picks import movie_stem
+    from streamer.formats.trajectories import write_trajectories
 
     out = Path(cfg.out)
     stem = movie_stem(result.movie)
     (out / "trajectories").mkdir(parents=True, exist_ok=True)
     write_trajectories(out / "trajectories" / f"{stem}.star", result)
     if cfg.plots:
-        from streamer.plot import plot_trajectories
+        from streamer.formats.plot import plot_trajectories
 
         (out / "plots").mkdir(parents=True, exist_ok=True)
         plot_trajectories(out / "plots" / f"{stem}.png", micrograph, binning_phys, result)

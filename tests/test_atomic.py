@@ -1,4 +1,4 @@
-"""streamer.atomic: whole-file replacement on real files, failures mid-write, a concurrent reader process."""
+"""streamer.formats.atomic: whole-file replacement on real files, failures mid-write, a concurrent reader process."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamer import atomic
+from streamer.formats import atomic
 
 
 def _entries(folder: Path) -> list[str]:

@@ -10,7 +10,7 @@ import mrcfile
 import pytest
 import starfile
 
-from streamer.simulate import SimParams, simulate_session
+from streamer.sim.simulate import SimParams, simulate_session
 
 
 def lmc(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -14,8 +14,8 @@ import pytest
 import starfile
 from cryosparc.dataset import Dataset
 
-from streamer.committer import Committer, FingerprintMismatch, OutputLocked
 from streamer.config import Config
+from streamer.output.committer import Committer, FingerprintMismatch, OutputLocked
 from streamer.types import MovieResult
 
 BOX = 8
@@ -202,7 +202,7 @@ CHILD = textwrap.dedent(
     import os, sys, signal, resource, time
     sys.path.insert(0, {tests!r})
     from test_committer import CFG, make_result
-    from streamer.committer import Committer, CommitError
+    from streamer.output.committer import Committer, CommitError
     out, mode, spec, interval = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     cfg = CFG.with_(stack_size=int(spec)) if mode == "diskfull" else CFG
     c = Committer(out, cfg, snapshot_interval=interval)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from streamer.console import (
+from streamer.ui.console import (
     Controls,
     LiveConsole,
     TrendHistory,
@@ -27,9 +27,9 @@ from streamer.console import (
     grade_gain,
     render,
 )
-from streamer.sparkline import BLOCKS, resample, sparkline
+from streamer.ui.sparkline import BLOCKS, resample, sparkline
 
-# A snapshot as the session writes it to OUT/status.json (streamer.session.Session.snapshot), recorded
+# A snapshot as the session writes it to OUT/status.json (streamer.live.session.Session.snapshot), recorded
 # mid-session on a two-GPU node and trimmed to 12 recent movies.
 RECORDED = json.loads(r"""
 {
@@ -311,7 +311,7 @@ def test_lmc_watch_under_a_pseudo_terminal(tmp_path: Path) -> None:
     import struct
     import termios
 
-    from streamer.simulate import SimParams, recommended_box, simulate_session
+    from streamer.sim.simulate import SimParams, recommended_box, simulate_session
 
     params = SimParams(movies=1, frames=6, shape=(256, 256), particles=4, edge_particles=0, junk_picks=0,
                        mass_kda=60.0, seed=5)

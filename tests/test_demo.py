@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from streamer.config import ConfigError
-from streamer.demo import _prepare_dir, frc_score, ring_sums, truth_references
-from streamer.simulate import SimParams, load_truth, simulate_session, truth_particles
+from streamer.sim.demo import _prepare_dir, frc_score, ring_sums, truth_references
+from streamer.sim.simulate import SimParams, load_truth, simulate_session, truth_particles
 
 ROOT = Path(__file__).resolve().parents[1]
 

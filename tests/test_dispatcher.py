@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import zmq
 
-from streamer import protocol
-from streamer.dispatcher import Dispatcher, DispatcherError, Event, is_loopback
+from streamer.live import protocol
+from streamer.live.dispatcher import Dispatcher, DispatcherError, Event, is_loopback
 from streamer.types import MovieResult
 
 HB = 0.2
@@ -53,7 +53,7 @@ def job_handler(job: dict) -> MovieResult:
 
 def spawn_worker(endpoint: str, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "streamer.worker", "--connect", endpoint, "--handler", "test_dispatcher:job_handler",
+    cmd = [sys.executable, "-m", "streamer.live.worker", "--connect", endpoint, "--handler", "test_dispatcher:job_handler",
            "--heartbeat", str(HB), "--liveness", str(LIVENESS), "--device", "cpu", "--threads", "1", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from streamer.eer import (
+from streamer.formats.eer import (
     MovieError,
     counts_to_events,
     encode_frame,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.emulator import MicroscopeEmulator, Timing
-from streamer.movies import movie_is_whole, read_movie
-from streamer.simulate import SimParams, load_truth, recommended_box, render_movie
+from streamer.formats.movies import movie_is_whole, read_movie
+from streamer.sim.emulator import MicroscopeEmulator, Timing
+from streamer.sim.simulate import SimParams, load_truth, recommended_box, render_movie
 
 TINY = SimParams(movies=2, frames=6, shape=(128, 128), particles=3, edge_particles=1, junk_picks=1, mass_kda=60.0, seed=7)
 

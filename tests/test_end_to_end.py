@@ -17,10 +17,10 @@ import pytest
 from gpu.extract import extract_particles
 from gpu.gain import apply_gain
 from streamer.config import from_dict
-from streamer.movies import read_movie
-from streamer.picks import movie_stem
+from streamer.formats.movies import read_movie
+from streamer.formats.picks import movie_stem
 from streamer.pipeline import load_gain, process_movie
-from streamer.simulate import SimParams, load_truth, simulate_session, truth_particles
+from streamer.sim.simulate import SimParams, load_truth, simulate_session, truth_particles
 
 BOX = 128
 

@@ -8,7 +8,7 @@ import pytest
 import tifffile
 
 from streamer.config import GainConfig
-from streamer.gainref import GainError, read_defects, read_gain
+from streamer.formats.gainref import GainError, read_defects, read_gain
 
 H, W = 3, 4  # non-square, so a quarter turn changes the shape
 MARK = 5.0

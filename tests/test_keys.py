@@ -12,10 +12,10 @@ import pytest
 import zmq
 from test_dispatcher import kinds, run_until, spawn_worker
 
-from streamer import protocol
-from streamer.dispatcher import Dispatcher
-from streamer.keys import KeysError, create_keys
-from streamer.worker import EXIT_REFUSED
+from streamer.live import protocol
+from streamer.live.dispatcher import Dispatcher
+from streamer.live.keys import KeysError, create_keys
+from streamer.live.worker import EXIT_REFUSED
 
 
 def test_create_keys_layout_and_permissions(tmp_path: Path) -> None:

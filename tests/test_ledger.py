@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from streamer.config import Config, processing_dict
-from streamer.ledger import FingerprintMismatch, Ledger, LedgerError
+from streamer.output.ledger import FingerprintMismatch, Ledger, LedgerError
 
 
 def _open(path, cfg: Config) -> Ledger:

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import starfile
 
-from streamer.ledger import Ledger
-from streamer.simulate import SimParams, simulate_session
+from streamer.output.ledger import Ledger
+from streamer.sim.simulate import SimParams, simulate_session
 
 N_SRC = 8
 BOX = 64
@@ -360,7 +360,7 @@ def test_sigkill_whole_session_then_restart_exactly_once(tmp_path: Path, source:
 
 
 def test_status_rendering_and_staleness(tmp_path: Path) -> None:
-    from streamer.status import STALE_AFTER_S, print_status, read_status, render_status, write_status
+    from streamer.output.status import STALE_AFTER_S, print_status, read_status, render_status, write_status
 
     assert print_status(tmp_path) == 1  # no status.json: a clear message, exit 1
     snap = {

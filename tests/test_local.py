@@ -15,7 +15,7 @@ import pytest
 
 from gpu.local import estimate_local, guard_choice
 from streamer.config import LocalConfig
-from streamer.simulate import SimParams
+from streamer.sim.simulate import SimParams
 
 ROOT = Path(__file__).resolve().parents[1]
 # band to 8 Å: where the per-particle information is (REFERENCE §2 used 40 Å; see BENCHMARKS.md)

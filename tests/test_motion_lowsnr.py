@@ -8,7 +8,7 @@ import pytest
 
 from gpu import motion
 from gpu.motion import estimate_frame_shifts, prior_matrix, trajectory_prior, viterbi_path
-from streamer.simulate import SimParams, render_movie
+from streamer.sim.simulate import SimParams, render_movie
 
 
 def path_length(s: np.ndarray) -> float:

@@ -13,8 +13,8 @@ import pytest
 import tifffile
 
 from streamer.config import EerConfig
-from streamer.eer import write_eer
-from streamer.movies import MovieError, is_movie, movie_header, movie_is_whole, read_movie
+from streamer.formats.eer import write_eer
+from streamer.formats.movies import MovieError, is_movie, movie_header, movie_is_whole, read_movie
 
 F, H, W = 5, 12, 10
 

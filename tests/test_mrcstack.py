@@ -6,7 +6,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from streamer import mrcstack
+from streamer.formats import mrcstack
 
 
 def _valid(path) -> bool:

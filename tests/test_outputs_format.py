@@ -8,8 +8,8 @@ import pytest
 import starfile
 from cryosparc.dataset import Dataset
 
-from streamer import csfile, relion_star
 from streamer.config import Config
+from streamer.formats import csfile, relion_star
 
 
 def parse_star(text: str) -> dict[str, tuple[list[str], list[list[str]]]]:

@@ -12,7 +12,7 @@ import starfile
 from cryosparc.dataset import CSDAT_FORMAT, Dataset
 
 from streamer.config import PicksConfig
-from streamer.picks import (
+from streamer.formats.picks import (
     PickIndex,
     PicksError,
     match_key,
@@ -337,7 +337,7 @@ def test_star_with_empty_loop(tmp_path: Path) -> None:
     ],
 )
 def test_malformed_file_raises_picks_error_with_path(tmp_path: Path, name: str, content: str, what: str) -> None:
-    from streamer.picks import PickSource
+    from streamer.formats.picks import PickSource
 
     path = tmp_path / name
     path.write_bytes(content.encode("latin-1"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.image import imread
 
-from streamer.plot import TITLE_PX, plot_size, plot_trajectories
+from streamer.formats.plot import TITLE_PX, plot_size, plot_trajectories
 from streamer.types import MovieResult
 
 

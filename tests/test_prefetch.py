@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from streamer.config import from_dict
-from streamer.movies import MovieError
+from streamer.formats.movies import MovieError
+from streamer.live.worker import PipelineHandler
 from streamer.pipeline import process_movie
-from streamer.simulate import SimParams, simulate_session
-from streamer.worker import PipelineHandler
+from streamer.sim.simulate import SimParams, simulate_session
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pickle
 import numpy as np
 import pytest
 
-from streamer import protocol
-from streamer.protocol import ProtocolError, decode, decode_result, encode, encode_result
+from streamer.live import protocol
+from streamer.live.protocol import ProtocolError, decode, decode_result, encode, encode_result
 from streamer.types import MovieResult
 
 

@@ -17,8 +17,8 @@ import pytest
 import tifffile
 
 from streamer import config as config_mod
-from streamer.picks import write_star_coords
-from streamer.session import Session
+from streamer.formats.picks import write_star_coords
+from streamer.live.session import Session
 from streamer.types import MovieResult
 
 TESTS = Path(__file__).resolve().parent

@@ -12,9 +12,10 @@ from scipy.ndimage import fourier_shift
 from scipy.stats import poisson
 
 from gpu.dose import critical_exposure
-from streamer import sim_motion, sim_specimen
 from streamer.config import from_dict
-from streamer.simulate import (
+from streamer.sim import motion as sim_motion
+from streamer.sim import specimen as sim_specimen
+from streamer.sim.simulate import (
     SimParams,
     _Particles,
     load_truth,
@@ -124,7 +125,7 @@ def test_gain_reference_flattens_blank_frames(tmp_path: Path) -> None:
 
 
 def test_eer_movie_and_divide_gain(tmp_path: Path) -> None:
-    from streamer import eer
+    from streamer.formats import eer
 
     params = SimParams(movies=1, frames=6, shape=(128, 128), format="eer", gain_sigma=0.15, particles=2, mass_kda=100)
     simulate_session(tmp_path, params)
@@ -226,7 +227,7 @@ def test_local_field_smooth_zero_mean_and_scaled() -> None:
 
 def test_neighbouring_particles_share_local_motion() -> None:
     params = SimParams(movies=1, frames=10, shape=(1024, 1024), particles=40, mass_kda=50, edge_particles=0)
-    from streamer.simulate import _geometry
+    from streamer.sim.simulate import _geometry
 
     geo = _geometry(params, 0)
     pos, local, resid = geo["positions"], geo["local"], geo["residual"]
@@ -351,7 +352,7 @@ def test_movie_particles_follow_true_trajectories(session: Path) -> None:
 def test_radiation_damage_per_frame() -> None:
     """The noise-free particle signal of frame t is the undamaged one times exp(-N_t / (2 Ne(k)))."""
     kw = dict(movies=1, frames=40, particles=1, edge_particles=0, mass_kda=60, defocus_um=(0.8, 0.8))
-    from streamer.simulate import _geometry
+    from streamer.sim.simulate import _geometry
 
     box = _Particles(SimParams(**kw), {**_geometry(SimParams(**kw), 0), "positions": np.zeros((1, 2))}).box
     # a frame the size of the render box with the particle at its centre: frame FFT = box FFT

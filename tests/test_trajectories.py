@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import starfile
 
-from streamer.trajectories import TrajectoriesError, read_trajectories, stat_label, write_trajectories
+from streamer.formats.trajectories import TrajectoriesError, read_trajectories, stat_label, write_trajectories
 from streamer.types import MovieResult
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from streamer.picks import write_star_coords
-from streamer.watcher import Watcher, ignored_name, match_parts, split_pattern
+from streamer.formats.picks import write_star_coords
+from streamer.live.watcher import Watcher, ignored_name, match_parts, split_pattern
 
 
 def tiff_bytes(frames: int = 6, shape: tuple[int, int] = (32, 32), seed: int = 0) -> bytes:

@@ -45,8 +45,8 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from streamer import atomic
 from streamer.config import PicksConfig
+from streamer.formats import atomic
 from streamer.types import Picks
 
 

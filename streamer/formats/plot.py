@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
-from streamer import atomic
+from streamer.formats import atomic
 from streamer.types import MovieResult
 
 TITLE_PX = 44
@@ -58,7 +58,7 @@ def plot_trajectories(
     scale: float = PLOT_SCALE,
     width_px: int = 1000,
 ) -> None:
-    """Write the diagnostic PNG (atomically, ``streamer.atomic``).
+    """Write the diagnostic PNG (atomically, ``streamer.formats.atomic``).
 
     ``micrograph``: (h, w) aligned sum binned by ``binning`` relative to the movie grid;
     ``result.x``, ``result.y`` (n,) in movie px; ``result.traj_raw``/``traj_smooth`` (n, F, 2) in Å.

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from streamer.config import Config, ConfigError
-from streamer.console import enrich_snapshot
-from streamer.dispatcher import Dispatcher, Event, Job
-from streamer.status import clean, write_status
-from streamer.watcher import Notice, Watcher, split_pattern
+from streamer.live.dispatcher import Dispatcher, Event, Job
+from streamer.live.watcher import Notice, Watcher, split_pattern
+from streamer.output.status import clean, write_status
+from streamer.ui.console import enrich_snapshot
 
 log = logging.getLogger("lmc.session")
 
@@ -91,8 +91,8 @@ def plan_workers(cfg: Config) -> list[int | None]:
 
 def open_output(out: Path, cfg: Config, new: bool) -> tuple[Any, Path]:
     """The Committer for ``out``; with ``new``, OUT-2, OUT-3, ... when OUT holds other parameters."""
-    from streamer.committer import Committer
-    from streamer.ledger import FingerprintMismatch
+    from streamer.output.committer import Committer
+    from streamer.output.ledger import FingerprintMismatch
 
     try:
         return Committer(out, cfg), out
@@ -168,7 +168,7 @@ class Writer:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        from streamer.committer import CommitError
+        from streamer.output.committer import CommitError
 
         try:
             committer, self.out = open_output(self.out, self.cfg, self.new)
@@ -382,7 +382,7 @@ class Session:
 
     def _spawn(self, w: _LocalWorker) -> None:
         cfg = self.job_cfg
-        cmd = [sys.executable, "-m", "streamer.worker", "--connect", self.connect, "--exit-with-parent",
+        cmd = [sys.executable, "-m", "streamer.live.worker", "--connect", self.connect, "--exit-with-parent",
                "--name", w.name, "--heartbeat", str(cfg.heartbeat), "--liveness", str(cfg.liveness)]
         if w.gpu is not None:
             cmd += ["--gpu", str(w.gpu), "--device", "gpu"]
@@ -727,7 +727,7 @@ class Session:
         lat = sorted(self.latencies)
         failures = []
         try:
-            from streamer.ledger import Ledger
+            from streamer.output.ledger import Ledger
 
             led = Ledger(self.out / "ledger.sqlite", readonly=True)
             failures = [(m, r) for m, r in led.failed()]
@@ -772,7 +772,7 @@ def run_session(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m streamer.session`` = ``lmc watch`` (for tests and process supervisors)."""
+    """``python -m streamer.live.session`` = ``lmc watch`` (for tests and process supervisors)."""
     from streamer.cli import main as cli_main
 
     return cli_main(["watch", *(argv if argv is not None else sys.argv[1:])])

@@ -54,7 +54,8 @@ from scipy.ndimage import map_coordinates
 from gpu import backend
 from gpu.ctf import ctf_2d, electron_wavelength
 from gpu.dose import critical_exposure
-from streamer import sim_motion, sim_specimen
+from streamer.sim import motion as sim_motion
+from streamer.sim import specimen as sim_specimen
 
 FORMATS = ("tiff", "mrc", "mrc.bz2", "eer")
 PICK_FORMATS = ("star", "box", "topaz", "cs")
@@ -576,7 +577,7 @@ def write_movie(
     ``fmt``: "tiff" (uint8, LZW, one page per frame), "mrc" (mode 0 int8 stack, header first with the
     full frame count), "mrc.bz2" (bzip2 of that MRC), "eer" (each frame's counts spread over
     ``eer_raw_per_frame`` raw pages, at most one electron per pixel per page as the format allows
-    (streamer.eer.split_counts: a pixel's electrons go to a random subset of the pages; counts above
+    (streamer.formats.eer.split_counts: a pixel's electrons go to a random subset of the pages; counts above
     ``eer_raw_per_frame`` saturate, like coincidence loss), plus ``eer_leftover`` extra pages spread
     from the last frame; the finished file is copied into place in pieces, so it appears truncated first).
     """
@@ -627,7 +628,7 @@ def _write_eer(
     chunks: list[tuple[int, int]],
     report: Callback,
 ) -> None:
-    from streamer import eer
+    from streamer.formats import eer
 
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1_000_003,)))
     n = counts.shape[0]
@@ -703,7 +704,7 @@ def write_gain(out_dir: str | os.PathLike[str], params: SimParams) -> Path:
 
 def write_picks(out_dir: str | os.PathLike[str], params: SimParams, index: int, truth: dict[str, Any]) -> Path:
     """The pick file of movie ``index`` in ``params.pick_format`` (micrograph-level CTF columns)."""
-    from streamer import picks as pk
+    from streamer.formats import picks as pk
 
     movie = movie_filename(params, index)
     stem = file_stem(movie)
@@ -848,7 +849,7 @@ def _truth_path(session_dir: Path, movie_stem: str) -> Path:
     direct = session_dir / "truth" / f"{file_stem(name)}.npz"
     if direct.is_file():
         return direct
-    from streamer.picks import match_key
+    from streamer.formats.picks import match_key
 
     want = match_key(name)
     for cand in sorted((session_dir / "truth").glob("*.npz")):

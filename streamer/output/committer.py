@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from streamer import atomic, csfile, mrcstack, relion_star
 from streamer.config import Config, processing_dict
-from streamer.ledger import FingerprintMismatch, Ledger, LedgerError
+from streamer.formats import atomic, csfile, mrcstack, relion_star
+from streamer.output.ledger import FingerprintMismatch, Ledger, LedgerError
 from streamer.types import MovieResult
 
 __all__ = ["CommitError", "Committer", "FingerprintMismatch", "OutputLocked"]

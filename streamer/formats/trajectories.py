@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from streamer import atomic
+from streamer.formats import atomic
 from streamer.types import MovieResult
 
 
@@ -126,7 +126,7 @@ def write_trajectories(
     dose_per_frame: float | None = None,
     pre_exposure: float | None = None,
 ) -> None:
-    """Write ``result``'s trajectories STAR atomically (``streamer.atomic``).
+    """Write ``result``'s trajectories STAR atomically (``streamer.formats.atomic``).
 
     ``dose_per_frame``/``pre_exposure`` (e/Å²) fill rlnMicrographDoseRate/PreExposure; when None
     they are taken from ``result.stats`` if present there.

@@ -6,7 +6,7 @@ The session is asked to drain and stop once every movie has been processed.
 
 Quality against the ground truth: the particles the session wrote (local correction) and the same
 picks extracted with full-frame motion only are each compared with the simulation's noise-free
-particle images (``streamer.simulate.truth_particles``, shifted to the pick's offset from the true
+particle images (``streamer.sim.simulate.truth_particles``, shifted to the pick's offset from the true
 centre). The score is the Fourier ring correlation pooled over all particles,
 ``FRC(k) = Σ Re(X Y*) / sqrt(Σ|X|² Σ|Y|²)`` over the rings of frequency ``k``, averaged over the band
 50–6 Å; the gain is local minus full-frame. An isotropic filter on the reference (radiation damage,
@@ -32,8 +32,8 @@ import numpy as np
 
 from streamer import config as config_mod
 from streamer.config import Config, ConfigError
-from streamer.emulator import MicroscopeEmulator, Timing
-from streamer.simulate import SimParams
+from streamer.sim.emulator import MicroscopeEmulator, Timing
+from streamer.sim.simulate import SimParams
 
 DEFAULT_PARAMS = SimParams(movies=6, frames=30, shape=(1024, 1024), particles=40, seed=1)
 # the smallest movies whose full-frame motion is still well determined (256² x 10 frames is not)
@@ -172,7 +172,7 @@ def truth_references(scope: Path, movie: str, x: np.ndarray, y: np.ndarray, box:
     ``(true centre - pick) / (out_apix / apix)`` px.
     """
     from gpu.shift import fourier_shift
-    from streamer.simulate import load_truth, truth_particles
+    from streamer.sim.simulate import load_truth, truth_particles
 
     truth = load_truth(scope, movie)
     picks = np.asarray(truth["picks"], np.float64)
@@ -192,7 +192,7 @@ def read_written(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarra
     """``{micrograph: (images (n, b, b), x (n,), y (n,))}`` from ``particles.star`` and its stacks."""
     import starfile
 
-    from streamer import mrcstack
+    from streamer.formats import mrcstack
 
     star = out / "particles.star"
     if not star.is_file():
@@ -218,7 +218,7 @@ def read_written(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarra
 def score_against_truth(scope: Path, out: Path, cfg: Config, baseline: bool = True) -> dict[str, Any]:
     """FRC-vs-truth of the written particles and (``baseline``) of full-frame-only extraction of the same
     movies: ``{"particles", "frc_local", "frc_fullframe", "gain", "band_A"}`` (module docstring)."""
-    from streamer.picks import movie_stem
+    from streamer.formats.picks import movie_stem
     from streamer.pipeline import process_movie
 
     written = read_written(out)
@@ -313,7 +313,7 @@ def _reference_free(out: Path, last: dict[str, Any]) -> float | None:
 
 def run_demo(ns: argparse.Namespace) -> int:
     """Run the demo (module docstring); returns the exit status (0 when every movie was processed)."""
-    from streamer.session import run_session
+    from streamer.live.session import run_session
 
     params, timing = _params(ns)
     fast = bool(getattr(ns, "fast", False))
@@ -333,12 +333,12 @@ def run_demo(ns: argparse.Namespace) -> int:
 
     console = None
     if not headless:
-        from streamer.console import LiveConsole
+        from streamer.ui.console import LiveConsole
 
         console = LiveConsole(cfg)
         controls: Any = console.controls
     else:
-        from streamer.console import Controls
+        from streamer.ui.console import Controls
 
         controls = Controls()
     budget = 120.0 + params.movies * (timing.interval_s + 60.0)
@@ -378,7 +378,7 @@ def run_demo(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m streamer.demo [DIR] [--movies N] [--fast] [--headless]`` (same as ``lmc demo``)."""
+    """``python -m streamer.sim.demo [DIR] [--movies N] [--fast] [--headless]`` (same as ``lmc demo``)."""
     p = argparse.ArgumentParser(prog="lmc demo")
     p.add_argument("dir", nargs="?", default=None)
     p.add_argument("--movies", type=int, default=None)

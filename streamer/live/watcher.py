@@ -246,7 +246,7 @@ class Watcher:
             return False
         if self.pattern is not None:
             return match_parts(parts, self.pattern)
-        from streamer.movies import is_movie
+        from streamer.formats.movies import is_movie
 
         return is_movie(path)
 
@@ -374,7 +374,7 @@ class Watcher:
         return notices
 
     def _refresh_picks(self, notices: list[Notice]) -> list[str]:
-        from streamer.picks import PickIndex, PicksError
+        from streamer.formats.picks import PickIndex, PicksError
 
         assert self.picks_dir is not None
         if self.index is None:
@@ -398,7 +398,7 @@ class Watcher:
         return changed
 
     def _picks_changed(self, stems: list[str], now: float, notices: list[Notice]) -> None:
-        from streamer.picks import match_key
+        from streamer.formats.picks import match_key
 
         if self.index is None:
             return
@@ -477,7 +477,7 @@ class Watcher:
 
     @staticmethod
     def _whole(path: str) -> tuple[bool, str]:
-        from streamer.movies import movie_is_whole
+        from streamer.formats.movies import movie_is_whole
 
         try:
             return movie_is_whole(path)

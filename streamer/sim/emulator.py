@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from streamer import simulate
-from streamer.simulate import SimParams
+from streamer.sim import simulate
+from streamer.sim.simulate import SimParams
 
 EventCallback = Callable[[str, int, Path], None]
 

@@ -48,7 +48,7 @@ SUBPIXEL_BITS = 2  # per axis, in the 65000/65001 codes (65002 states its own in
 class MovieError(ValueError):
     """A movie file is unreadable, truncated or inconsistent. Message: ``"{path}: {what}"``.
 
-    Defined here (the lowest module that raises it) and re-exported by ``streamer.movies``.
+    Defined here (the lowest module that raises it) and re-exported by ``streamer.formats.movies``.
     """
 
     def __init__(self, path: str | os.PathLike, what: str) -> None:

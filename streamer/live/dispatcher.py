@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from streamer import protocol
+from streamer.live import protocol
 from streamer.types import MovieResult
 
 log = logging.getLogger("lmc.dispatcher")
@@ -180,7 +180,7 @@ class Dispatcher:
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, 1 << 33)
         if self.keys:
-            from streamer.keys import setup_server
+            from streamer.live.keys import setup_server
 
             self.auth = setup_server(self.ctx, sock, self.keys)
         bind = self.bind_address

@@ -6,7 +6,7 @@ has been silent for ``heartbeat * liveness`` s (the Paranoid Pirate pattern). Jo
 time, in order, in a compute thread that hands its encoded messages to the main thread over an
 inproc socket, so heartbeats keep flowing while a movie is being processed.
 
-Entry points: :func:`worker_main` (``lmc worker``) and ``python -m streamer.worker`` (used by the
+Entry points: :func:`worker_main` (``lmc worker``) and ``python -m streamer.live.worker`` (used by the
 session to start local workers).
 """
 
@@ -32,8 +32,8 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from streamer import protocol
 from streamer.config import Config
+from streamer.live import protocol
 from streamer.types import MovieResult
 
 log = logging.getLogger("lmc.worker")
@@ -102,7 +102,7 @@ class PipelineHandler:
         return max(1, (cfg.threads or os.cpu_count() or 1) // 2)
 
     def prefetch(self, job: dict[str, Any]) -> None:
-        from streamer.movies import read_movie
+        from streamer.formats.movies import read_movie
 
         movie = job["movie"]
         if movie in self._ahead:
@@ -259,7 +259,7 @@ class Worker:
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, 1 << 26)  # jobs are small; refuse anything huge
         if self.keys:
-            from streamer.keys import setup_client
+            from streamer.live.keys import setup_client
 
             setup_client(sock, self.keys)
         monitor = sock.get_monitor_socket(
@@ -438,8 +438,8 @@ def worker_main(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m streamer.worker --connect ADDR [--gpu N] [--keys DIR] [--config YAML] ...``"""
-    p = argparse.ArgumentParser(prog="python -m streamer.worker", description=__doc__.splitlines()[0])
+    """``python -m streamer.live.worker --connect ADDR [--gpu N] [--keys DIR] [--config YAML] ...``"""
+    p = argparse.ArgumentParser(prog="python -m streamer.live.worker", description=__doc__.splitlines()[0])
     p.add_argument("--connect", required=True, help="dispatcher address, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--gpu", type=int, default=None, help="CUDA device to pin this worker to")
     p.add_argument("--keys", default=None, help="folder from `lmc keys`")

@@ -1,7 +1,7 @@
 """``OUT/status.json``: written by the session every few seconds, read by ``lmc status OUT``.
 
 The file holds the session snapshot (the same dict the live console draws; see
-``streamer.session.Session.snapshot`` for its keys). It is replaced atomically, so a reader never
+``streamer.live.session.Session.snapshot`` for its keys). It is replaced atomically, so a reader never
 sees half a file. ``render_status`` turns it into plain text for a terminal or a log.
 """
 

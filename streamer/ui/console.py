@@ -6,7 +6,7 @@ The session hands a snapshot dict (the same one it writes to ``OUT/status.json``
 snapshot at any size. Keys (read in cbreak mode from the terminal): ``q`` drain and quit, ``p``
 pause / resume dispatch; the session polls ``LiveConsole.controls``.
 
-Snapshot keys used (those of ``streamer.session.Session.snapshot``; all optional, missing values
+Snapshot keys used (those of ``streamer.live.session.Session.snapshot``; all optional, missing values
 show as "–"): ``phase``; ``session`` {movies, picks, out, started, uptime_s}; ``workers`` [{name,
 device, gpu, state, movie, job_seconds, done, mean_s, gpu_mem_mb}]; ``counts`` {seen, settling,
 incomplete, waiting_picks, queued, running, done, failed, skipped}; ``particles``; ``stacks``;
@@ -42,7 +42,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from streamer.sparkline import sparkline
+from streamer.ui.sparkline import sparkline
 
 # Colour bands for the per-movie quality values: (green up to, yellow up to), red beyond.
 # Full-frame drift of 5-30 Å and local deviations of 1-5 Å are typical (REFERENCE §5).

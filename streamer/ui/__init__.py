@@ -1,0 +1,1 @@
+"""Terminal presentation: the Rich live console and its sparklines."""
