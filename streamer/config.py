@@ -19,9 +19,12 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from gpu.local import LocalParams
 
 
 class ConfigError(ValueError):
@@ -89,7 +92,14 @@ class LocalConfig:
     auto_smoothing: bool = _f(False, "choose sigma_field among x0.5/x1/x2 by the held-out score (slower)")
     first_frame: int = _f(0, "first frame used for alignment (0-based)")
     last_frame: int = _f(-1, "last frame used for alignment (inclusive); -1 = last")
-    guard: bool = _f(True, "fall back to full-frame motion for a movie where local motion is not supported by held-out frames")
+    guard: bool = _f(True, "fall back to the (improved) full-frame trajectory for a movie where local motion is not supported by held-out frames")
+    common: bool = _f(True, "correct the full-frame trajectory by a common term fitted jointly from all particles and the background")
+
+    def params(self) -> LocalParams:
+        """The per-particle model's parameters (gpu/local.py), every one from this section."""
+        from gpu.local import LocalParams
+
+        return LocalParams(**{f.name: getattr(self, f.name) for f in fields(LocalParams)})
 
 
 @dataclass(frozen=True)
