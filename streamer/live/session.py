@@ -34,11 +34,11 @@ from typing import Any
 
 from streamer.config import Config, ConfigError
 from streamer.live.dispatcher import Dispatcher, Event, Job
+from streamer.live.local_workers import LocalWorkers, plan_workers
 from streamer.live.logs import SessionLog
 from streamer.live.metrics import Metrics, StatusPublisher
 from streamer.live.signals import SignalHandlers, StopFlags
 from streamer.live.watcher import Notice, Watcher, split_pattern
-from streamer.live.local_workers import LocalWorkers, plan_workers
 from streamer.live.writer import Writer
 from streamer.output.ledger import Ledger
 from streamer.output.status import clean
