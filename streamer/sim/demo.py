@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from streamer import config as config_mod
-from streamer.config import Config, ConfigError
+from streamer.config import Config
+from streamer.errors import ConfigError
 from streamer.sim.emulator import MicroscopeEmulator, Timing
 from streamer.sim.simulate import SimParams
 
