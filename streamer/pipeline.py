@@ -82,7 +82,7 @@ def resolve_picks(cfg: Config, movie: str, picks: Any, frame_shape_phys: tuple[i
         source = PickIndex(where, format=cfg.picks.format).lookup(movie)
         if source is None:
             raise PicksError(f"{movie}: no pick file matches this movie in {where}")
-    return read_picks(source, cfg.picks, frame_shape_phys)
+    return read_picks(source, cfg.picks, frame_shape_phys, apix=cfg.apix)
 
 
 def path_length(traj: np.ndarray) -> float:
@@ -316,6 +316,7 @@ def process_movie(
         "eer_leftover": eer_leftover,
         "local_fallback": bool(local_info.get("fallback", False)),
         "warnings": [f"{pk.source}: {p}" for p in pk.problems] + warnings,
+        "notes": [f"{pk.source}: {n}" for n in pk.notes],
         **timings,
     }
     result = MovieResult(
