@@ -71,6 +71,7 @@ class PipelineHandler:
     job's entry and the newest prefetch; any other entry is stale (its job was cancelled or
     reordered) and is dropped. A worker therefore holds the movie being processed plus one
     native-dtype movie decoded ahead. ``prefetch_hits`` counts jobs that got their frames ahead.
+    ``workspace`` keeps the float32 movie buffers from one job to the next (``streamer.pipeline.Workspace``).
     """
 
     def __init__(self, local: Config | None = None) -> None:
@@ -82,6 +83,9 @@ class PipelineHandler:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmc-prefetch")
         self._ahead: dict[str, Any] = {}  # movie -> Future[Movie], oldest first
         self.prefetch_hits = 0
+        from streamer.pipeline import Workspace
+
+        self.workspace = Workspace()  # the float32 and binned movie buffers, kept between jobs
 
     def _config(self, job: dict[str, Any]) -> Config:
         key = json.dumps(job["config"], sort_keys=True)
@@ -128,7 +132,7 @@ class PipelineHandler:
         if future is not None:
             preloaded = future.result()  # a MovieError raised while decoding surfaces here
             self.prefetch_hits += 1
-        return process_movie(cfg, job["movie"], job.get("picks"), xp=self._xp, preloaded=preloaded)
+        return process_movie(cfg, job["movie"], job.get("picks"), xp=self._xp, workspace=self.workspace, preloaded=preloaded)
 
 
 def pipeline_handler(local: Config | None = None) -> Handler:
