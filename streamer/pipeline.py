@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +267,7 @@ def resolve_picks(cfg: Config, movie: str, picks: Any, frame_shape_phys: tuple[i
         source = PickIndex(where, format=cfg.picks.format).lookup(movie)
         if source is None:
             raise PicksError(f"{movie}: no pick file matches this movie in {where}")
-    return read_picks(source, cfg.picks, frame_shape_phys)
+    return read_picks(source, cfg.picks, frame_shape_phys, apix=cfg.apix)
 
 
 @dataclass
@@ -461,6 +462,7 @@ def movie_result(
         "n_picks": located.n_picks,
         "n_particles": len(kept),
         "n_skipped": len(skipped),
+        "skip_reasons": skip_reasons(skipped),
         "frames": int(n_frames),
         "dose_per_frame": cfg.dose_per_frame,
         "pre_exposure": cfg.pre_exposure,
@@ -468,6 +470,7 @@ def movie_result(
         "eer_leftover": int(notes.get("eer_leftover", 0)),
         "local_fallback": bool(local.info.get("fallback", False)),
         "warnings": [f"{pk.source}: {p}" for p in pk.problems] + warnings,
+        "notes": [f"{pk.source}: {n}" for n in pk.notes],
         **{k: v for k, v in notes.items() if k.startswith("seconds_")},
     }
     return MovieResult(
@@ -484,6 +487,13 @@ def movie_result(
         apix=cfg.apix,
         stats=stats,
     )
+
+
+def skip_reasons(skipped: list[tuple[float, float, str]]) -> dict[str, int]:
+    """``{reason: count}`` of the picks not written, most frequent first (every pick is accounted
+    for: n_picks = n_particles + sum of these counts)."""
+    counts = Counter(reason for _, _, reason in skipped)
+    return dict(counts.most_common())
 
 
 def write_sidecar_files(cfg: Config, result: MovieResult, micrograph: np.ndarray, binning_phys: float) -> None:
