@@ -1,6 +1,6 @@
 """``lmc demo``: a synthetic session arriving over time, processed live, scored against its ground truth.
 
-DIR/scope/ is the microscope (streamer/emulator.py writes movies in chunks every few seconds, picks a
+DIR/scope/ is the microscope (streamer/sim/emulator.py writes movies in chunks every few seconds, picks a
 little later); DIR/lmc/ is the output of ``lmc watch`` running on it with the console (or headless).
 The session is asked to drain and stop once every movie has been processed.
 
