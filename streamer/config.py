@@ -23,12 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from streamer.errors import ConfigError
+
 if TYPE_CHECKING:
     from gpu.local import LocalParams
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, of the wrong type or out of range."""
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, processing: bool = True) -> Any:
