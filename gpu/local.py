@@ -1,28 +1,51 @@
 """Per-particle ("local") trajectories on top of the full-frame motion, without a 3-D reference.
 
-Model (one movie, all particles at once). The local residual of particle p in frame t is::
+Model (one movie, all particles at once). Particle p sits in frame t at ``x_p + s_t + d_{p,t}``
+(px, (dx, dy); ``s``: the motion stage's full-frame estimate, :mod:`gpu.motion`), with::
 
-    d_{p,t} = Σ_m Ψ_{p,m} c_{m,t}  +  e_{p,t}                        (px, (dx, dy))
-              shared smooth field      small per-particle residual
+    d_{p,t} = c_t  +  Σ_m Ψ_{p,m} f_{m,t}  +  e_{p,t}
+              common   shared smooth field     small per-particle residual
 
-* ``Ψ`` (P, R) spans a Gaussian process over the micrograph: ``Ψ Ψᵀ ≈ K`` with
-  ``K_ij = exp(-|x_i - x_j|² / (2 ℓ²))`` (``kernel="gaussian"``, the default: smooth, low rank)
-  or RELION's ``exp(-|x_i - x_j| / ℓ)`` (``kernel="exponential"``, Zivanov et al. 2019; rougher:
-  ~10 % larger trajectory error on simulated sessions); ``ℓ`` = ``correlation_length`` (Å). Top
-  eigenvectors of K: every field mode is constrained by many particles.
-* Time: every scalar process y (a field mode ``c_m`` or a residual ``e_p``, per axis) gets
+* ``c`` (F, 2): a correction of the full-frame trajectory common to every particle, fitted jointly
+  from all particles and the background. Where the background carries little signal the motion
+  estimate ``s`` is off by 0.5-1 Å in the first and last frames, an error no per-particle term can
+  see (it is common to all); ``s + c`` is the improved full-frame trajectory and ``s`` only the
+  starting point. Prior: the motion stage's trajectory prior (``P``, in exposure units,
+  :func:`gpu.motion.trajectory_prior`) on the *total* ``s + c``, plus the background's own share
+  of the motion stage's evidence as a quadratic around ``s``::
+
+      -log p(c) = ½ Σ_axis (s + c)ᵀ P (s + c) − β [ (P s)ᵀ c − ½ cᵀ L c ]
+
+  ``L``: the full-frame likelihood's curvature (:meth:`gpu.motion.FrameMotion.data_precision`),
+  whose gradient at ``s`` is ``P s`` (``s`` is the motion stage's MAP). ``β``: the fraction of the
+  frame outside every particle's alignment box (:func:`background_share`): the rest of the motion
+  stage's evidence came from the particles' own pixels, which enter in full through their
+  likelihood, and counting it twice would also count its noise twice (``s`` followed that noise,
+  and the particles' likelihood then agrees with ``s``: on simulated sessions β = 1 left 0.31 Å of
+  common error where β from the area left 0.2 Å). β = 1 would be the Laplace approximation of the
+  motion stage's posterior; β = 0 the particles and the prior alone.
+* ``Ψ`` (P, R) spans a Gaussian process over the micrograph: ``Ψ Ψᵀ ≈ J K J`` with
+  ``K_ij = exp(-|x_i - x_j|² / (2 ℓ²))`` (``kernel="gaussian"``: smooth, low rank) or RELION's
+  ``exp(-|x_i - x_j| / ℓ)`` (``kernel="exponential"``, Zivanov et al. 2019, IUCrJ 6:5; rougher),
+  ``ℓ`` = ``correlation_length`` (Å), centred by ``J = I - 11ᵀ/P`` so that every field mode sums to
+  zero over the particles: the field is what differs between particles, the common term what they
+  share (without the common term, K is used uncentred). Top eigenvectors: every field mode is
+  constrained by many particles.
+* Time: every scalar process y (a field mode ``f_m`` or a residual ``e_p``, per axis) gets
   RELION's velocity prior — its velocity in each frame is an independent N(0, σ²) draw, σ in
   Å per e/Å² (frame displacement std = σ·dose_per_frame/apix px) — plus an acceleration prior
   (velocity change per frame std = σ_a·dose_per_frame, σ_a in Å per (e/Å²)²). Field modes use
   ``sigma_field`` scaled by ``N0 / (N + N0)`` at exposure N (``burst_exposure`` N0: beam-induced
-  motion is fastest in the first few e/Å², REFERENCE §5; on simulated sessions it lowered the
-  trajectory RMSE by ~17 % against a stationary prior), residuals ``sigma_velocity``. The particles'
-  velocities thus have the prior covariance ``σ_f² K + σ_e² I``: a GP whose independent part is
-  strongly shrunk (REFERENCE §2/§3: independent per-particle fits fit noise at realistic SNR).
-* Parameters are the whitened velocity increments ``z`` (prior ½|z|²); d is their cumulative sum,
-  made **zero-mean over all frames** of the movie: the particle stays centred where it appears in
-  the full-frame-corrected micrograph (where it was picked), and the gauge freedom of the
-  cross-correlation objective (a constant shift of all frames) is fixed.
+  motion is fastest in the first few e/Å², Brilot et al. 2012, JSB 177:630), residuals
+  ``sigma_velocity``: the particles' velocities have the prior covariance ``σ_f² K + σ_e² I``, a
+  GP whose independent part is strongly shrunk (independent per-particle fits follow the noise at
+  realistic SNR; Rubinstein & Brubaker 2015, JSB 192:188; Zivanov et al. 2019).
+* Gauge: ``c`` and every ``d_p`` are **zero-mean over all frames** of the movie. The likelihood sees
+  only differences between frames, so a constant is free; zero mean keeps each particle centred
+  where it appears in the full-frame-corrected micrograph (where it was picked), and ``s + c``
+  is ``s`` re-centred on the particles' common track (``s_ref = 0`` no longer holds exactly).
+* Parameters: the whitened velocity increments ``z`` of the field and residuals (prior ½|z|²) and
+  the common term's increments in px; positions are their cumulative sums, made zero-mean.
 
 Objective: ``J(z) = -log L(d(z)) + prior(z)`` with the calibrated likelihood of
 :mod:`gpu.local_model` (nats), so hyper-parameters in physical units need no λ per data set and
@@ -36,18 +59,21 @@ in ~10 evaluations instead of ~130.
 
 Guard (cross-validation in time): the model is also fitted to the even alignment frames alone and
 to the odd ones alone; each fit is scored on the frames it did not see, per particle (held-out
-log-likelihood gain over the full-frame alignment d = 0). :func:`guard_choice` then takes the
-simplest of {full-frame, field, field + residual} whose summed gain over the next simpler one
-exceeds ``GUARD_Z`` standard errors; when neither beats full-frame the movie falls back to
-full-frame motion (``smooth = 0``). Without local motion a field fitted to noise scores
-*negative* on held-out frames, so the fallback is the expected outcome there. The same held-out
-scores give the per-movie quality signal (:func:`gpu.quality.heldout_signal`).
-``auto_smoothing`` additionally picks ``sigma_field`` among ×{0.5, 1, 2} by the held-out score.
+log-likelihood gain over the motion stage's ``s``, d = 0). :func:`guard_choice` then takes the
+simplest of {full-frame (``c`` alone), field, field + residual} whose summed gain over the next
+simpler one exceeds ``GUARD_Z`` standard errors; when neither beats the full-frame candidate the
+movie falls back to the improved full-frame trajectory ``s + c`` (``smooth = 0``). Without local
+motion a field fitted to noise scores *negative* on held-out frames, so the fallback is the
+expected outcome there. ``c`` itself is not guarded: it is the joint posterior of a common
+shift, not a more complex model, and its held-out score is biased low (held-out frames see ``c``
+interpolated from their neighbours, while ``s`` was fitted to them). The same held-out scores give
+the per-movie quality signal (:func:`gpu.quality.heldout_signal`). ``auto_smoothing``
+additionally picks ``sigma_field`` among ×{0.5, 1, 2} by the held-out score.
 
-Outputs (px, local residual only; total trajectory = s_t + d): ``smooth`` — the model's MAP
-trajectories after the guard (used for extraction); ``raw`` — per-frame estimates: each frame's
-own best shift against the sum of the other frames aligned by ``smooth`` (a few damped Newton
-steps on its cross-correlation), noisy, for display.
+Outputs (px): ``common`` (F, 2) — ``c``; ``smooth`` (P, F, 2) — the model's MAP field (+ residual)
+after the guard, on top of ``s + c`` (extraction follows ``s + c + smooth``); ``raw`` — per-frame
+estimates: each frame's own best shift against the sum of the other frames aligned by
+``c + smooth`` (a few damped Newton steps on its cross-correlation), noisy, for display.
 """
 
 from __future__ import annotations
@@ -76,7 +102,6 @@ from gpu.local_model import (
 from gpu.quality import heldout_frc, heldout_signal
 
 MAX_ITER = 300
-_EXP = {"alpha": 1.0, "total": False}
 GUARD_Z = 0.5  # standard errors of held-out gain a more complex candidate must win by
 
 
@@ -206,6 +231,7 @@ class TrajectoryModel:
         burst_exposure: float = 0.0,
         pre_exposure: float = 0.0,
         common: FrameMotion | None = None,
+        background_share: float = 0.0,
     ) -> None:
         self.psi = np.asarray(psi, dtype=np.float64)
         self.P, self.R = self.psi.shape
@@ -222,15 +248,15 @@ class TrajectoryModel:
         self.pi_c = None
         if common is not None:
             if common.shifts.shape[0] != self.F:
-                raise ValueError(f"gpu/local.py: full-frame posterior of {common.shifts.shape[0]} frames for {self.F}")
+                raise ValueError(f"TrajectoryModel: full-frame posterior of {common.shifts.shape[0]} frames for {self.F}")
             f = self.F
             self.pi_p = np.zeros((2 * f, 2 * f))
             self.pi_p[:f, :f] = common.prior
             self.pi_p[f:, f:] = common.prior
-            self.pi_b = _EXP["alpha"] * common.data_precision()
+            self.pi_b = background_share * common.data_precision()
             self.pi_c = self.pi_p + self.pi_b
-            o = common.shifts - common.shifts.mean(axis=0)
-            self.offset = o.T.ravel() if _EXP["total"] else np.zeros(2 * f)
+            self.offset = (common.shifts - common.shifts.mean(axis=0)).T.ravel()  # s, zero-mean, x then y
+            self.lin = -background_share * (self.pi_p @ self.offset)
         self.nc = (self.F - 1) * 2 if self.pi_c is not None else 0
 
     @property
@@ -331,8 +357,8 @@ class TrajectoryModel:
             tot = com + self.offset
             pp = self.pi_p @ tot
             pb = self.pi_b @ com
-            value += 0.5 * float(tot @ pp) + 0.5 * float(com @ pb)
-            pc = pp + pb
+            value += 0.5 * float(tot @ pp) + float(self.lin @ com) + 0.5 * float(com @ pb)
+            pc = pp + pb + self.lin
             gcm[...] = self._integrate_adjoint(pc.reshape(2, self.F).T[None], 1.0)
         return value, grad
 
@@ -498,6 +524,24 @@ def _newton_step(sums: Any, damping: float, max_step: float, xp: Any) -> Any:
 # -- entry point -----------------------------------------------------------------------------
 
 
+def background_share(positions: np.ndarray, box: int, frame_shape: tuple[int, int], cell: int = 8) -> float:
+    """Fraction of the frame ``(h, w)`` outside every ``box``² alignment box around ``positions`` (P, 2) px.
+
+    The share of the motion stage's evidence the common term takes as the background's own
+    (module docstring): the rest of that evidence came from the particles, which enter in full
+    through their own likelihood. Rasterised on ``cell``-px cells.
+    """
+    h, w = frame_shape
+    ny, nx = -(-h // cell), -(-w // cell)
+    covered = np.zeros((ny, nx), dtype=bool)
+    half = box / 2.0
+    for x, y in np.asarray(positions, dtype=np.float64).reshape(-1, 2):
+        x0, x1 = int(max(0, (x - half) // cell)), int(min(nx, -(-(x + half) // cell)))
+        y0, y1 = int(max(0, (y - half) // cell)), int(min(ny, -(-(y + half) // cell)))
+        covered[y0:y1, x0:x1] = True
+    return float(1.0 - covered.mean())
+
+
 def _frame_folds(n: int) -> tuple[np.ndarray, np.ndarray]:
     idx = np.arange(n)
     return idx[0::2], idx[1::2]
@@ -626,13 +670,16 @@ def estimate_local(
 
     common = motion if params.common and motion is not None and motion.prior.any() else None
     psi = spatial_basis(positions, apix, params.correlation_length, params.kernel, centred=common is not None)
+    share = background_share(positions, spectra.box, common.frame_shape) if common is not None else 0.0
     info["rank"] = int(psi.shape[1])
     info["common"] = common is not None
+    info["background_share"] = round(share, 3)
 
     def make_model(sf: float) -> TrajectoryModel:
         return TrajectoryModel(
             psi, n_frames, apix, dose_per_frame, sf, params.sigma_velocity, params.sigma_acceleration,
             burst_exposure=params.burst_exposure, pre_exposure=pre_exposure, common=common,
+            background_share=share,
         )
 
     t1 = time.perf_counter()

@@ -102,7 +102,7 @@ _NOISE_FLOOR = 1e-3  # noise power never below this fraction of a frame's power 
 _BURST_A = 20.0  # Å: largest beam-induced burst the prior leaves free
 _BURST_TAUS = (1.0, 6.0)  # e/Å²: range of the burst's time constant
 _VEL_LATE = 0.5  # Å per e/Å²
-_ACC_LATE = 0.2  # Å per (e/Å²)²
+_ACC_LATE = 0.05  # Å per (e/Å²)²
 
 
 @dataclass(frozen=True)
@@ -137,12 +137,13 @@ class FrameMotion:
     ``shifts``: ``(F, 2)`` float64 trajectory (``s_ref = 0``); ``prior``: ``(F, F)`` prior precision
     ``P`` of one axis (1/px²; the same for x and y); ``curvature``: ``(F, 2, 2)`` ``K_t = κ_t H_t``, the
     data's curvature per frame against the others (1/px², (x, y) order; zeros without detectable
-    signal or without a prior, when ``κ`` is not calibrated).
+    signal or without a prior, when ``κ`` is not calibrated); ``frame_shape``: ``(h, w)`` movie px.
     """
 
     shifts: np.ndarray
     prior: np.ndarray
     curvature: np.ndarray
+    frame_shape: tuple[int, int]
 
     def data_precision(self) -> np.ndarray:
         """``(2F, 2F)`` ``L = diag(K) - K (Σ_t K_t)⁻¹ Kᵀ`` over ``c`` packed as ``(x_0..x_{F-1}, y_0..y_{F-1})``."""
@@ -644,7 +645,7 @@ def estimate_frame_motion(
             f"(got {dose_per_frame}, {pre_exposure}, {smoothing})"
         )
     if n < 2:
-        return FrameMotion(np.zeros((n, 2)), np.zeros((n, n)), np.zeros((n, 2, 2)))
+        return FrameMotion(np.zeros((n, 2)), np.zeros((n, n)), np.zeros((n, 2, 2)), movie.movie_shape)
     hc, wc = movie.shape
     sy, sx = movie.scale
     ay, ax = movie.binned_apix
@@ -686,10 +687,10 @@ def estimate_frame_motion(
             break
     prior_px = prior_a * movie.apix**2
     if not (regularised and height):
-        return FrameMotion(s * scale, prior_px, np.zeros((n, 2, 2)))
+        return FrameMotion(s * scale, prior_px, np.zeros((n, 2, 2)), movie.movie_shape)
     noise_var = _cross_spectra(movie, xp.asarray(s), wgt, power, power_sq, p)
-    return FrameMotion(s * scale, prior_px, _data_curvature(_peak_terms(p, np.zeros((n, 2)), trig, xp),
-                                                            height / noise_var, scale))
+    curv = _data_curvature(_peak_terms(p, np.zeros((n, 2)), trig, xp), height / noise_var, scale)
+    return FrameMotion(s * scale, prior_px, curv, movie.movie_shape)
 
 
 def _data_curvature(m: np.ndarray, kappa: np.ndarray, scale: np.ndarray) -> np.ndarray:
