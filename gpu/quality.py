@@ -31,6 +31,49 @@ from gpu import backend
 from gpu.local_model import BandSpectra, aligned_sums
 
 
+def _shell_sums(a: Any, b: Any, shell: np.ndarray, inside: np.ndarray, weight: np.ndarray, n_shell: int) -> np.ndarray:
+    """(3, n_shell) sums over particles and the coefficients of each shell of ``Re(a b*)``, ``|a|²``,
+    ``|b|²``, each coefficient counted ``weight`` times (the half-plane's conjugate twins); only
+    coefficients where ``inside``. The one pooled-FRC sum of this repository."""
+    xp = backend.array_module(a)
+    terms = [(a * xp.conj(b)).real, xp.abs(a) ** 2, xp.abs(b) ** 2]
+    out = np.empty((3, n_shell))
+    for i, t in enumerate(terms):
+        per_coef = backend.to_numpy(t.sum(axis=0)).astype(np.float64) * weight
+        out[i] = np.bincount(shell[inside], per_coef[inside], n_shell)[:n_shell]
+    return out
+
+
+def ring_sums(images: Any, refs: Any, apix: float, band_A: tuple[float, float]) -> np.ndarray:
+    """``(3, b // 2 + 2)`` pooled-FRC sums of image pairs: over particles, per Fourier ring,
+    ``Σ Re(X Y*)``, ``Σ |X|²``, ``Σ |Y|²`` (X, Y the full-plane transforms of ``images`` and ``refs``,
+    both (n, b, b)). Ring ``r`` holds frequencies with ``round(|k| b) = r`` (k in cycles/px); only
+    rings whose resolution ``b · apix / r`` lies inside ``band_A`` (Å, low to high) are non-zero.
+    Sums of several sets add up (pool them before :func:`frc_score`).
+    """
+    b = images.shape[-1]
+    x = backend.rfft2(images.astype(np.float32) if isinstance(images, np.ndarray) else images)
+    y = backend.rfft2(refs.astype(np.float32) if isinstance(refs, np.ndarray) else refs)
+    ring = np.rint(np.hypot(np.fft.fftfreq(b)[:, None], np.fft.rfftfreq(b)[None, :]) * b).astype(np.int64)
+    res = np.divide(b * apix, ring.astype(np.float64), out=np.full(ring.shape, np.inf), where=ring > 0)
+    inside = (res <= band_A[0]) & (res >= band_A[1])
+    # each rfft column other than 0 and b/2 stands for itself and its conjugate twin
+    twin = np.full(ring.shape, 2.0)
+    twin[:, 0] = 1.0
+    if b % 2 == 0:
+        twin[:, -1] = 1.0
+    return _shell_sums(x, y, ring, inside, twin, b // 2 + 2)
+
+
+def frc_score(sums: np.ndarray) -> float:
+    """Band-averaged pooled FRC from :func:`ring_sums` (mean over the rings that hold coefficients)."""
+    num, pa, pb = sums
+    ok = (pa > 0) & (pb > 0)
+    if not ok.any():
+        return float("nan")
+    return float(np.mean(num[ok] / np.sqrt(pa[ok] * pb[ok])))
+
+
 def shell_frc(a: Any, b: Any, shell: np.ndarray, band: np.ndarray) -> np.ndarray:
     """Per-shell FRC pooled over particles: ``Σ Re(a b*) / sqrt(Σ|a|² Σ|b|²)``.
 
@@ -39,16 +82,10 @@ def shell_frc(a: Any, b: Any, shell: np.ndarray, band: np.ndarray) -> np.ndarray
     both members of each conjugate pair and is weighted ½, so the result equals the full-plane
     FRC. Returns (n_shell,) float64, NaN where a shell has no in-band coefficient.
     """
-    xp = backend.array_module(a)
     half = np.ones(shell.shape)
     half[:, 0] = 0.5
-    num = backend.to_numpy((a * xp.conj(b)).real.sum(axis=0)).astype(np.float64) * half
-    pa = backend.to_numpy((xp.abs(a) ** 2).sum(axis=0)).astype(np.float64) * half
-    pb = backend.to_numpy((xp.abs(b) ** 2).sum(axis=0)).astype(np.float64) * half
     n_shell = int(shell.max()) + 1
-    s_num = np.bincount(shell[band], num[band], n_shell)
-    s_a = np.bincount(shell[band], pa[band], n_shell)
-    s_b = np.bincount(shell[band], pb[band], n_shell)
+    s_num, s_a, s_b = _shell_sums(a, b, shell, band, half, n_shell)
     with np.errstate(invalid="ignore", divide="ignore"):
         frc = s_num / np.sqrt(s_a * s_b)
     frc[np.bincount(shell[band], None, n_shell) == 0] = np.nan

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpu.quality import frc_score, ring_sums
 from streamer.config import ConfigError
-from streamer.sim.demo import _prepare_dir, frc_score, ring_sums, truth_references
+from streamer.sim.demo import _prepare_dir, truth_references
 from streamer.sim.simulate import SimParams, load_truth, simulate_session, truth_particles
 
 ROOT = Path(__file__).resolve().parents[1]
