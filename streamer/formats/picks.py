@@ -46,13 +46,9 @@ import pandas as pd
 import starfile
 
 from streamer.config import PicksConfig
+from streamer.errors import PicksError
 from streamer.formats import atomic
 from streamer.types import Picks
-
-
-class PicksError(ValueError):
-    """A pick file is unreadable or malformed; the message starts with the file's path."""
-
 
 # -- stems ----------------------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from streamer.config import Config, ConfigError
+from streamer.config import Config
+from streamer.errors import ConfigError
 from streamer.live.dispatcher import Dispatcher, Event, Job, is_loopback
 from streamer.live.local_workers import LocalWorkers, plan_workers
 from streamer.live.logs import SessionLog

@@ -33,6 +33,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from streamer.config import Config
+from streamer.errors import ConfigError, is_user_error, one_line
 from streamer.live import protocol
 from streamer.types import MovieResult
 
@@ -225,8 +226,6 @@ class Worker:
                     frames = protocol.encode_result(jid, result, float16=bool(job.get("float16")))
                     log.info("%s: %d particles in %.2f s", movie, result.n, time.monotonic() - t0)
                 except Exception as exc:
-                    from streamer.errors import is_user_error, one_line
-
                     user = is_user_error(exc)
                     if not user:
                         log.exception("%s: processing failed", movie)
@@ -457,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the starting process is gone; "
                    "ignore SIGINT/SIGTERM (the session stops its local workers itself)")
     ns = p.parse_args(argv)
-    from streamer.config import ConfigError, build
+    from streamer.config import build
 
     overrides = {k: getattr(ns, k) for k in ("device", "threads", "heartbeat", "liveness") if getattr(ns, k) is not None}
     try:
