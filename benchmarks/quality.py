@@ -18,7 +18,7 @@ product's :func:`streamer.pipeline.extract` along five trajectories:
 
 Each is scored against the noise-free truth images (shifted to where each particle sits in its box,
 :func:`streamer.sim.score.reference_offsets`) by the FRC pooled over all particles of a regime
-(:func:`gpu.quality.ring_sums`, 30 Å to 0.8 Nyquist by default), and reported as fractions of the
+(:func:`gpu.quality.image_ring_sums`, 30 Å to 0.8 Nyquist by default), and reported as fractions of the
 oracle's gain: **vs true full-frame** ``(lmc - true_ff)/(oracle - true_ff)`` (the headline: > 0 means
 better particles than a perfect full-frame correction), vs lmc's own full-frame, and the same for
 the smooth-field ceiling. Trajectory errors (:mod:`streamer.sim.score`, Å, centred): RMSE of lmc, of
@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from gpu.extract import boxes_inside
-from gpu.quality import frc_score, ring_sums
+from gpu.quality import band_frc, image_ring_sums
 from gpu.shift import fourier_shift
 from streamer import pipeline as pl
 from streamer.config import Config, from_dict
@@ -160,7 +160,7 @@ def score_movie(root: Path, params: SimParams, index: int, cfg: Config, band: tu
         if len(out.kept) != len(picks_px):
             raise RuntimeError(f"{name}: {meth}: {len(picks_px) - len(out.kept)} particles left the frame")
         offsets = score.reference_offsets(truth["positions"][ids], picks_px, true_px[ids], traj)
-        sums[meth] = ring_sums(out.particles, fourier_shift(refs, offsets), apix, band)
+        sums[meth] = image_ring_sums(out.particles, fourier_shift(refs, offsets), apix, band)
     return MovieScore(
         movie=file_stem(name),
         sums=sums,
@@ -175,7 +175,7 @@ def score_movie(root: Path, params: SimParams, index: int, cfg: Config, band: tu
 
 def summarise(movies: list[MovieScore]) -> dict[str, Any]:
     """Pooled FRC per method, fractions, trajectory errors and common-mode errors over ``movies``."""
-    frc = {m: frc_score(sum(ms.sums[m] for ms in movies)) for m in METHODS}
+    frc = {m: band_frc(sum(ms.sums[m] for ms in movies)) for m in METHODS}
     n = sum(ms.n for ms in movies)
 
     def rmse(meth: str) -> float:

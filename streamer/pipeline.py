@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,7 +269,7 @@ def resolve_picks(cfg: Config, movie: str, picks: Any, frame_shape_phys: tuple[i
         source = PickIndex(where, format=cfg.picks.format).lookup(movie)
         if source is None:
             raise PicksError(f"{movie}: no pick file matches this movie in {where}")
-    return read_picks(source, cfg.picks, frame_shape_phys)
+    return read_picks(source, cfg.picks, frame_shape_phys, apix=cfg.apix)
 
 
 @dataclass
@@ -463,7 +464,8 @@ def estimate(
 ) -> Estimate:
     """Stages decode, gain, motion, picks and local in order, each lapped on ``clock``."""
     mov = decode(cfg, movie, preloaded)
-    notes: dict[str, Any] = {"warnings": list(mov.warnings), "eer_leftover": int(mov.leftover_raw_frames)}
+    notes: dict[str, Any] = {"warnings": list(mov.warnings), "eer_leftover": int(mov.leftover_raw_frames),
+                             "eer_raw_frames": int(mov.n_raw_frames)}
     clock.lap("decode")
     frames = correct_gain(cfg, mov, xp=xp, gain=gain, workspace=workspace)
     del mov, preloaded
@@ -513,13 +515,16 @@ def movie_result(cfg: Config, movie: str, est: Estimate, extracted: Extracted, t
         "n_picks": located.n_picks,
         "n_particles": len(kept),
         "n_skipped": len(skipped),
+        "skip_reasons": skip_reasons(skipped),
         "frames": int(n_frames),
         "dose_per_frame": cfg.dose_per_frame,
         "pre_exposure": cfg.pre_exposure,
         "hot_pixels": frames.n_bad,
         "eer_leftover": int(est.notes.get("eer_leftover", 0)),
+        "eer_raw_frames": int(est.notes.get("eer_raw_frames", 0)),
         "local_fallback": bool(local.info.get("fallback", False)),
         "warnings": [f"{pk.source}: {p}" for p in pk.problems] + warnings,
+        "notes": [f"{pk.source}: {n}" for n in pk.notes],
         **timings,
     }
     return MovieResult(
@@ -538,15 +543,24 @@ def movie_result(cfg: Config, movie: str, est: Estimate, extracted: Extracted, t
     )
 
 
+def skip_reasons(skipped: list[tuple[float, float, str]]) -> dict[str, int]:
+    """``{reason: count}`` of the picks not written, most frequent first (every pick is accounted
+    for: n_picks = n_particles + sum of these counts)."""
+    counts = Counter(reason for _, _, reason in skipped)
+    return dict(counts.most_common())
+
+
 def write_sidecar_files(cfg: Config, result: MovieResult, micrograph: np.ndarray, binning_phys: float) -> None:
     """Stage "sidecars": trajectories/<stem>.star and plots/<stem>.png (idempotent, atomic replace)."""
     from streamer.formats.picks import movie_stem
+    from streamer.formats.relion_motion import write_motion_star
     from streamer.formats.trajectories import write_trajectories
 
     out = Path(cfg.out)
     stem = movie_stem(result.movie)
     (out / "trajectories").mkdir(parents=True, exist_ok=True)
     write_trajectories(out / "trajectories" / f"{stem}.star", result)
+    write_motion_star(cfg, result, out)
     if cfg.plots:
         from streamer.formats.plot import plot_trajectories
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gpu.local import estimate_local, guard_choice
-from gpu.quality import frc_score
+from gpu.quality import band_frc
 from streamer.config import LocalConfig
 from streamer.sim import score
 from streamer.sim.simulate import SimParams, simulate_session
@@ -42,7 +42,7 @@ def _score(tmp_path: Path, **overrides: object) -> dict[str, float]:
     simulate_session(tmp_path, params)
     cfg = bq.session_config(tmp_path, params, {f"local.{k}": getattr(CFG, k) for k in ("band_high", "bfactor", "sigma_velocity")})
     m = bq.score_movie(tmp_path, params, 0, cfg, (100.0, 3.0))
-    out = {"fullframe": frc_score(m.sums["lmc_ff"]), "local": frc_score(m.sums["lmc"]), "oracle": frc_score(m.sums["oracle"])}
+    out = {"fullframe": band_frc(m.sums["lmc_ff"]), "local": band_frc(m.sums["lmc"]), "oracle": band_frc(m.sums["oracle"])}
     out.update(choice=m.choice, signal=m.extra["quality_gain"],
                rmse_local=score.trajectory_rmse(m.traj_A["lmc"], m.truth_A),
                rmse_fullframe=score.trajectory_rmse(m.traj_A["lmc_ff"], m.truth_A))
@@ -107,15 +107,15 @@ def test_estimate_local_contract() -> None:
 def test_estimate_local_empty_and_bad_input() -> None:
     res = estimate_local(np.zeros((0, 5, 32, 32), np.float32), np.zeros((0, 5, 2)), np.zeros((0, 2)), 1.0, 1.0)
     assert res.smooth.shape == (0, 5, 2) and res.info["fallback"]
-    with pytest.raises(ValueError, match=r"^gpu/local_model\.py: remainders"):
+    with pytest.raises(ValueError, match=r"^prepare_spectra: remainders"):
         estimate_local(np.zeros((2, 5, 32, 32), np.float32), np.zeros((2, 4, 2)), np.zeros((2, 2)), 1.0, 1.0)
-    with pytest.raises(ValueError, match=r"^gpu/local\.py: 3 positions for 2 particles"):
+    with pytest.raises(ValueError, match=r"^estimate_local: 3 positions for 2 particles"):
         estimate_local(np.ones((2, 5, 32, 32), np.float32), np.zeros((2, 5, 2)), np.zeros((3, 2)), 1.0, 1.0)
     bad = np.ones((2, 5, 32, 32), np.float32)
     bad[1, 2, 3, 4] = np.nan
-    with pytest.raises(ValueError, match=r"^gpu/local\.py: patches contain NaN"):
+    with pytest.raises(ValueError, match=r"^estimate_local: patches contain NaN"):
         estimate_local(bad, np.zeros((2, 5, 2)), np.zeros((2, 2)), 1.0, 1.0)
-    with pytest.raises(ValueError, match=r"^gpu/local_model\.py: alignment frames"):
+    with pytest.raises(ValueError, match=r"^local model: alignment frames"):
         estimate_local(np.ones((2, 5, 32, 32), np.float32), np.zeros((2, 5, 2)), np.zeros((2, 2)), 1.0, 1.0,
                        cfg=LocalConfig(first_frame=4))
 

@@ -19,7 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from streamer.config import Config, ConfigError
+from streamer.config import Config
+from streamer.errors import ConfigError
 
 log = logging.getLogger("lmc.session")
 

@@ -26,14 +26,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shlex
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from streamer.config import Config, ConfigError
-from streamer.live.dispatcher import Dispatcher, Event, Job
+from streamer.config import Config
+from streamer.errors import ConfigError
+from streamer.live.dispatcher import Dispatcher, Event, Job, is_loopback
 from streamer.live.local_workers import LocalWorkers, plan_workers
 from streamer.live.logs import SessionLog
 from streamer.live.metrics import Metrics, StatusPublisher
@@ -48,7 +50,7 @@ log = logging.getLogger("lmc.session")
 MAX_WRITE_BACKLOG = 4  # results waiting for the writer before dispatch pauses
 
 
-def job_config(cfg: Config, out: Path) -> Config:
+def config_for_workers(cfg: Config, out: Path) -> Config:
     """The configuration sent to workers: every path absolute (workers may run elsewhere)."""
     gain = cfg.gain
     if gain.file:
@@ -59,6 +61,18 @@ def job_config(cfg: Config, out: Path) -> Config:
     if picks.dir:
         picks = dataclasses.replace(picks, dir=os.path.abspath(picks.dir))
     return dataclasses.replace(cfg, out=str(out), movies=os.path.abspath(cfg.movies or "."), gain=gain, picks=picks)
+
+
+def remote_join_command(endpoint: str, keys: str | None) -> list[str] | None:
+    """The ``lmc worker`` command line that joins a worker on another node to the dispatcher at
+    ``endpoint`` (the session logs it); None when the dispatcher listens on loopback only."""
+    if is_loopback(endpoint):
+        return None
+    port = endpoint.rsplit(":", 1)[1]
+    cmd = ["lmc", "worker", "--connect", f"tcp://{socket.getfqdn()}:{port}"]
+    if keys:
+        cmd += ["--keys", os.path.abspath(keys)]
+    return cmd
 
 
 def check_inputs(cfg: Config) -> None:
@@ -128,7 +142,7 @@ class Session:
             msg = f"{asked} holds other processing parameters; writing to {self.out} instead (--new)"
             log.warning("%s", msg)
             self.metrics.warn(msg)
-        cfg = self.job_cfg = job_config(self.cfg, self.out)
+        cfg = self.job_cfg = config_for_workers(self.cfg, self.out)
         self.totals = dict(self.writer.totals)
         log.info("session starting: movies %s, picks %s, out %s (%d movies already done)", cfg.movies,
                  cfg.picks.dir, self.out, self.totals.get("done", 0))
@@ -155,9 +169,9 @@ class Session:
         endpoint = self.endpoint = self.dispatcher.start()
         host, port = endpoint.rsplit(":", 1)
         self.connect = f"tcp://127.0.0.1:{port}" if host in ("tcp://0.0.0.0", "tcp://*") else endpoint
-        if self.connect != endpoint or not endpoint.startswith("tcp://127."):
-            log.info("remote workers can join with: lmc worker --connect tcp://%s:%s%s", socket.getfqdn(), port,
-                     f" --keys-dir {os.path.abspath(cfg.keys)}" if cfg.keys else "")
+        join = remote_join_command(endpoint, cfg.keys)
+        if join is not None:
+            log.info("remote workers can join with: %s", shlex.join(join))
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -17,13 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from streamer.errors import UserError
+
 STATUS_NAME = "status.json"
 STALE_AFTER_S = 20.0  # a running session rewrites the file every few seconds
 LOW_DISK_GB = 50.0  # alert when the output folder's file system has less free space than this
 PICKS_WAIT_WARN_S = 300.0  # alert when a movie has waited this long for its picks
 
 
-class StatusError(ValueError):
+class StatusError(UserError, ValueError):
     """No readable status file."""
 
 
