@@ -468,6 +468,7 @@ def movie_result(
         "pre_exposure": cfg.pre_exposure,
         "hot_pixels": frames.n_bad,
         "eer_leftover": int(notes.get("eer_leftover", 0)),
+        "eer_raw_frames": int(notes.get("eer_raw_frames", 0)),
         "local_fallback": bool(local.info.get("fallback", False)),
         "warnings": [f"{pk.source}: {p}" for p in pk.problems] + warnings,
         "notes": [f"{pk.source}: {n}" for n in pk.notes],
@@ -499,12 +500,14 @@ def skip_reasons(skipped: list[tuple[float, float, str]]) -> dict[str, int]:
 def write_sidecar_files(cfg: Config, result: MovieResult, micrograph: np.ndarray, binning_phys: float) -> None:
     """Stage "sidecars": trajectories/<stem>.star and plots/<stem>.png (idempotent, atomic replace)."""
     from streamer.formats.picks import movie_stem
+    from streamer.formats.relion_motion import write_motion_star
     from streamer.formats.trajectories import write_trajectories
 
     out = Path(cfg.out)
     stem = movie_stem(result.movie)
     (out / "trajectories").mkdir(parents=True, exist_ok=True)
     write_trajectories(out / "trajectories" / f"{stem}.star", result)
+    write_motion_star(cfg, result, out)
     if cfg.plots:
         from streamer.formats.plot import plot_trajectories
 
@@ -544,7 +547,8 @@ def process_movie(
     clock = StageClock(xp, on_stage)
 
     mov = decode(cfg, movie, preloaded)
-    notes: dict[str, Any] = {"warnings": list(mov.warnings), "eer_leftover": int(mov.leftover_raw_frames)}
+    notes: dict[str, Any] = {"warnings": list(mov.warnings), "eer_leftover": int(mov.leftover_raw_frames),
+                             "eer_raw_frames": int(mov.n_raw_frames)}
     clock.lap("decode")
     frames = correct_gain(cfg, mov, xp=xp, gain=gain, workspace=workspace)
     del mov, preloaded
