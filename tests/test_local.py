@@ -20,7 +20,7 @@ from streamer.sim import score
 from streamer.sim.simulate import SimParams, simulate_session
 
 ROOT = Path(__file__).resolve().parents[1]
-# band to 8 Å: where the per-particle information is (REFERENCE §2 used 40 Å; see BENCHMARKS.md)
+# band to 8 Å: where the per-particle information is (alignparts_lbfgs used 40 Å, docs/physics.md#per-particle-alignment; see BENCHMARKS.md)
 CFG = LocalConfig(band_high=8.0, bfactor=0.0, sigma_velocity=0.05)
 
 

@@ -1,4 +1,4 @@
-"""Synthetic specimen motion for ``lmc simulate`` (REFERENCE §5), all in Å, trajectory convention of
+"""Synthetic specimen motion for ``lmc simulate`` (docs/physics.md#realistic-motion), all in Å, trajectory convention of
 gpu/__init__.py (a feature at ``p`` in the reference frame is at ``p + s_t`` in frame ``t``), zero at
 the reference frame.
 

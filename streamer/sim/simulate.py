@@ -1,6 +1,6 @@
 """``lmc simulate``: a synthetic cryo-EM session (movies, gain, picks) with its ground truth.
 
-Image formation, frame ``t`` (0-based), in order (REFERENCE §1, §5):
+Image formation, frame ``t`` (0-based), in order (docs/physics.md: dose weighting, realistic motion):
 
 1. Specimen: particles (streamer/sim/specimen.py: pseudo-atom model, uniform random 3-D
    orientations, weak-phase contrast ``-2 F⁻¹[φ̂ · CTF]``, per-particle defocus = micrograph
