@@ -36,10 +36,10 @@ Model (one movie, all particles at once). Particle p sits in frame t at ``x_p + 
   Å per e/Å² (frame displacement std = σ·dose_per_frame/apix px) — plus an acceleration prior
   (velocity change per frame std = σ_a·dose_per_frame, σ_a in Å per (e/Å²)²). Field modes use
   ``sigma_field`` scaled by ``N0 / (N + N0)`` at exposure N (``burst_exposure`` N0: beam-induced
-  motion is fastest in the first few e/Å², Brilot et al. 2012, JSB 177:630), residuals
+  motion is fastest in the first few e/Å², docs/physics.md#realistic-motion), residuals
   ``sigma_velocity``: the particles' velocities have the prior covariance ``σ_f² K + σ_e² I``, a
   GP whose independent part is strongly shrunk (independent per-particle fits follow the noise at
-  realistic SNR; Rubinstein & Brubaker 2015, JSB 192:188; Zivanov et al. 2019).
+  realistic SNR; docs/physics.md#per-particle-alignment).
 * Gauge: ``c`` and every ``d_p`` are **zero-mean over all frames** of the movie. The likelihood sees
   only differences between frames, so a constant is free; zero mean keeps each particle centred
   where it appears in the full-frame-corrected micrograph (where it was picked), and ``s + c``
@@ -211,11 +211,11 @@ class TrajectoryModel:
     (when ``residual``) and ``zc`` (F-1, 2) common increments (px, when ``common`` is given).
     Increment scales (px per frame): ``s = σ · dose_per_frame / apix · h(N)``, with
     ``h(N) = N0 / (N + N0)`` for the field when ``burst_exposure`` N0 > 0 (beam-induced motion is
-    fastest early) and 1 otherwise; N is the exposure between the two frames. The
+    fastest early, docs/physics.md#realistic-motion) and 1 otherwise; N is the exposure between the two frames. The
     acceleration prior is ``½ ρ² Σ_j (z_j - z_{j-1})²`` with ``ρ = σ / (σ_a · dose_per_frame)``.
     ``common``: the full-frame posterior (:class:`gpu.motion.FrameMotion`); the common term
-    ``c = C zc`` (C: zero-mean cumulative sum) then has the prior ``½ vec(c)ᵀ Π vec(c)`` with ``Π`` its
-    :meth:`~gpu.motion.FrameMotion.precision` (prior + background curvature, module docstring).
+    ``c = C zc`` (C: zero-mean cumulative sum) then has the prior of the module docstring with
+    ``β`` = ``background_share``.
     """
 
     def __init__(

@@ -29,8 +29,8 @@ movie without detectable signal gets ``κ = 0`` and no motion (pure Poisson nois
 On weak data ``h / σ`` is small and the prior decides; on strong data the prior is negligible
 (noise-free input: the same sub-pixel result as without it, < 0.01 px).
 
-Prior, in Å and e/Å² so that it carries over between detectors, doses and pixel sizes, and
-independent of how finely the exposure ``e`` is fractionated:
+Prior, in Å and e/Å² so that it carries over between detectors, doses and pixel sizes
+(docs/physics.md#motion-priors), and independent of how finely the exposure ``e`` is fractionated:
 ``-log p(s) = ½ smoothing ∫ (|ṡ|² / σ_v(e)² + |s̈|² / σ_a(e)²) de`` (dots: derivatives in exposure;
 summed over frames, :func:`trajectory_prior`), RELION polishing's velocity prior (Zivanov et al.
 2019, IUCrJ 6:5) extended by an acceleration term and made exposure-dependent. Beam-induced motion
@@ -41,11 +41,14 @@ Measured time constants range over ~1-6 e/Å² (up to 15 % of a 40 e/Å² exposu
 burst term is the *envelope* of these over ``τ ∈ [τ₁, τ₂]`` rather than one exponential:
 ``σ_v(e) = σ_v,late + A max_τ e^{-e/τ}/τ`` (the maximum is ``1/(e·ℯ)`` at ``τ = e`` inside the
 range) and ``σ_a(e) = σ_a,late + A max_τ e^{-e/τ}/τ²`` (``4/(ℯ² e²)`` at ``τ = e/2``), with ``A`` = 20 Å,
-``τ ∈ [1, 6]`` e/Å², ``σ_v,late`` = 0.5 Å per e/Å², ``σ_a,late`` = 0.2 Å per (e/Å²)². A single
+``τ ∈ [1, 6]`` e/Å², ``σ_v,late`` = 0.5 Å per e/Å², ``σ_a,late`` = 0.05 Å per (e/Å²)². A single
 ``exp(-e/2)`` burst term (the previous prior) held a slow fast start (τ = 6 e/Å²: 1.5 Å per e/Å² at
-6 e/Å², where it allowed 1.0) back by up to ~1 Å in the first frames on weak data. The late terms
-suppress frame-to-frame noise where the motion is slow stage drift (twice these σ's gave 10-15 %
-larger errors on simulated movies; half of them smoothed real jitter away on strong data).
+6 e/Å², where it allowed 1.0) back. The late terms suppress frame-to-frame noise where the motion
+is slow stage drift and relaxation, whose velocity changes little from frame to frame: with
+``σ_a,late`` = 0.2 the weak-signal trajectories wandered by ±0.3 Å around a smooth truth and the
+full-frame error was 0.33-0.47 Å RMS on simulated ice-only sessions (fast starts with τ = 4-15 %
+of the exposure), with 0.05 it was 0.28-0.39 Å. A drift planted with frame-to-frame jitter (e.g.
+rounded to whole pixels) is smoothed by up to the jitter's size.
 Edge frames: the prior is a sum over the steps and second differences that exist, so the first
 and last frames are tied to their one neighbour only (by one step and one second difference), with
 no boundary term pulling them towards zero or the mean: a smooth trajectory is extrapolated, not
@@ -63,7 +66,7 @@ stage (:mod:`gpu.local`) uses both to fit a common correction jointly with the p
 Search: the trajectory must first be found to within the peak's capture range (about a binned
 pixel after the B-factor). First iteration (and once more after an update above half a binned
 pixel): the correlation maps ``c_t`` on the integer grid of offsets ``|δ| <= max_shift`` (150 Å by
-default: drift between a frame and the others is 5-30 Å, REFERENCE §5; at most a quarter of the
+default: drift between a frame and the others is 5-30 Å, docs/physics.md#realistic-motion; at most a quarter of the
 frame) and the exact MAP path of ``Σ ℓ_t`` under the velocity part of the prior by dynamic
 programming (Viterbi; the quadratic transition cost is separable in x and y). Then Newton steps
 on the full posterior ``Σ_t ℓ_t(s_t + δ_t) - prior(s + δ)`` with the others frozen (Jacobi): each

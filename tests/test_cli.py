@@ -86,7 +86,7 @@ def test_boxsize_rosenthal_henderson(tmp_path: Path) -> None:
     res = lmc("boxsize", "--diameter", "150", "--defocus", "20000", "--resolution", "3", "--kv", "300", cwd=tmp_path)
     assert res.returncode == 0
     fields = dict(line.split(": ", 1) for line in res.stdout.strip().splitlines())
-    # 2 λ Δf / r with λ(300 kV) = 0.019688 Å: 262.5 Å of delocalisation (REFERENCE.md §6)
+    # 2 λ Δf / r with λ(300 kV) = 0.019688 Å: 262.5 Å of delocalisation (docs/physics.md#geometry)
     assert float(fields["delocalisation_A"]) == pytest.approx(262.5, abs=0.5)
     assert int(fields["box_px"]) >= 413
 
