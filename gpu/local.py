@@ -87,7 +87,6 @@ import numpy as np
 from scipy.optimize import minimize
 
 from gpu import backend
-from gpu.motion import FrameMotion
 from gpu.local_model import (
     BandSpectra,
     _aligned_chunk,
@@ -99,6 +98,7 @@ from gpu.local_model import (
     self_term,
     shift_phases,
 )
+from gpu.motion import FrameMotion
 from gpu.quality import heldout_frc, heldout_signal
 
 MAX_ITER = 300
