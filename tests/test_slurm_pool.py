@@ -129,3 +129,19 @@ def test_a_template_without_the_command_is_refused(tmp_path):
     template.write_text("#!/bin/bash\nmodule load cuda\n")
     with pytest.raises(ConfigError, match=r"job.sh: slurm.script has no \{command\}"):
         SlurmPool(SlurmConfig(workers=1, script=str(template)), tmp_path, SLEEPER)
+
+
+def test_a_worker_whose_session_is_gone_exits_after_its_orphan_timeout(tmp_path):
+    """A batch job outliving a crashed session must free its node: `lmc worker --orphan-timeout`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "streamer.cli", "worker", "--connect", f"tcp://127.0.0.1:{port}",
+                          "--orphan-timeout", "2", "--heartbeat", "0.2", "--liveness", "2", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert 2.0 <= time.monotonic() - t0 < 30
+    assert "the session is gone" in res.stderr
