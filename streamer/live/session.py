@@ -36,6 +36,7 @@ from typing import Any
 
 from streamer.config import Config, ConfigError
 from streamer.live.dispatcher import Dispatcher, Event, Job
+from streamer.live.slurm import SlurmPool, dispatcher_bind, job_endpoint, worker_command, worker_name
 from streamer.live.watcher import Notice, Watcher, split_pattern
 from streamer.output.status import clean, write_status
 from streamer.ui.console import enrich_snapshot
@@ -268,6 +269,8 @@ class Session:
         self.watcher: Watcher | None = None
         self.out = Path(os.path.abspath(cfg.out))
         self.locals: list[_LocalWorker] = []
+        self.slurm: SlurmPool | None = None
+        self._slurm_alert = ""
         self.inflight: dict[str, Job] = {}
         self.submitted = 0
         self.latencies: deque[float] = deque(maxlen=500)
@@ -347,8 +350,14 @@ class Session:
         self.totals = dict(self.writer.totals)
         log.info("session starting: movies %s, picks %s, out %s (%d movies already done)", cfg.movies,
                  cfg.picks.dir, self.out, self.totals.get("done", 0))
+        bind = cfg.bind
+        if cfg.slurm.workers:
+            if not cfg.keys:
+                raise ConfigError("slurm.workers: Slurm jobs join over the network, which needs CURVE keys on storage "
+                                  "the nodes share (`lmc keys /shared/lmc-keys`, then --keys /shared/lmc-keys)")
+            bind = dispatcher_bind(cfg.bind)
         self.dispatcher = Dispatcher(
-            cfg.bind, config=cfg.to_dict(), keys=cfg.keys, heartbeat=cfg.heartbeat, liveness=cfg.liveness,
+            bind, config=cfg.to_dict(), keys=cfg.keys, heartbeat=cfg.heartbeat, liveness=cfg.liveness,
             max_attempts=cfg.max_attempts, float16=cfg.float16,
         )
         endpoint = self.dispatcher.start()
@@ -358,7 +367,12 @@ class Session:
         if self.connect != endpoint or not endpoint.startswith("tcp://127."):
             log.info("remote workers can join with: lmc worker --connect tcp://%s:%s%s", socket.getfqdn(), port,
                      f" --keys-dir {os.path.abspath(cfg.keys)}" if cfg.keys else "")
-        plan = plan_workers(cfg)
+        if cfg.slurm.workers:
+            self.slurm = SlurmPool(cfg.slurm, self.out, worker_command(
+                job_endpoint(endpoint, cfg.slurm.host), cfg.keys, cfg.heartbeat, cfg.liveness))
+            self.slurm.start()
+        # with Slurm workers, workers = 0 means none here (the head node only dispatches and writes)
+        plan = [] if cfg.slurm.workers and not cfg.workers else plan_workers(cfg)
         self.threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(len(plan), 1))
         cpu_i = 0
         for gpu in plan:
@@ -444,6 +458,8 @@ class Session:
         if self.abort:
             return True
         self._supervise()
+        if self.slurm is not None:
+            self._supervise_slurm()
         now = time.monotonic()
         if now >= self._next_state:
             self._next_state = now + STATE_EVERY_S
@@ -535,6 +551,8 @@ class Session:
         assert self.watcher is not None
         result = job.meta.pop("result")
         worker = job.meta.pop("worker", "")
+        if self.slurm is not None and worker.startswith("slurm-"):
+            self.slurm.worker_ran()
         self.inflight.pop(job.movie, None)
         self.watcher.mark(job.movie, "done")
         latency = now - float(job.meta.get("ready_at", now))
@@ -606,6 +624,25 @@ class Session:
             log.warning("local worker %s %s; restarting it", w.name, reason)
             w.respawn_at = now + RESPAWN_DELAY_S
 
+    def _supervise_slurm(self) -> None:
+        """Jobs that ended: their worker leaves the pool now (its movie is requeued), and the pool
+        submits a replacement; a streak of jobs failing at once becomes an error on the console."""
+        assert self.slurm is not None and self.dispatcher is not None
+        ended = self.slurm.tick(time.monotonic(), draining=self.drain)
+        if ended:
+            by_name = {w["name"]: w for w in self.dispatcher.snapshot()}
+            for e in ended:
+                w = by_name.get(worker_name(e.job.job_id))
+                if w is not None:
+                    for ev in self.dispatcher.worker_died(w["pid"], e.message, host=w["host"]):
+                        self._event(ev)
+                if not self.drain:
+                    self.warnings.append(e.message)
+        alert = self.slurm.alert
+        if alert and alert != self._slurm_alert:
+            self.errors.append({"movie": "", "reason": alert, "time": time.time()})
+        self._slurm_alert = alert
+
     # -- state ------------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """The session state for the console and ``status.json``.
@@ -620,7 +657,9 @@ class Session:
         busy_fraction, last_seen_s}], ``recent`` [{movie, particles, motion_total_A, motion_early_A,
         local_mean_A, quality_gain, seconds, latency_s, worker, time}] (newest last), ``waiting``
         [{movie, state, seconds, reason}], ``warnings`` [str], ``errors`` [{movie, reason, time}],
-        ``paused``, ``quit_requested``, ``dropped_messages``.
+        ``paused``, ``quit_requested``, ``dropped_messages``, ``slurm`` ({} without Slurm workers, else
+        {wanted, ended, alert, jobs [{job_id, state, reason, node, gpus, worker, movie, done, waited_s,
+        running_s}]}).
         """
         now = time.monotonic()
         uptime = now - self.started
@@ -671,7 +710,15 @@ class Session:
             "paused": bool(getattr(self.controls, "paused", False)) if self.controls is not None else False,
             "quit_requested": self.drain,
             "dropped_messages": self.dispatcher.dropped if self.dispatcher else 0,
+            "slurm": self._slurm_snapshot(now),
         })
+
+    def _slurm_snapshot(self, now: float) -> dict[str, Any]:
+        if self.slurm is None:
+            return {}
+        workers = self.dispatcher.snapshot() if self.dispatcher else []
+        return {"wanted": self.cfg.slurm.workers, "ended": self.slurm.ended_count, "alert": self.slurm.alert,
+                "jobs": self.slurm.snapshot(workers, now)}
 
     def _publish(self, now: float, force: bool = False) -> None:
         if self.writer is not None:
@@ -697,6 +744,8 @@ class Session:
         if self.dispatcher is not None:
             joined = {w.pid for w in self.dispatcher.workers.values()}
             self.dispatcher.close(stop_workers=True)
+        if self.slurm is not None:
+            self.slurm.close()  # the workers were told to stop: cancel what is left (pending jobs too)
         deadline = time.monotonic() + 3.0
         for w in self.locals:
             if w.proc is None:

@@ -56,6 +56,7 @@ MAX_BACKOFF_S = 300.0
 ALERT_AFTER = 3  # quick endings in a row before the session shows an error
 CLOSE_WAIT_S = 20.0
 COMMAND_TIMEOUT_S = 30.0
+ORPHAN_TIMEOUT_S = 300.0  # a job's worker exits after this long without its session (crash, no restart)
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
           "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 DEFAULT_SCRIPT = "#!/bin/bash\n# an lmc worker job (lmc submits, replaces and cancels these itself)\nexec {command}\n"
@@ -330,13 +331,15 @@ class SlurmPool:
         for job in self.jobs.values():
             w = by_name.get(worker_name(job.job_id)) or {}
             state = job.state.lower()
-            if job.state == "RUNNING" and not w:
+            if w and job.state == "PENDING":
+                state = "running"  # its worker joined before the next squeue poll saw it start
+            elif job.state == "RUNNING" and not w:
                 state = "starting"  # the job runs, its worker has not joined yet
             rows.append({
                 "job_id": job.job_id,
                 "state": state,
                 "reason": job.reason,
-                "node": job.node,
+                "node": job.node or str(w.get("host") or ""),
                 "gpus": job.gpus or (str(w["gpu"]) if w.get("gpu") is not None else ""),
                 "worker": worker_name(job.job_id) if w else None,
                 "movie": w.get("movie"),
@@ -345,3 +348,38 @@ class SlurmPool:
                 "running_s": round(now - job.started, 1) if job.started is not None else None,
             })
         return rows
+
+
+# -- how the session reaches its jobs and they reach it -----------------------------------------------
+
+
+def dispatcher_bind(bind: str) -> str:
+    """Where the dispatcher listens when Slurm jobs must reach it: a loopback bind (the default)
+    becomes every interface on the same port, which the dispatcher allows only with CURVE keys."""
+    from streamer.live.dispatcher import is_loopback
+
+    if not is_loopback(bind) or not bind.startswith("tcp://"):
+        return bind
+    return "tcp://*:" + bind.rsplit(":", 1)[1]
+
+
+def job_endpoint(endpoint: str, host: str) -> str:
+    """``tcp://HOST:PORT`` for the jobs: ``host`` (slurm.host), else the interface the dispatcher
+    is bound to, else this machine's fully qualified name."""
+    address, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    if not host:
+        host = socket.getfqdn() if address in ("*", "0.0.0.0", "[::]", "") else address
+    return f"tcp://{host}:{port}"
+
+
+def worker_command(connect: str, keys: str | None, heartbeat: float, liveness: int,
+                   orphan_timeout: float = ORPHAN_TIMEOUT_S) -> list[str]:
+    """The worker's argv in a job: this Python (lmc installed at the same path on the nodes, as on
+    a shared software tree; ``slurm.script`` can run it otherwise), the session's CURVE keys."""
+    import sys
+
+    cmd = [sys.executable, "-m", "streamer.cli", "worker", "--connect", connect, "--heartbeat", str(heartbeat),
+           "--liveness", str(liveness), "--orphan-timeout", str(orphan_timeout)]
+    if keys:
+        cmd += ["--keys", os.path.abspath(keys)]
+    return cmd
