@@ -39,7 +39,7 @@ def gain_multiplier(gain: Any, mode: str) -> Any:
     if mode == "divide":
         safe = xp.where(g != 0, g, np.float32(1.0))
         return xp.where(g != 0, np.float32(1.0) / safe, np.float32(0.0)).astype(xp.float32)
-    raise ValueError(f"gpu/gain.py: gain mode must be 'multiply' or 'divide', got {mode!r}")
+    raise ValueError(f"gain_multiplier: gain mode must be 'multiply' or 'divide', got {mode!r}")
 
 
 def apply_gain(
@@ -73,17 +73,17 @@ def apply_gain(
     src = array_module(frames)
     xp = xp or src
     if src is not np and xp is np:
-        raise ValueError("gpu/gain.py: frames are on the device but xp is numpy (download them first)")
+        raise ValueError("apply_gain: frames are on the device but xp is numpy (download them first)")
     if frames.ndim != 3:
-        raise ValueError(f"gpu/gain.py: frames must be (F, h, w), got shape {tuple(frames.shape)}")
+        raise ValueError(f"apply_gain: frames must be (F, h, w), got shape {tuple(frames.shape)}")
     if multiplier is not None and tuple(multiplier.shape) != tuple(frames.shape[-2:]):
         raise ValueError(
-            f"gpu/gain.py: gain of shape {tuple(multiplier.shape)} does not match frames of shape "
+            f"apply_gain: gain of shape {tuple(multiplier.shape)} does not match frames of shape "
             f"{tuple(frames.shape[-2:])} (check gain rotation)"
         )
     dt = xp.dtype(out_dtype)
     if sum_out is not None and (tuple(sum_out.shape) != tuple(frames.shape[-2:]) or sum_out.dtype != dt):
-        raise ValueError(f"gpu/gain.py: sum_out is {tuple(sum_out.shape)} {sum_out.dtype}, need {tuple(frames.shape[-2:])} {dt}")
+        raise ValueError(f"apply_gain: sum_out is {tuple(sum_out.shape)} {sum_out.dtype}, need {tuple(frames.shape[-2:])} {dt}")
     if out is None:
         if multiplier is None and frames.dtype == dt and src is xp:
             if sum_out is not None:
@@ -92,7 +92,7 @@ def apply_gain(
         out = xp.empty(frames.shape, dtype=dt)
     elif tuple(out.shape) != tuple(frames.shape) or out.dtype != dt or array_module(out) is not xp:
         raise ValueError(
-            f"gpu/gain.py: out is {tuple(out.shape)} {out.dtype} ({array_module(out).__name__}), "
+            f"apply_gain: out is {tuple(out.shape)} {out.dtype} ({array_module(out).__name__}), "
             f"need {tuple(frames.shape)} {dt} ({xp.__name__})"
         )
     m = None if multiplier is None else xp.asarray(multiplier, dtype=dt)
@@ -167,7 +167,7 @@ def hot_pixel_mask(frame_sum: Any, sigma: float, block: int = _BLOCK, passes: in
     """
     xp = array_module(frame_sum)
     if frame_sum.ndim != 2:
-        raise ValueError(f"gpu/gain.py: frame_sum must be (h, w), got shape {tuple(frame_sum.shape)}")
+        raise ValueError(f"hot_pixel_mask: frame_sum must be (h, w), got shape {tuple(frame_sum.shape)}")
     h, w = frame_sum.shape
     if sigma <= 0:
         return xp.zeros((h, w), dtype=bool)
@@ -212,7 +212,7 @@ def replace_pixels(frames: Any, mask: Any, rng: np.random.Generator | None = Non
     xp = array_module(frames)
     if frames.ndim != 3 or tuple(mask.shape) != tuple(frames.shape[-2:]):
         raise ValueError(
-            f"gpu/gain.py: frames (F, h, w) and mask (h, w) do not match: {tuple(frames.shape)} vs {tuple(mask.shape)}"
+            f"replace_pixels: frames (F, h, w) and mask (h, w) do not match: {tuple(frames.shape)} vs {tuple(mask.shape)}"
         )
     mask = xp.asarray(mask, dtype=bool)
     ys, xs = xp.nonzero(mask)

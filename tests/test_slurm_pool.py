@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from streamer.config import ConfigError, SlurmConfig
+from streamer.config import SlurmConfig
+from streamer.errors import ConfigError
 from streamer.live import slurm
 from streamer.live.slurm import SlurmPool, job_name
 

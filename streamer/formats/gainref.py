@@ -18,13 +18,9 @@ import numpy as np
 import tifffile
 
 from streamer.config import GainConfig
+from streamer.errors import GainError
 
 _IMAGE_SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff", ".gain")
-
-
-class GainError(ValueError):
-    """A gain reference or defect file is unreadable or does not fit the movie; the message starts with the
-    file path."""
 
 
 def _read_image(path: str, what: str) -> np.ndarray:

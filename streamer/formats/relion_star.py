@@ -34,14 +34,14 @@ def choose_columns(carried: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
     """``[(label, kind), ...]``: the base columns then the carried ones (base labels among them ignored)."""
     base = [("rlnImageName", "s"), ("rlnMicrographName", "s"), ("rlnCoordinateX", "f"), ("rlnCoordinateY", "f"),
             ("rlnOpticsGroup", "i")]
-    return base + [(k, column_kind(v)) for k, v in carried.items() if k not in BASE_COLUMNS]
+    return base + [(k, column_kind(v)) for k, v in carried.items() if k not in BASE_COLUMNS and k.startswith("rln")]
 
 
 def column_mismatch(columns: Sequence[tuple[str, str]], carried: Mapping[str, np.ndarray]) -> tuple[list[str], list[str]]:
     """(missing, extra): folder columns this movie lacks, and this movie's columns the folder lacks."""
     names = [c for c, _ in columns]
     missing = [c for c in names if c not in BASE_COLUMNS and c not in carried]
-    extra = [c for c in carried if c not in names]
+    extra = [c for c in carried if c not in names and c.startswith("rln")]
     return missing, extra
 
 

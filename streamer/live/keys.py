@@ -21,12 +21,14 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from streamer.errors import UserError
+
 SERVER = "server"
 CLIENT = "client"
 AUTHORIZED = "authorized"
 
 
-class KeysError(ValueError):
+class KeysError(UserError, ValueError):
     """Missing or unreadable CURVE key files."""
 
 

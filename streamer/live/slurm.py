@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamer.config import ConfigError, SlurmConfig
+from streamer.config import SlurmConfig
+from streamer.errors import ConfigError
 
 log = logging.getLogger("lmc.slurm")
 

@@ -33,6 +33,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from streamer.config import Config
+from streamer.errors import ConfigError, is_user_error, one_line
 from streamer.live import protocol
 from streamer.types import MovieResult
 
@@ -71,6 +72,7 @@ class PipelineHandler:
     job's entry and the newest prefetch; any other entry is stale (its job was cancelled or
     reordered) and is dropped. A worker therefore holds the movie being processed plus one
     native-dtype movie decoded ahead. ``prefetch_hits`` counts jobs that got their frames ahead.
+    ``workspace`` keeps the float32 movie buffers from one job to the next (``streamer.pipeline.Workspace``).
     """
 
     def __init__(self, local: Config | None = None) -> None:
@@ -82,6 +84,9 @@ class PipelineHandler:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmc-prefetch")
         self._ahead: dict[str, Any] = {}  # movie -> Future[Movie], oldest first
         self.prefetch_hits = 0
+        from streamer.pipeline import Workspace
+
+        self.workspace = Workspace()  # the float32 and binned movie buffers, kept between jobs
 
     def _config(self, job: dict[str, Any]) -> Config:
         key = json.dumps(job["config"], sort_keys=True)
@@ -128,7 +133,7 @@ class PipelineHandler:
         if future is not None:
             preloaded = future.result()  # a MovieError raised while decoding surfaces here
             self.prefetch_hits += 1
-        return process_movie(cfg, job["movie"], job.get("picks"), xp=self._xp, preloaded=preloaded)
+        return process_movie(cfg, job["movie"], job.get("picks"), xp=self._xp, workspace=self.workspace, preloaded=preloaded)
 
 
 def pipeline_handler(local: Config | None = None) -> Handler:
@@ -224,8 +229,6 @@ class Worker:
                     frames = protocol.encode_result(jid, result, float16=bool(job.get("float16")))
                     log.info("%s: %d particles in %.2f s", movie, result.n, time.monotonic() - t0)
                 except Exception as exc:
-                    from streamer.errors import is_user_error, one_line
-
                     user = is_user_error(exc)
                     if not user:
                         log.exception("%s: processing failed", movie)
@@ -462,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the starting process is gone; "
                    "ignore SIGINT/SIGTERM (the session stops its local workers itself)")
     ns = p.parse_args(argv)
-    from streamer.config import ConfigError, build
+    from streamer.config import build
 
     overrides = {k: getattr(ns, k) for k in ("device", "threads", "heartbeat", "liveness") if getattr(ns, k) is not None}
     try:

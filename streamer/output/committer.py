@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from streamer.config import Config, processing_dict
+from streamer.errors import OutputError
 from streamer.formats import atomic, csfile, mrcstack, relion_star
 from streamer.output.ledger import FingerprintMismatch, Ledger, LedgerError
 from streamer.types import MovieResult
@@ -75,11 +76,11 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class CommitError(RuntimeError):
+class CommitError(OutputError):
     """A movie could not be written; nothing of it was committed and earlier movies are intact."""
 
 
-class OutputLocked(RuntimeError):
+class OutputLocked(OutputError):
     """Another process is writing to the same output folder."""
 
 

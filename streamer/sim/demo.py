@@ -1,6 +1,6 @@
 """``lmc demo``: a synthetic session arriving over time, processed live, scored against its ground truth.
 
-DIR/scope/ is the microscope (streamer/emulator.py writes movies in chunks every few seconds, picks a
+DIR/scope/ is the microscope (streamer/sim/emulator.py writes movies in chunks every few seconds, picks a
 little later); DIR/lmc/ is the output of ``lmc watch`` running on it with the console (or headless).
 The session is asked to drain and stop once every movie has been processed.
 
@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from streamer import config as config_mod
-from streamer.config import Config, ConfigError
+from streamer.config import Config
+from streamer.errors import ConfigError
 from streamer.sim.emulator import MicroscopeEmulator, Timing
 from streamer.sim.simulate import SimParams
 
