@@ -114,7 +114,7 @@ def test_jobs_failing_at_once_back_off_and_raise_an_alert(slurm_cluster, tmp_pat
 def test_the_job_script_template_wraps_the_worker_command(slurm_cluster, tmp_path, fast):
     template = tmp_path / "job.sh"
     marker = tmp_path / "marker"
-    template.write_text(f"#!/bin/bash\necho module-loaded > {marker}\n{{command}}\n")
+    template.write_text(f"#!/bin/bash\n#SBATCH --time=7\necho module-loaded > {marker}\n{{command}}\n")
     pool = SlurmPool(SlurmConfig(workers=1, script=str(template)), tmp_path,
                      [sys.executable, "-c", f"import sys; open('{marker}', 'a').write(' '.join(sys.argv[1:]))", "worker"])
     assert "--name \"slurm-${SLURM_JOB_ID}\"" in pool.script
@@ -123,6 +123,7 @@ def test_the_job_script_template_wraps_the_worker_command(slurm_cluster, tmp_pat
     _until(lambda: marker.exists() and "slurm-" in marker.read_text(), 30, "the job's command ran")
     pool.close()
     assert marker.read_text() == f"module-loaded\nworker --name slurm-{job_id} --threads 1"
+    assert pool._field(job_id, "TimeLimit") == "00:07:00"  # the template's #SBATCH lines count
 
 
 def test_a_template_without_the_command_is_refused(tmp_path):
