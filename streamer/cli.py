@@ -108,6 +108,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 def cmd_boxsize(ns: argparse.Namespace) -> int:
     from gpu.boxsize import recommended_box
 
+    # the engine's own checks name its arguments; the user typed flags
+    for flag, value in (("--diameter", ns.diameter), ("--resolution", ns.resolution), ("--kv", ns.kv), ("--apix", ns.apix)):
+        if not value > 0:
+            raise ConfigError(f"boxsize: {flag} must be > 0 (got {value})")
+    if not ns.defocus >= 0:
+        raise ConfigError(f"boxsize: --defocus must be >= 0 Å (its magnitude; got {ns.defocus})")
     rec = recommended_box(ns.diameter, ns.defocus, ns.resolution, ns.kv, ns.apix)
     for key, value in rec.items():
         print(f"{key}: {value}")
