@@ -2,7 +2,11 @@
 
 Convention (gpu/__init__): the gain is oriented first (``rotate`` quarter turns CCW with
 ``rot90``, then ``flip_x`` reverses columns, then ``flip_y`` reverses rows) and then multiplies
-(``multiply``) or divides (``divide``, 0 where the gain is 0) the raw frames.
+(``multiply``) or divides (``divide``) the raw frames. The engine always multiplies: a gain is turned
+into a float32 multiplier once (:func:`gain_multiplier`), 0 where the gain is not finite or (for
+``divide``) 0, so a dead or undefined gain pixel gives 0 counts, never NaN or Inf (hot-pixel and
+defect replacement then fill such pixels where asked). This is the one implementation;
+``streamer.formats.gainref`` reads gain files and calls it.
 """
 
 from __future__ import annotations
@@ -31,14 +35,17 @@ def orient_gain(gain: Any, rotate: int = 0, flip_x: bool = False, flip_y: bool =
 
 
 def gain_multiplier(gain: Any, mode: str) -> Any:
-    """The ``(h, w)`` float32 multiplier for ``mode``: ``multiply`` -> gain, ``divide`` -> 1/gain (0 where 0)."""
+    """The ``(h, w)`` float32 multiplier for ``mode``: ``multiply`` -> gain, ``divide`` -> 1/gain;
+    0 where the gain is not finite, and for ``divide`` where it is 0. A new C-contiguous array."""
     xp = array_module(gain)
     g = xp.asarray(gain, dtype=xp.float32)
+    usable = xp.isfinite(g)
     if mode == "multiply":
-        return g
+        return xp.ascontiguousarray(xp.where(usable, g, np.float32(0.0)), dtype=xp.float32)
     if mode == "divide":
-        safe = xp.where(g != 0, g, np.float32(1.0))
-        return xp.where(g != 0, np.float32(1.0) / safe, np.float32(0.0)).astype(xp.float32)
+        usable &= g != 0
+        safe = xp.where(usable, g, np.float32(1.0))
+        return xp.ascontiguousarray(xp.where(usable, np.float32(1.0) / safe, np.float32(0.0)), dtype=xp.float32)
     raise ValueError(f"gain_multiplier: gain mode must be 'multiply' or 'divide', got {mode!r}")
 
 

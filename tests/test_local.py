@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 
 from gpu.local import estimate_local, guard_choice
+from gpu.quality import band_frc
 from streamer.config import LocalConfig
-from streamer.sim.simulate import SimParams
+from streamer.sim import score
+from streamer.sim.simulate import SimParams, simulate_session
 
 ROOT = Path(__file__).resolve().parents[1]
-# band to 8 Å: where the per-particle information is (REFERENCE §2 used 40 Å; see BENCHMARKS.md)
+# band to 8 Å: where the per-particle information is (alignparts_lbfgs used 40 Å, docs/physics.md#per-particle-alignment; see BENCHMARKS.md)
 CFG = LocalConfig(band_high=8.0, bfactor=0.0, sigma_velocity=0.05)
 
 
@@ -31,14 +33,19 @@ def _benchmark():
 
 
 def _score(tmp_path: Path, **overrides: object) -> dict[str, float]:
+    """The product's stages on one simulated movie, scored as benchmarks/quality.py does (FRC band 100-3 Å)."""
     bq = _benchmark()
     params = SimParams(
         **{"movies": 1, "shape": (768, 768), "particles": 30, "frames": 40, "mass_kda": 600.0, "local_corr_A": 1000.0,
-           "seed": 3, **overrides}
+           "seed": 3, "format": "mrc", **overrides}
     )
-    m = bq.process_movie(params, 0, tmp_path, CFG, {}, methods=("fullframe", "local", "oracle"))
-    out = {k: bq.band_frc(v, m["box"], params.apix, (100.0, 3.0)) for k, v in m["frc_sums"].items()}
-    out.update(m)
+    simulate_session(tmp_path, params)
+    cfg = bq.session_config(tmp_path, params, {f"local.{k}": getattr(CFG, k) for k in ("band_high", "bfactor", "sigma_velocity")})
+    m = bq.score_movie(tmp_path, params, 0, cfg, (100.0, 3.0))
+    out = {"fullframe": band_frc(m.sums["lmc_ff"]), "local": band_frc(m.sums["lmc"]), "oracle": band_frc(m.sums["oracle"])}
+    out.update(choice=m.choice, signal=m.extra["quality_gain"],
+               rmse_local=score.trajectory_rmse(m.traj_A["lmc"], m.truth_A),
+               rmse_fullframe=score.trajectory_rmse(m.traj_A["lmc_ff"], m.truth_A))
     return out
 
 
@@ -100,15 +107,15 @@ def test_estimate_local_contract() -> None:
 def test_estimate_local_empty_and_bad_input() -> None:
     res = estimate_local(np.zeros((0, 5, 32, 32), np.float32), np.zeros((0, 5, 2)), np.zeros((0, 2)), 1.0, 1.0)
     assert res.smooth.shape == (0, 5, 2) and res.info["fallback"]
-    with pytest.raises(ValueError, match=r"^gpu/local_model\.py: remainders"):
+    with pytest.raises(ValueError, match=r"^prepare_spectra: remainders"):
         estimate_local(np.zeros((2, 5, 32, 32), np.float32), np.zeros((2, 4, 2)), np.zeros((2, 2)), 1.0, 1.0)
-    with pytest.raises(ValueError, match=r"^gpu/local\.py: 3 positions for 2 particles"):
+    with pytest.raises(ValueError, match=r"^estimate_local: 3 positions for 2 particles"):
         estimate_local(np.ones((2, 5, 32, 32), np.float32), np.zeros((2, 5, 2)), np.zeros((3, 2)), 1.0, 1.0)
     bad = np.ones((2, 5, 32, 32), np.float32)
     bad[1, 2, 3, 4] = np.nan
-    with pytest.raises(ValueError, match=r"^gpu/local\.py: patches contain NaN"):
+    with pytest.raises(ValueError, match=r"^estimate_local: patches contain NaN"):
         estimate_local(bad, np.zeros((2, 5, 2)), np.zeros((2, 2)), 1.0, 1.0)
-    with pytest.raises(ValueError, match=r"^gpu/local_model\.py: alignment frames"):
+    with pytest.raises(ValueError, match=r"^local model: alignment frames"):
         estimate_local(np.ones((2, 5, 32, 32), np.float32), np.zeros((2, 5, 2)), np.zeros((2, 2)), 1.0, 1.0,
                        cfg=LocalConfig(first_frame=4))
 

@@ -1,4 +1,10 @@
-"""RELION 3.1+/5 particles STAR: a ``data_optics`` block and a ``data_particles`` loop, written as text.
+"""RELION 5 particles STAR: a ``data_optics`` block and a ``data_particles`` loop, written as text.
+
+Both blocks open with RELION 5's version line (``# version 50001``: ``CURRENT_MDT_VERSION`` in
+RELION's src/metadata_table.h). The optics block has the labels, in the order, that RELION 5's
+particle extraction writes (src/preprocessing.cpp: the micrographs' optics group — name, number,
+rlnMicrographOriginalPixelSize, voltage, Cs, amplitude contrast — then rlnImagePixelSize,
+rlnImageSize, rlnImageDimensionality and rlnCtfDataAreCtfPremultiplied = 0).
 
 The file is ``render_header(cfg, columns)`` followed by the ``render_rows(...)`` of every movie in
 commit order, so the writer can append rows without re-reading anything.
@@ -22,6 +28,12 @@ from streamer.config import Config
 BASE_COLUMNS = ["rlnImageName", "rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY", "rlnOpticsGroup"]
 OPTICS_GROUP = 1
 MISSING = {"f": "0", "i": "0", "s": "None"}
+VERSION_LINE = "# version 50001"  # RELION 5 (CURRENT_MDT_VERSION)
+OPTICS_LABELS = (
+    "rlnOpticsGroupName", "rlnOpticsGroup", "rlnMicrographOriginalPixelSize", "rlnVoltage", "rlnSphericalAberration",
+    "rlnAmplitudeContrast", "rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality",
+    "rlnCtfDataAreCtfPremultiplied",
+)
 
 
 def column_kind(values: np.ndarray) -> str:
@@ -49,6 +61,11 @@ def _quote(s: str) -> str:
     return f'"{s}"' if (not s or any(ch.isspace() for ch in s)) else s
 
 
+def quote_value(s: str) -> str:
+    """A STAR text value, quoted when empty or holding whitespace."""
+    return _quote(s)
+
+
 def _fmt_column(values: np.ndarray, kind: str) -> list[str]:
     values = np.asarray(values)
     if kind == "i":
@@ -58,23 +75,29 @@ def _fmt_column(values: np.ndarray, kind: str) -> list[str]:
     return [_quote(str(v)) for v in values.tolist()]
 
 
-def render_header(cfg: Config, column_names: Sequence[str] | Sequence[tuple[str, str]]) -> str:
-    """The optics block and the particles loop header (labels numbered from 1) for ``cfg``."""
-    names = [c if isinstance(c, str) else c[0] for c in column_names]
-    optics = [
-        ("rlnOpticsGroup", str(OPTICS_GROUP)),
+def optics_values(cfg: Config) -> list[tuple[str, str]]:
+    """``[(label, text), ...]`` of the one optics group, in RELION 5 extraction's label order."""
+    return [
         ("rlnOpticsGroupName", f"opticsGroup{OPTICS_GROUP}"),
+        ("rlnOpticsGroup", str(OPTICS_GROUP)),
+        ("rlnMicrographOriginalPixelSize", f"{cfg.apix:.9g}"),
         ("rlnVoltage", f"{cfg.kv:.9g}"),
         ("rlnSphericalAberration", f"{cfg.cs:.9g}"),
         ("rlnAmplitudeContrast", f"{cfg.amplitude_contrast:.9g}"),
         ("rlnImagePixelSize", f"{cfg.out_apix:.9g}"),
         ("rlnImageSize", str(cfg.out_box)),
         ("rlnImageDimensionality", "2"),
-        ("rlnMicrographOriginalPixelSize", f"{cfg.apix:.9g}"),
+        ("rlnCtfDataAreCtfPremultiplied", "0"),
     ]
-    lines = ["", "# version 30001", "", "data_optics", "", "loop_"]
+
+
+def render_header(cfg: Config, column_names: Sequence[str] | Sequence[tuple[str, str]]) -> str:
+    """The optics block and the particles loop header (labels numbered from 1) for ``cfg``."""
+    names = [c if isinstance(c, str) else c[0] for c in column_names]
+    optics = optics_values(cfg)
+    lines = ["", VERSION_LINE, "", "data_optics", "", "loop_"]
     lines += [f"_{k} #{i}" for i, (k, _) in enumerate(optics, 1)]
-    lines += [" ".join(v for _, v in optics), "", "", "# version 30001", "", "data_particles", "", "loop_"]
+    lines += [" ".join(v for _, v in optics), "", "", VERSION_LINE, "", "data_particles", "", "loop_"]
     lines += [f"_{k} #{i}" for i, k in enumerate(names, 1)]
     return "\n".join(lines) + "\n"
 

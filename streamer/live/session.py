@@ -52,7 +52,7 @@ log = logging.getLogger("lmc.session")
 MAX_WRITE_BACKLOG = 4  # results waiting for the writer before dispatch pauses
 
 
-def job_config(cfg: Config, out: Path) -> Config:
+def config_for_workers(cfg: Config, out: Path) -> Config:
     """The configuration sent to workers: every path absolute (workers may run elsewhere)."""
     gain = cfg.gain
     if gain.file:
@@ -146,7 +146,7 @@ class Session:
             msg = f"{asked} holds other processing parameters; writing to {self.out} instead (--new)"
             log.warning("%s", msg)
             self.metrics.warn(msg)
-        cfg = self.job_cfg = job_config(self.cfg, self.out)
+        cfg = self.job_cfg = config_for_workers(self.cfg, self.out)
         self.totals = dict(self.writer.totals)
         log.info("session starting: movies %s, picks %s, out %s (%d movies already done)", cfg.movies,
                  cfg.picks.dir, self.out, self.totals.get("done", 0))

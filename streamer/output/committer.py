@@ -45,7 +45,7 @@ import numpy as np
 
 from streamer.config import Config, processing_dict
 from streamer.errors import OutputError
-from streamer.formats import atomic, csfile, mrcstack, relion_star
+from streamer.formats import atomic, csfile, mrcstack, relion_motion, relion_star
 from streamer.output.ledger import FingerprintMismatch, Ledger, LedgerError
 from streamer.types import MovieResult
 
@@ -58,7 +58,8 @@ STAR_NAME = "particles.star"
 CS_NAME = "particles.cs"
 LOCK_NAME = ".lmc.lock"
 STACK_RE = re.compile(r"^particles_(\d{5,})\.mrcs$")
-SUBDIRS = ("stacks", "trajectories", "plots", "logs")
+CSG_NAME = "particles.csg"
+SUBDIRS = ("stacks", "trajectories", "motion", "plots", "logs")
 
 _hits: Counter[str] = Counter()
 
@@ -296,7 +297,7 @@ class Committer:
                 star_rows = relion_star.render_rows(columns, relion_star.image_names(absolute), movie, result.x,
                                                     result.y, result.columns)
                 want = csfile.fit_dtype(cs_dtype, max(len(s.encode()) for s, _, _ in rel), len(movie.encode()),
-                                        ctf=any(c == "rlnDefocusU" for c, _ in columns))
+                                        ctf=any(c == "rlnDefocusU" for c, _ in columns), carried=result.columns)
                 if want != cs_dtype:
                     cs_dtype = want
                     meta["cs_dtype"] = repr(np.lib.format.dtype_to_descr(cs_dtype))
@@ -460,10 +461,33 @@ class _Snapshots:
                 if state is None or state["last_id"] < last:
                     self.state[kind] = self._write(kind, state, last, columns, dtype)
                     wrote = True
+            if wrote or self._companions_missing():
+                self._write_companions(last, dtype)
             self._last = time.monotonic()
             if wrote:
                 self._cost = self._last - t0
             return wrote
+
+    def _companions_missing(self) -> bool:
+        """True when micrographs.star or particles.csg is absent, or the .csg counts other rows than
+        particles.cs holds (a crash between the two replaces)."""
+        csg = self.out / CSG_NAME
+        if not csg.exists() or not (self.out / relion_motion.MICROGRAPHS_NAME).exists():
+            return True
+        cs_state = self.state.get("cs")
+        found = re.search(r"num_items: (\d+)", csg.read_text(errors="replace"))
+        return cs_state is not None and (found is None or int(found.group(1)) != cs_state["rows"])
+
+    def _write_companions(self, last: int, dtype: np.dtype) -> None:
+        """``particles.csg`` (cryoSPARC's result group for particles.cs, after it: its num_items is the
+        file's row count) and ``micrographs.star`` (RELION: every done movie's motion STAR). Both are
+        rebuilt whole from the ledger: O(movies), no state to recover after a crash."""
+        cs_state = self.state.get("cs")
+        if cs_state is not None:
+            atomic.write_text(self.out / CSG_NAME, csfile.csg_text(CS_NAME, dtype, cs_state["rows"]))
+        movies = ((r.movie, r.stats) for r in self.ledger.rows(up_to=last, with_payload=False))
+        atomic.write_text(self.out / relion_motion.MICROGRAPHS_NAME,
+                          relion_motion.micrographs_text(self.cfg, movies, self.out))
 
     def _write(self, kind: str, state: dict[str, Any] | None, last: int, columns: list[tuple[str, str]],
                dtype: np.dtype) -> dict[str, Any]:
