@@ -63,7 +63,8 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     from streamer.live.worker import worker_main
 
     cfg = _cfg(ns)
-    return int(worker_main(ns.connect, cfg, gpu=ns.gpu, keys=cfg.keys) or 0)
+    return int(worker_main(ns.connect, cfg, gpu=ns.gpu, keys=cfg.keys, name=ns.name,
+                           orphan_timeout=ns.orphan_timeout) or 0)
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
@@ -108,6 +109,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 def cmd_boxsize(ns: argparse.Namespace) -> int:
     from gpu.boxsize import recommended_box
 
+    # the engine's own checks name its arguments; the user typed flags
+    for flag, value in (("--diameter", ns.diameter), ("--resolution", ns.resolution), ("--kv", ns.kv), ("--apix", ns.apix)):
+        if not value > 0:
+            raise ConfigError(f"boxsize: {flag} must be > 0 (got {value})")
+    if not ns.defocus >= 0:
+        raise ConfigError(f"boxsize: --defocus must be >= 0 Å (its magnitude; got {ns.defocus})")
     rec = recommended_box(ns.diameter, ns.defocus, ns.resolution, ns.kv, ns.apix)
     for key, value in rec.items():
         print(f"{key}: {value}")
@@ -149,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="join a dispatcher's worker pool (e.g. from a Slurm job on another node)")
     p.add_argument("--connect", required=True, help="dispatcher address, e.g. tcp://head:5555")
     p.add_argument("--gpu", type=int, default=None, help="CUDA device to pin this worker to")
+    p.add_argument("--name", default=None, help="name shown in the session's status (default HOST:PID)")
+    p.add_argument("--orphan-timeout", dest="orphan_timeout", type=float, default=0.0, metavar="S",
+                   help="exit when no dispatcher has answered for S seconds (batch jobs of a session that died); 0 = never")
     config_mod.add_config_flags(p)
     p.set_defaults(func=cmd_worker)
 
