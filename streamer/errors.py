@@ -14,6 +14,8 @@ _USER_ERRORS = {
     "DispatcherError",
     "KeysError",
     "StatusError",
+    "JobRefused",
+    "ColumnError",
 }
 
 

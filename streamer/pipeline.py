@@ -102,6 +102,7 @@ def process_movie(
     preloaded: Any = None,
     on_stage: Callable[[str], None] | None = None,
     binned_patches: bool | None = None,
+    render_plot: bool = False,
 ) -> MovieResult:
     """Process one movie end to end (see module docstring). Raises MovieError/PicksError/GainError.
 
@@ -111,6 +112,8 @@ def process_movie(
     movie alive through the later stages next to the float32 one and the next movie's decode.
     ``binned_patches``: cut the per-particle alignment patches from a 2x2-binned copy of the movie
     when the band allows it (None = on the CPU only; the GPU keeps device memory for the movie).
+    ``render_plot``: without ``write_sidecars``, render the diagnostic PNG into ``result.plot_png``
+    (workers write no files; the session's writer writes it with the trajectories STAR).
     ``on_stage(name)`` is called as each stage ends (decode, gain, motion, picks, local, extract,
     micrograph), e.g. to read memory per stage (benchmarks/device_memory.py).
     """
@@ -334,6 +337,11 @@ def process_movie(
     )
     if write_sidecars and cfg.out:
         write_sidecar_files(cfg, result, micrograph, binning * u)
+        stats["seconds_sidecars"] = round(time.perf_counter() - tick, 4)
+    elif render_plot and cfg.plots:  # a worker: the PNG goes to the session's writer with the result
+        from streamer.formats.plot import plot_png
+
+        result.plot_png = plot_png(micrograph, binning * u, result)
         stats["seconds_sidecars"] = round(time.perf_counter() - tick, 4)
     return result
 

@@ -152,11 +152,15 @@ def test_empty_movie_and_column_mismatch(tmp_path, caplog):
         assert c.is_done(movie_name(0)) and not (out / "particles.star").exists()
         c.commit(make_result(1))
         r = make_result(2, 3)
-        del r.columns["rlnDefocusAngle"]
-        r.columns["rlnCtfFigureOfMerit"] = np.ones(3)
-        c.commit(r)
+        r.columns["rlnCtfFigureOfMerit"] = np.ones(3)  # a column the folder does not carry: refused
+        with pytest.raises(ValueError, match="rlnCtfFigureOfMerit is not one of this output folder's columns"):
+            c.commit(r)
+        assert not c.is_done(movie_name(2))
+        del r.columns["rlnCtfFigureOfMerit"], r.columns["rlnDefocusAngle"]  # its picks lack one: neutral value
+        with caplog.at_level("INFO"):
+            c.commit(r)
         assert c.totals()["particles"] == 10
-    assert "lacks column(s) rlnDefocusAngle" in caplog.text and "rlnCtfFigureOfMerit not in this" in caplog.text
+    assert "lack column(s) rlnDefocusAngle" in caplog.text
     star = starfile.read(out / "particles.star", always_dict=True)["particles"]
     assert list(star["rlnDefocusAngle"][7:]) == [0, 0, 0] and "rlnCtfFigureOfMerit" not in star.columns
     cs = Dataset.load(out / "particles.cs")

@@ -420,9 +420,31 @@ def _validate(x: np.ndarray, y: np.ndarray, columns: dict[str, np.ndarray], h: i
     return Picks(
         x=np.ascontiguousarray(x[keep], dtype=np.float64),
         y=np.ascontiguousarray(y[keep], dtype=np.float64),
-        columns={k: np.ascontiguousarray(v[keep], dtype=np.float64) for k, v in columns.items()},
+        columns={k: _carry(v[keep]) for k, v in columns.items()},
         rejected=rejected,
     )
+
+
+def _carry(values: np.ndarray) -> np.ndarray:
+    """A carried column as it travels to the output (one place: ``pick_summary`` reports its kind)."""
+    return np.ascontiguousarray(values, dtype=np.float64)
+
+
+def pick_summary(source: PickSource) -> tuple[int, dict[str, str]]:
+    """(rows for this movie, {carried label: kind 'f'|'i'|'s'}) of a pick file, read the way
+    ``read_picks`` reads it (same parse, same cache). The session uses it to fix the output folder's
+    columns and to check each result: picks rows = particles written + picks skipped."""
+    from streamer.formats.columns import kind_of
+
+    try:
+        st = os.stat(source.path)
+    except FileNotFoundError:
+        raise PicksError(f"{source.path}: pick file not found (removed after it was indexed?)") from None
+    table = _load_table(source.path, source.format, st.st_mtime_ns, st.st_size)
+    n = int(table.x.shape[0])
+    if source.micrograph is not None and table.names is not None:
+        n = int(np.count_nonzero(table.names == source.micrograph))
+    return n, {k: kind_of(_carry(v[:0])) for k, v in table.columns.items()}
 
 
 @functools.lru_cache(maxsize=8)

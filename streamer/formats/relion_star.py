@@ -3,10 +3,10 @@
 The file is ``render_header(cfg, columns)`` followed by the ``render_rows(...)`` of every movie in
 commit order, so the writer can append rows without re-reading anything.
 
-Columns are fixed per output folder at the first movie with particles: the base columns
-(``BASE_COLUMNS``) then that movie's carried columns (``rlnDefocusU`` ...) in its order. Later movies
-lacking a carried column get a neutral value — ``0`` for numbers, ``None`` for text — and extra
-columns of later movies are dropped (the committer logs both). Coordinates are written as given
+Columns are fixed per output folder by the session (``streamer.formats.columns.ColumnSet``): the
+base columns (``BASE_COLUMNS``) then the carried ones (``rlnDefocusU`` ...). A movie whose pick file
+lacks a carried column gets a neutral value — ``0`` for numbers, ``None`` for text. Text values are
+quoted as STAR requires and refused where no reader could read them back (``columns.star_quote``). Coordinates are written as given
 (movie pixels at the physical detector grid, the picks' convention); ``rlnImageName`` is
 ``index@stacks/particles_NNNNN.mrcs`` with a 1-based index, relative to the STAR file's folder.
 """
@@ -18,23 +18,19 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from streamer.config import Config
+from streamer.formats.columns import BASE, ColumnSet, kind_of, star_quote
 
-BASE_COLUMNS = ["rlnImageName", "rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY", "rlnOpticsGroup"]
+BASE_COLUMNS = [label for label, _ in BASE]
 OPTICS_GROUP = 1
 MISSING = {"f": "0", "i": "0", "s": "None"}
 
 
-def column_kind(values: np.ndarray) -> str:
-    """'i' integer/bool, 'f' floating, 's' text — decides formatting and the neutral value."""
-    kind = np.asarray(values).dtype.kind
-    return "i" if kind in "iub" else "f" if kind == "f" else "s"
+column_kind = kind_of  # 'i' integer/bool, 'f' floating, 's' text: decides formatting and the neutral value
 
 
 def choose_columns(carried: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
     """``[(label, kind), ...]``: the base columns then the carried ones (base labels among them ignored)."""
-    base = [("rlnImageName", "s"), ("rlnMicrographName", "s"), ("rlnCoordinateX", "f"), ("rlnCoordinateY", "f"),
-            ("rlnOpticsGroup", "i")]
-    return base + [(k, column_kind(v)) for k, v in carried.items() if k not in BASE_COLUMNS]
+    return ColumnSet.of({k: kind_of(v) for k, v in carried.items()}).star_columns()
 
 
 def column_mismatch(columns: Sequence[tuple[str, str]], carried: Mapping[str, np.ndarray]) -> tuple[list[str], list[str]]:
@@ -45,17 +41,13 @@ def column_mismatch(columns: Sequence[tuple[str, str]], carried: Mapping[str, np
     return missing, extra
 
 
-def _quote(s: str) -> str:
-    return f'"{s}"' if (not s or any(ch.isspace() for ch in s)) else s
-
-
 def _fmt_column(values: np.ndarray, kind: str) -> list[str]:
     values = np.asarray(values)
     if kind == "i":
         return [str(v) for v in values.astype(np.int64).tolist()]
     if kind == "f":
         return [f"{v:.9g}" for v in values.astype(np.float64).tolist()]
-    return [_quote(str(v)) for v in values.tolist()]
+    return [star_quote(str(v)) for v in values.tolist()]
 
 
 def render_header(cfg: Config, column_names: Sequence[str] | Sequence[tuple[str, str]]) -> str:
@@ -103,8 +95,8 @@ def render_rows(
     if n == 0:
         return ""
     fixed = {
-        "rlnImageName": list(names),
-        "rlnMicrographName": [_quote(micrograph)] * n,
+        "rlnImageName": [star_quote(s) for s in names],
+        "rlnMicrographName": [star_quote(micrograph)] * n,
         "rlnCoordinateX": _fmt_column(x, "f"),
         "rlnCoordinateY": _fmt_column(y, "f"),
         "rlnOpticsGroup": [str(OPTICS_GROUP)] * n,

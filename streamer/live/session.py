@@ -129,6 +129,7 @@ class Writer:
         self.commits_pending = 0
         self.totals: dict[str, int] = {}
         self.done_movies: set[str] = set()
+        self.columns: Any = None  # the folder's ColumnSet (None until declared)
         self.skip_rest = False
         self.opened = False
         self._ready = threading.Event()
@@ -174,6 +175,7 @@ class Writer:
             committer, self.out = open_output(self.out, self.cfg, self.new)
             self.done_movies = committer.done_movies()
             self.totals = committer.totals()
+            self.columns = committer.columns
         except BaseException as exc:
             self._error = exc
             self._ready.set()
@@ -198,6 +200,9 @@ class Writer:
                         self.results.put(("ok", target))
                     elif kind == "forget":
                         committer.forget(target)
+                        self.results.put(("ok", target))
+                    elif kind == "declare":
+                        committer.declare_columns(target)
                         self.results.put(("ok", target))
                 except CommitError as exc:
                     self.results.put(("commit_error", target, str(exc)))
@@ -347,17 +352,23 @@ class Session:
         self.totals = dict(self.writer.totals)
         log.info("session starting: movies %s, picks %s, out %s (%d movies already done)", cfg.movies,
                  cfg.picks.dir, self.out, self.totals.get("done", 0))
+        from streamer.live.jobspec import MAX_FRAME_BYTES
+        from streamer.live.keys import session_keys
+
+        # no peer joins without a key, loopback included: the folder's own keys unless --keys is given
+        self.keys_dir = Path(os.path.abspath(cfg.keys)) if cfg.keys else session_keys(self.out)
+        self.columns = self.writer.columns
         self.dispatcher = Dispatcher(
-            cfg.bind, config=cfg.to_dict(), keys=cfg.keys, heartbeat=cfg.heartbeat, liveness=cfg.liveness,
-            max_attempts=cfg.max_attempts, float16=cfg.float16,
+            cfg.bind, config=cfg.to_dict(), keys=self.keys_dir, max_frame_bytes=MAX_FRAME_BYTES,
+            heartbeat=cfg.heartbeat, liveness=cfg.liveness, max_attempts=cfg.max_attempts, float16=cfg.float16,
         )
         endpoint = self.dispatcher.start()
         host, port = endpoint.rsplit(":", 1)
         self.connect = f"tcp://127.0.0.1:{port}" if host in ("tcp://0.0.0.0", "tcp://*") else endpoint
         self.endpoint = endpoint
         if self.connect != endpoint or not endpoint.startswith("tcp://127."):
-            log.info("remote workers can join with: lmc worker --connect tcp://%s:%s%s", socket.getfqdn(), port,
-                     f" --keys-dir {os.path.abspath(cfg.keys)}" if cfg.keys else "")
+            log.info("remote workers can join with: lmc worker --connect tcp://%s:%s --keys %s", socket.getfqdn(), port,
+                     self.keys_dir)
         plan = plan_workers(cfg)
         self.threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(len(plan), 1))
         cpu_i = 0
@@ -389,8 +400,7 @@ class Session:
         else:
             cmd += ["--device", "cpu"]
         cmd += ["--threads", str(self.threads)]  # decoding (and CPU FFTs) share the cores between workers
-        if cfg.keys:
-            cmd += ["--keys", str(os.path.abspath(cfg.keys))]
+        cmd += ["--keys", str(self.keys_dir)]
         if self.worker_handler:
             cmd += ["--handler", self.worker_handler]
         env = dict(os.environ)
@@ -474,9 +484,35 @@ class Session:
             return
         for e in self.watcher.ready(free, exclude=set(self.inflight)):
             picks = e.picks.path if e.picks is not None else None
-            job = self.dispatcher.submit(e.path, picks, meta={"ready_at": e.ready_at or time.monotonic()})
+            spec = self._spec(e)
+            if spec is None:
+                continue
+            job = self.dispatcher.submit(e.path, picks, meta={"ready_at": e.ready_at or time.monotonic()}, spec=spec)
             self.inflight[e.path] = job
             self.submitted += 1
+
+    def _spec(self, e: Any) -> Any:
+        """What this movie's result must be (``jobspec``), read by the session itself; the first movie
+        fixes the folder's columns from its pick file. A movie that cannot run fails here, at once."""
+        from streamer.formats.columns import ColumnSet
+        from streamer.live.jobspec import job_spec, picks_columns
+
+        assert self.writer is not None and self.watcher is not None
+        try:
+            if self.columns is None:
+                self.columns = ColumnSet.of(picks_columns(e.picks)[1])
+                self.writer.put("declare", self.columns)
+            return job_spec(self.cfg, e.path, e.picks, self.columns)
+        except Exception as exc:  # PicksError, MovieError, JobRefused, ColumnError, OSError: one line
+            from streamer.errors import one_line
+
+            reason = one_line(exc)
+            self.writer.put("failed", e.path, reason)
+            self.watcher.mark(e.path, "failed", reason)
+            self.session_counts["failed"] += 1
+            self.errors.append({"movie": e.path, "reason": reason, "time": time.time()})
+            log.error("failed: %s", reason if e.path in reason else f"{e.path}: {reason}")
+            return None
 
     def _unsubmit(self, job: Job) -> None:
         self.inflight.pop(job.movie, None)
