@@ -180,7 +180,8 @@ class Dispatcher:
         self.jobs: dict[str, Job] = {}
         self.workers: dict[bytes, WorkerInfo] = {}
         self.dropped = 0
-        self.refused: list[str] = []  # refused handshakes, newest last (also logged)
+        self.refused: dict[str, int] = {}  # refused handshakes by reason (also logged)
+        self._refused_logged: dict[str, tuple[float, int]] = {}
         self._monitor: zmq.Socket | None = None
         self._next_heartbeat = 0.0
 
@@ -216,8 +217,21 @@ class Dispatcher:
         return self.endpoint
 
     def _refused(self, what: str) -> None:
-        self.refused = [*self.refused[-49:], what]
-        log.warning("refused a connection on %s: %s", self.endpoint or self.bind_address, what)
+        """Log a refused handshake: the first of each kind at once, repeats (a peer retrying every
+        0.1 s) at most once a minute with their count. ``refused``: {what: count} (bounded)."""
+        now = time.monotonic()
+        count = self.refused.get(what, 0) + 1
+        if what not in self.refused and len(self.refused) >= 50:
+            self.refused.pop(next(iter(self.refused)))
+        self.refused[what] = count
+        last = self._refused_logged.get(what)
+        if last is None or now - last[0] >= 60:
+            since = count - last[1] if last is not None else 1
+            log.warning("refused a connection on %s: %s%s", self.endpoint or self.bind_address, what,
+                        f" ({since} times in the last minute)" if since > 1 else "")
+            if len(self._refused_logged) >= 50:
+                self._refused_logged.pop(next(iter(self._refused_logged)))
+            self._refused_logged[what] = (now, count)
 
     def _close_monitor(self, sock: zmq.Socket) -> None:
         if self._monitor is None:
@@ -237,10 +251,12 @@ class Dispatcher:
                 evt = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            name = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "security handshake failed (no CURVE, or not this "
-                    "session's server key)", zmq.EVENT_HANDSHAKE_FAILED_AUTH: "key not authorized",
-                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed"}.get(evt["event"], str(evt["event"]))
-            self._refused(f"{name} (peer on {evt.get('endpoint', b'').decode(errors='replace') or '?'})")
+            name = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "security handshake failed: protocol error (a peer "
+                    "without CURVE, or without this session's server key)", zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    "security handshake failed: key not authorized", zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                    "security handshake failed (a peer without CURVE, or without this session's server key)"
+                    }.get(evt["event"], f"security handshake failed (event {evt['event']})")
+            self._refused(name)
 
     def close(self, stop_workers: bool = True) -> None:
         if self.sock is None:
