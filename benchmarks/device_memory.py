@@ -57,8 +57,7 @@ def model_movie(movie: Path, gain: Path, picks: Path, fmt: str, ns: argparse.Nam
         "gain": {"file": str(gain)}, "picks": {"dir": str(picks.parent)},
         "local": {"enabled": not ns.no_local}, "eer": {"fractions": ns.frames, "upsampling": u},
     })
-    pipeline._FRAME_BUFFERS.clear()  # the previous movie's float32 buffer: not this movie's footprint
-    gc.collect()
+    gc.collect()  # process_movie gets a fresh Workspace: no previous movie's buffer counts here
 
     tracemalloc.start()
     t = time.perf_counter()
@@ -87,7 +86,6 @@ def model_movie(movie: Path, gain: Path, picks: Path, fmt: str, ns: argparse.Nam
     total_s = time.perf_counter() - t0
     tracemalloc.stop()
     del mov
-    pipeline._FRAME_BUFFERS.clear()
     gc.collect()
     return {
         "format": fmt, "movie": str(movie), "shape": [n_f, h, w], "upsampling": u, "raw_dtype": raw_dtype,
@@ -107,7 +105,6 @@ def warm_up(work: Path, ns: argparse.Namespace) -> None:
     cfg = c.from_dict({"apix": APIX, "box": 64, "device": "cpu", "threads": 1, "gain": {"file": str(gain)},
                        "picks": {"dir": str(picks.parent)}, "local": {"enabled": not ns.no_local}})
     pipeline.process_movie(cfg, str(movie), write_sidecars=False, binned_patches=False)
-    pipeline._FRAME_BUFFERS.clear()
 
 
 def print_table(m: dict, card_gib: float, reserve_gib: float) -> None:

@@ -1,12 +1,14 @@
-"""Time the engine on a synthetic K3 movie: full-frame motion estimation and particle extraction.
+"""Time the engine on a synthetic K3 movie: the pipeline's full-frame motion and extraction stages.
 
 Frames: 5760 x 4092 float32, Poisson(1) counts per pixel and frame plus a weak (10%) specimen
 texture drifting by integer steps (so the correlation has something to lock on to). 300 particles,
-box 256 -> 128, dose weighting on. Prints the seconds of each stage (binning + FFT, estimation,
-extraction), wall clock and process CPU time (all threads; on a shared machine the CPU time shows
-the work when the wall clock is inflated by other jobs). ``--repeat N`` runs the engine N times on
-the same movie and adds the steady state (the minimum of each stage over the repeats; the first
-run also pays the first touch of freshly mapped memory). Usage::
+box 256 -> 128, dose weighting and normalisation on (``lmc run`` defaults otherwise: a real
+:class:`~streamer.config.Config`). The stages are the product's own
+(:func:`streamer.pipeline.full_frame_motion`: binning + FFT + estimation; :func:`streamer.pipeline.extract`).
+Prints the seconds of each stage, wall clock and process CPU time (all threads; on a shared machine
+the CPU time shows the work when the wall clock is inflated by other jobs). ``--repeat N`` runs the
+engine N times on the same movie and adds the steady state (the minimum of each stage over the
+repeats; the first run also pays the first touch of freshly mapped memory). Usage::
 
     python benchmarks/engine_k3.py [--device cpu|gpu] [--frames 40] [--particles 300] [--repeat 3]
 """
@@ -21,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from gpu.backend import get_xp, is_gpu
-from gpu.extract import extract_particles
-from gpu.motion import bin_movie, estimate_frame_shifts
+from streamer import pipeline as pl
+from streamer.config import from_dict
 
 H, W = 4092, 5760
 # Poisson(1) cumulative probabilities: counts = number of thresholds a uniform draw exceeds
@@ -58,10 +60,10 @@ def main() -> None:
     ap.add_argument("--box", type=int, default=256)
     ap.add_argument("--out-box", type=int, default=128)
     ap.add_argument("--apix", type=float, default=0.83)
-    ap.add_argument("--memory-budget", type=float, default=None, help="GiB per extraction chunk (default: engine's)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of the engine on the same movie (min per stage)")
     args = ap.parse_args()
     xp = get_xp(args.device)
+    cfg = from_dict({"apix": args.apix, "box": args.box, "fcrop_box": args.out_box, "device": args.device})
 
     def sync() -> None:
         if is_gpu(xp):
@@ -72,7 +74,7 @@ def main() -> None:
     frames_host, drift = synthetic_movie(args.frames, rng)
     print(f"synthetic movie {frames_host.shape}: {time.perf_counter() - t0:.1f} s (not part of the engine)")
     t0 = time.perf_counter()
-    frames = xp.asarray(frames_host)
+    frames = pl.Frames(xp.asarray(frames_host), frames_host.shape, 1, args.apix, 0, False)
     sync()
     if is_gpu(xp):
         print(f"host -> device copy: {time.perf_counter() - t0:.2f} s")
@@ -80,8 +82,6 @@ def main() -> None:
     half = args.box // 2 + 60
     pos = np.stack([rng.uniform(half, W - half, args.particles), rng.uniform(half, H - half, args.particles)], 1)
     jitter = rng.normal(0.0, 0.3, (args.particles, args.frames, 2))
-    dose = {"dose_per_frame": 1.0, "pre_exposure": 0.0, "kv": 300.0}
-    budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
     best: dict[str, tuple[float, float]] = {}
 
     def timed(stage: str, fn: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -94,23 +94,19 @@ def main() -> None:
         return out, wall, cpu
 
     for run in range(max(1, args.repeat)):
-        movie, tb, cb = timed("binning+FFT", lambda: bin_movie(frames, args.apix, 8.0))
-        shifts, te, ce = timed("estimation", lambda m=movie: estimate_frame_shifts(m, args.apix, 8.0, 500.0))
+        motion, tm, cm = timed("motion", lambda: pl.full_frame_motion(cfg, frames))
+        shifts = motion.shifts_px
         err = np.sqrt(np.mean(np.sum((shifts - drift) ** 2, axis=1)))
         print(
-            f"[run {run + 1}] motion: {tb + te:.2f} s (binning+FFT {tb:.2f} s to {movie.shape}, estimation {te:.2f} s; "
-            f"CPU {cb:.2f} + {ce:.2f} s); RMS error vs the planted drift {err:.3f} px"
+            f"[run {run + 1}] motion (binning + FFT + estimation): {tm:.2f} s (CPU {cm:.2f} s); "
+            f"RMS error vs the planted drift {err:.3f} px"
         )
+        del motion
         traj = shifts[None] + jitter
-        (parts, kept, _), tx, cx = timed(
-            "extraction",
-            lambda t=traj: extract_particles(
-                frames, pos, t, args.box, args.out_box, args.apix, dose=dose, memory_budget=budget
-            ),
-        )
+        out, tx, cx = timed("extraction", lambda t=traj: pl.extract(cfg, frames, pos, t))
         print(
-            f"[run {run + 1}] extraction: {tx:.2f} s (CPU {cx:.2f} s) for {kept.size} particles, box {args.box} -> "
-            f"{args.out_box}, {args.frames} frames; output {tuple(parts.shape)} {parts.dtype}"
+            f"[run {run + 1}] extraction: {tx:.2f} s (CPU {cx:.2f} s) for {out.kept.size} particles, box {args.box} -> "
+            f"{args.out_box}, {args.frames} frames; output {tuple(out.particles.shape)} {out.particles.dtype}"
         )
     if args.repeat > 1:
         stages = ", ".join(f"{k} {w:.2f} s (CPU {c:.2f} s)" for k, (w, c) in best.items())

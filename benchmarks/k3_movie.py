@@ -16,7 +16,7 @@ Falcon 4096², 5 raw pages per frame), a gain reference and a STAR of random pic
 The ratio end-to-end / I/O floor is the machine-independent figure (issue: within 5x on CPU).
 
 ``--worker N`` replaces the whole-job process by a worker's steady state: N hard links of the
-movie (each with its own pick file) go through the real ``streamer.live.worker.PipelineHandler`` in
+movie (each with its own pick file) go through the real ``streamer.live.handler.PipelineHandler`` in
 one process exactly as ``Worker._compute`` drives it (prefetch of movie i+1 issued, then movie i
 processed and its result message encoded), so decoding the next movie overlaps the current one.
 Reported: seconds per movie between completions after the first, up to the second-to-last (the
@@ -135,14 +135,15 @@ def stage_decode(movie: Path, cfg_json: str) -> dict:
 def stage_pipeline(movie: Path, cfg_json: str) -> dict:
     from streamer import config as c
     from streamer.output.committer import Committer
-    from streamer.pipeline import process_movie
+    from streamer.pipeline import Workspace, process_movie
 
     cfg = c.from_dict(json.loads(cfg_json))
+    workspace = Workspace()  # the buffers a worker keeps between movies
     totals = []
     for i in range(REPEAT["n"]):  # the same movie again, as a worker processes one movie after another
         result = None
         t0 = time.perf_counter()
-        result = process_movie(cfg, str(movie))
+        result = process_movie(cfg, str(movie), workspace=workspace)
         t1 = time.perf_counter()
         with Committer(Path(cfg.out) / f"run{i}", cfg, snapshot_interval=0) as com:
             com.commit(result)
@@ -183,7 +184,7 @@ def stage_worker(folder: Path, cfg_json: str) -> dict:
     from streamer import config as c
     from streamer.formats.movies import is_movie
     from streamer.live import protocol
-    from streamer.live.worker import PipelineHandler
+    from streamer.live.handler import PipelineHandler
 
     cfg = c.from_dict(json.loads(cfg_json))
     movies = sorted(str(p) for p in (folder / "movies").iterdir() if is_movie(p))

@@ -13,8 +13,8 @@ Conventions, stated once (README "Conventions" repeats them):
 * Fourier transforms are unnormalised forward (numpy "backward" norm). Frequencies are in cycles
   per pixel from ``fftfreq``/``rfftfreq``. Shifting an image's content by ``+s`` multiplies its
   transform by ``exp(-2*pi*i*(kx*dx + ky*dy))``.
-* Gain: ``multiply`` -> corrected = raw * gain; ``divide`` -> corrected = raw / gain (0 where gain
-  is 0). The gain is oriented first: ``rotate`` quarter turns counter-clockwise (``numpy.rot90``
+* Gain: ``multiply`` -> corrected = raw * gain; ``divide`` -> corrected = raw / gain; 0 where the
+  gain is not finite or (divide) 0 (``gpu.gain.gain_multiplier``). The gain is oriented first: ``rotate`` quarter turns counter-clockwise (``numpy.rot90``
   on ``(h, w)``), then ``flip_x`` (reverse columns), then ``flip_y`` (reverse rows).
 * Exposure: frame ``f`` (0-based) has received ``pre_exposure + dose_per_frame * (f + 1)`` e/Å² at
   its end (RELION, MotionCor3).

@@ -17,7 +17,7 @@ def electron_wavelength(kv: float) -> float:
     0.03701 Å at 100 kV, 0.02508 Å at 200 kV, 0.01969 Å at 300 kV.
     """
     if kv <= 0:
-        raise ValueError(f"gpu/boxsize.py: voltage must be > 0 kV, got {kv}")
+        raise ValueError(f"electron_wavelength: voltage must be > 0 kV, got {kv}")
     v = kv * 1e3
     return 12.2643 / math.sqrt(v * (1.0 + 0.978466e-6 * v))
 
@@ -37,9 +37,9 @@ def recommended_box(diameter_A: float, defocus_A: float, resolution_A: float, kv
     """
     for name, val in (("diameter_A", diameter_A), ("resolution_A", resolution_A), ("apix", apix)):
         if not val > 0:
-            raise ValueError(f"gpu/boxsize.py: {name} must be > 0, got {val}")
+            raise ValueError(f"recommended_box: {name} must be > 0, got {val}")
     if defocus_A < 0:
-        raise ValueError(f"gpu/boxsize.py: defocus_A must be >= 0 (magnitude), got {defocus_A}")
+        raise ValueError(f"recommended_box: defocus_A must be >= 0 (magnitude), got {defocus_A}")
     lam = electron_wavelength(kv)
     deloc = 2.0 * lam * defocus_A / resolution_A
     box_a = diameter_A + deloc

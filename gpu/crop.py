@@ -71,7 +71,7 @@ class CropWindow:
 def crop_window(h: int, w: int, h2: int, w2: int) -> CropWindow:
     """The :class:`CropWindow` for cropping an ``(h, w)`` image's rfft to ``(h2, w2)``."""
     if not (1 <= h2 <= h and 1 <= w2 <= w):
-        raise ValueError(f"gpu/crop.py: cannot Fourier-crop ({h}, {w}) to ({h2}, {w2}): output must not be larger")
+        raise ValueError(f"crop_window: cannot Fourier-crop ({h}, {w}) to ({h2}, {w2}): output must not be larger")
     if h2 == h:
         m = np.fft.fftfreq(h, 1.0 / h).round().astype(np.int64)
         fold_rows = False
@@ -96,7 +96,7 @@ def window_rfft(spectra: Any, win: CropWindow) -> Any:
     xp = array_module(spectra)
     if spectra.shape[-2] != win.h or spectra.shape[-1] != win.w // 2 + 1:
         raise ValueError(
-            f"gpu/crop.py: spectra of shape {tuple(spectra.shape[-2:])} do not match a ({win.h}, {win.w}) rfft grid"
+            f"window_rfft: spectra of shape {tuple(spectra.shape[-2:])} do not match a ({win.h}, {win.w}) rfft grid"
         )
     n_pos = int(np.sum(win.m >= 0))
     n_neg = len(win.m) - n_pos
@@ -135,7 +135,7 @@ def window_rfft2(images: Any, win: CropWindow) -> Any:
     ``w2//2+1`` window columns instead of all ``w//2+1``; the window rows are then gathered.
     """
     if images.shape[-2] != win.h or images.shape[-1] != win.w:
-        raise ValueError(f"gpu/crop.py: images of shape {tuple(images.shape[-2:])} do not match a ({win.h}, {win.w}) window")
+        raise ValueError(f"window_rfft2: images of shape {tuple(images.shape[-2:])} do not match a ({win.h}, {win.w}) window")
     cols = rfft(images, axis=-1)[..., : win.n_cols]
     return _window_rows(fft(cols, axis=-2, overwrite_x=True), win)
 
@@ -193,15 +193,15 @@ def bin_real(frames: Any, factor: int, reduce: str = "mean", chunk: int = 4) -> 
     """
     xp = array_module(frames)
     if int(factor) != factor or factor < 1:
-        raise ValueError(f"gpu/crop.py: bin_real needs a positive integer factor, got {factor}")
+        raise ValueError(f"bin_real needs a positive integer factor, got {factor}")
     if reduce not in ("mean", "sum"):
-        raise ValueError(f"gpu/crop.py: reduce must be 'mean' or 'sum', got {reduce!r}")
+        raise ValueError(f"bin_real: reduce must be 'mean' or 'sum', got {reduce!r}")
     f = int(factor)
     lead = frames.shape[:-2]
     h, w = frames.shape[-2:]
     hb, wb = h // f, w // f
     if hb == 0 or wb == 0:
-        raise ValueError(f"gpu/crop.py: cannot bin ({h}, {w}) by {f}")
+        raise ValueError(f"bin_real: cannot bin ({h}, {w}) by {f}")
     flat = frames.reshape((-1, h, w))
     out = xp.empty((flat.shape[0], hb, wb), dtype=xp.float32)
     scale = np.float32(1.0 / (f * f)) if reduce == "mean" else None
@@ -294,7 +294,7 @@ def downsample_spectra(frames: Any, factor: float, chunk: int = 1, taper: float 
     """
     xp = array_module(frames)
     if frames.ndim != 3:
-        raise ValueError(f"gpu/crop.py: frames must be (F, h, w), got shape {tuple(frames.shape)}")
+        raise ValueError(f"downsample_spectra: frames must be (F, h, w), got shape {tuple(frames.shape)}")
     n, h, w = frames.shape
     b, (hb, wb), (hc, wc) = downsample_plan(h, w, factor)
     win = crop_window(hb, wb, hc, wc)

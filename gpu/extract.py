@@ -68,13 +68,13 @@ def cut_patches(frames: Any, centres_int: Any, box: int, fill: Any = None) -> An
     """
     xp = array_module(frames)
     if frames.ndim != 3:
-        raise ValueError(f"gpu/extract.py: frames must be (F, h, w), got shape {tuple(frames.shape)}")
+        raise ValueError(f"cut_patches: frames must be (F, h, w), got shape {tuple(frames.shape)}")
     n_f, h, w = frames.shape
     ci = np.asarray(to_numpy(centres_int)).astype(np.int64)
     if ci.ndim != 3 or ci.shape[1:] != (n_f, 2):
-        raise ValueError(f"gpu/extract.py: centres must be (P, {n_f}, 2), got shape {ci.shape}")
+        raise ValueError(f"cut_patches: centres must be (P, {n_f}, 2), got shape {ci.shape}")
     if box > h or box > w:
-        raise ValueError(f"gpu/extract.py: box {box} is larger than the ({h}, {w}) frame")
+        raise ValueError(f"cut_patches: box {box} is larger than the ({h}, {w}) frame")
     frames = xp.ascontiguousarray(frames)
     n_p = ci.shape[0]
     if n_p == 0:
@@ -98,11 +98,11 @@ def cut_patches(frames: Any, centres_int: Any, box: int, fill: Any = None) -> An
     if not inside.all():
         if fill is None:
             raise ValueError(
-                f"gpu/extract.py: {int((~inside).sum())} boxes leave the ({h}, {w}) frame and no fill was given"
+                f"cut_patches: {int((~inside).sum())} boxes leave the ({h}, {w}) frame and no fill was given"
             )
         if isinstance(fill, str):
             if fill != "mean":
-                raise ValueError(f"gpu/extract.py: fill must be None, a number, 'mean' or (F,) values, got {fill!r}")
+                raise ValueError(f"cut_patches: fill must be None, a number, 'mean' or (F,) values, got {fill!r}")
             fill_v = frames.mean(axis=(1, 2)).astype(frames.dtype)
         else:
             fill_v = xp.broadcast_to(xp.asarray(fill, dtype=frames.dtype), (n_f,))
@@ -125,7 +125,7 @@ def _frame_weights(dose: Any, win: Any, n_f: int, box: int, apix: float, xp: Mod
         return None
     if isinstance(dose, dict):
         if "dose_per_frame" not in dose:
-            raise ValueError("gpu/extract.py: dose dict needs 'dose_per_frame' (and optionally pre_exposure, kv)")
+            raise ValueError("extract_particles: dose dict needs 'dose_per_frame' (and optionally pre_exposure, kv)")
         k = np.sqrt(win.ky[:, None] ** 2 + win.kx[None, :] ** 2) / apix  # 1/Å
         return dose_weights(
             xp.asarray(k),
@@ -138,7 +138,7 @@ def _frame_weights(dose: Any, win: Any, n_f: int, box: int, apix: float, xp: Mod
     wts = xp.asarray(dose, dtype=xp.float32)
     if tuple(wts.shape) != (n_f, box, box // 2 + 1):
         raise ValueError(
-            f"gpu/extract.py: dose weights must be (F, box, box//2+1) = ({n_f}, {box}, {box // 2 + 1}), got {tuple(wts.shape)}"
+            f"extract_particles: dose weights must be (F, box, box//2+1) = ({n_f}, {box}, {box // 2 + 1}), got {tuple(wts.shape)}"
         )
     return window_rfft(wts, win)
 
@@ -221,11 +221,11 @@ def extract_particles(
     """
     xp = array_module(frames)
     if frames.ndim != 3:
-        raise ValueError(f"gpu/extract.py: frames must be (F, h, w), got shape {tuple(frames.shape)}")
+        raise ValueError(f"extract_particles: frames must be (F, h, w), got shape {tuple(frames.shape)}")
     if edge not in ("skip", "pad"):
-        raise ValueError(f"gpu/extract.py: edge must be 'skip' or 'pad', got {edge!r}")
+        raise ValueError(f"extract_particles: edge must be 'skip' or 'pad', got {edge!r}")
     if not (1 <= out_box <= box):
-        raise ValueError(f"gpu/extract.py: out_box must be between 1 and box={box}, got {out_box}")
+        raise ValueError(f"extract_particles: out_box must be between 1 and box={box}, got {out_box}")
     n_f, h, w = frames.shape
     pos = np.asarray(to_numpy(positions), dtype=np.float64).reshape(-1, 2)
     traj = np.asarray(to_numpy(trajectories), dtype=np.float64)
@@ -233,7 +233,7 @@ def extract_particles(
         traj = np.broadcast_to(traj[None], (pos.shape[0], n_f, 2))
     if traj.shape != (pos.shape[0], n_f, 2):
         raise ValueError(
-            f"gpu/extract.py: trajectories must be ({n_f}, 2) or ({pos.shape[0]}, {n_f}, 2), got {traj.shape}"
+            f"extract_particles: trajectories must be ({n_f}, 2) or ({pos.shape[0]}, {n_f}, 2), got {traj.shape}"
         )
     centres = pos[:, None, :] + traj  # (P, F, 2)
     ci = np.floor(centres + 0.5).astype(np.int64)

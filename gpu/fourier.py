@@ -113,5 +113,5 @@ def prev_smooth_even(n: int) -> int:
     while m > 2 and not is_smooth(m):
         m -= 2
     if m < 2:
-        raise ValueError(f"gpu/fourier.py: no even FFT size <= {n}")
+        raise ValueError(f"prev_smooth_even: no even FFT size <= {n}")
     return m

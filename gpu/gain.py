@@ -2,7 +2,11 @@
 
 Convention (gpu/__init__): the gain is oriented first (``rotate`` quarter turns CCW with
 ``rot90``, then ``flip_x`` reverses columns, then ``flip_y`` reverses rows) and then multiplies
-(``multiply``) or divides (``divide``, 0 where the gain is 0) the raw frames.
+(``multiply``) or divides (``divide``) the raw frames. The engine always multiplies: a gain is turned
+into a float32 multiplier once (:func:`gain_multiplier`), 0 where the gain is not finite or (for
+``divide``) 0, so a dead or undefined gain pixel gives 0 counts, never NaN or Inf (hot-pixel and
+defect replacement then fill such pixels where asked). This is the one implementation;
+``streamer.formats.gainref`` reads gain files and calls it.
 """
 
 from __future__ import annotations
@@ -31,15 +35,18 @@ def orient_gain(gain: Any, rotate: int = 0, flip_x: bool = False, flip_y: bool =
 
 
 def gain_multiplier(gain: Any, mode: str) -> Any:
-    """The ``(h, w)`` float32 multiplier for ``mode``: ``multiply`` -> gain, ``divide`` -> 1/gain (0 where 0)."""
+    """The ``(h, w)`` float32 multiplier for ``mode``: ``multiply`` -> gain, ``divide`` -> 1/gain;
+    0 where the gain is not finite, and for ``divide`` where it is 0. A new C-contiguous array."""
     xp = array_module(gain)
     g = xp.asarray(gain, dtype=xp.float32)
+    usable = xp.isfinite(g)
     if mode == "multiply":
-        return g
+        return xp.ascontiguousarray(xp.where(usable, g, np.float32(0.0)), dtype=xp.float32)
     if mode == "divide":
-        safe = xp.where(g != 0, g, np.float32(1.0))
-        return xp.where(g != 0, np.float32(1.0) / safe, np.float32(0.0)).astype(xp.float32)
-    raise ValueError(f"gpu/gain.py: gain mode must be 'multiply' or 'divide', got {mode!r}")
+        usable &= g != 0
+        safe = xp.where(usable, g, np.float32(1.0))
+        return xp.ascontiguousarray(xp.where(usable, np.float32(1.0) / safe, np.float32(0.0)), dtype=xp.float32)
+    raise ValueError(f"gain_multiplier: gain mode must be 'multiply' or 'divide', got {mode!r}")
 
 
 def apply_gain(
@@ -73,17 +80,17 @@ def apply_gain(
     src = array_module(frames)
     xp = xp or src
     if src is not np and xp is np:
-        raise ValueError("gpu/gain.py: frames are on the device but xp is numpy (download them first)")
+        raise ValueError("apply_gain: frames are on the device but xp is numpy (download them first)")
     if frames.ndim != 3:
-        raise ValueError(f"gpu/gain.py: frames must be (F, h, w), got shape {tuple(frames.shape)}")
+        raise ValueError(f"apply_gain: frames must be (F, h, w), got shape {tuple(frames.shape)}")
     if multiplier is not None and tuple(multiplier.shape) != tuple(frames.shape[-2:]):
         raise ValueError(
-            f"gpu/gain.py: gain of shape {tuple(multiplier.shape)} does not match frames of shape "
+            f"apply_gain: gain of shape {tuple(multiplier.shape)} does not match frames of shape "
             f"{tuple(frames.shape[-2:])} (check gain rotation)"
         )
     dt = xp.dtype(out_dtype)
     if sum_out is not None and (tuple(sum_out.shape) != tuple(frames.shape[-2:]) or sum_out.dtype != dt):
-        raise ValueError(f"gpu/gain.py: sum_out is {tuple(sum_out.shape)} {sum_out.dtype}, need {tuple(frames.shape[-2:])} {dt}")
+        raise ValueError(f"apply_gain: sum_out is {tuple(sum_out.shape)} {sum_out.dtype}, need {tuple(frames.shape[-2:])} {dt}")
     if out is None:
         if multiplier is None and frames.dtype == dt and src is xp:
             if sum_out is not None:
@@ -92,7 +99,7 @@ def apply_gain(
         out = xp.empty(frames.shape, dtype=dt)
     elif tuple(out.shape) != tuple(frames.shape) or out.dtype != dt or array_module(out) is not xp:
         raise ValueError(
-            f"gpu/gain.py: out is {tuple(out.shape)} {out.dtype} ({array_module(out).__name__}), "
+            f"apply_gain: out is {tuple(out.shape)} {out.dtype} ({array_module(out).__name__}), "
             f"need {tuple(frames.shape)} {dt} ({xp.__name__})"
         )
     m = None if multiplier is None else xp.asarray(multiplier, dtype=dt)
@@ -167,7 +174,7 @@ def hot_pixel_mask(frame_sum: Any, sigma: float, block: int = _BLOCK, passes: in
     """
     xp = array_module(frame_sum)
     if frame_sum.ndim != 2:
-        raise ValueError(f"gpu/gain.py: frame_sum must be (h, w), got shape {tuple(frame_sum.shape)}")
+        raise ValueError(f"hot_pixel_mask: frame_sum must be (h, w), got shape {tuple(frame_sum.shape)}")
     h, w = frame_sum.shape
     if sigma <= 0:
         return xp.zeros((h, w), dtype=bool)
@@ -212,7 +219,7 @@ def replace_pixels(frames: Any, mask: Any, rng: np.random.Generator | None = Non
     xp = array_module(frames)
     if frames.ndim != 3 or tuple(mask.shape) != tuple(frames.shape[-2:]):
         raise ValueError(
-            f"gpu/gain.py: frames (F, h, w) and mask (h, w) do not match: {tuple(frames.shape)} vs {tuple(mask.shape)}"
+            f"replace_pixels: frames (F, h, w) and mask (h, w) do not match: {tuple(frames.shape)} vs {tuple(mask.shape)}"
         )
     mask = xp.asarray(mask, dtype=bool)
     ys, xs = xp.nonzero(mask)

@@ -116,7 +116,7 @@ def spatial_basis(
     """
     pos = np.asarray(positions, dtype=np.float64) * apix / correlation_length
     if pos.ndim != 2 or pos.shape[1] != 2:
-        raise ValueError(f"gpu/local.py: positions must be (P, 2), got {pos.shape}")
+        raise ValueError(f"spatial_basis: positions must be (P, 2), got {pos.shape}")
     if len(pos) == 0:
         return np.zeros((0, 0))
 
@@ -126,7 +126,7 @@ def spatial_basis(
             return np.exp(-0.5 * r2)
         if kernel == "exponential":
             return np.exp(-np.sqrt(r2))
-        raise ValueError(f"gpu/local.py: unknown kernel {kernel!r} (gaussian|exponential)")
+        raise ValueError(f"spatial_basis: unknown kernel {kernel!r} (gaussian|exponential)")
 
     sub = pos if len(pos) <= max_exact else pos[np.linspace(0, len(pos) - 1, max_exact).astype(int)]
     lam, vec = np.linalg.eigh(k(sub, sub))
@@ -274,7 +274,7 @@ class BlockPreconditioner:
         self.linv_t = np.ascontiguousarray(self.linv.transpose(0, 2, 1))
         self.shape = (m.shape[0], m.shape[1], 2)
         if int(np.prod(self.shape)) != size:
-            raise ValueError(f"gpu/local.py: preconditioner blocks {self.shape} do not cover {size} parameters")
+            raise ValueError(f"BlockPreconditioner: preconditioner blocks {self.shape} do not cover {size} parameters")
 
     def to_z(self, y: np.ndarray) -> np.ndarray:
         return np.matmul(self.linv_t, y.reshape(self.shape)).ravel()
@@ -535,9 +535,9 @@ def estimate_local(
         )
     p_count, n_frames = spectra.x.shape[0], spectra.n_frames
     if len(positions) != p_count:
-        raise ValueError(f"gpu/local.py: {len(positions)} positions for {p_count} particles")
+        raise ValueError(f"estimate_local: {len(positions)} positions for {p_count} particles")
     if not np.isfinite(self_term(spectra)):
-        raise ValueError("gpu/local.py: patches contain NaN or Inf values")
+        raise ValueError("estimate_local: patches contain NaN or Inf values")
     info: dict[str, Any] = {"particles": p_count, "frames": n_frames, "seconds_prepare": round(time.perf_counter() - t0, 3)}
     zeros = np.zeros((p_count, n_frames, 2))
     if p_count == 0:

@@ -183,7 +183,7 @@ def _band_grid(box: int, n: int, xp: ModuleType) -> tuple[Any, Any, Any, Any]:
 def _check_frames(n_frames: int, first_frame: int, last_frame: int) -> np.ndarray:
     last = n_frames - 1 if last_frame < 0 else min(last_frame, n_frames - 1)
     if not 0 <= first_frame < last:
-        raise ValueError(f"gpu/local_model.py: alignment frames {first_frame}..{last} leave fewer than 2 of {n_frames}")
+        raise ValueError(f"local model: alignment frames {first_frame}..{last} leave fewer than 2 of {n_frames}")
     return np.arange(first_frame, last + 1)
 
 
@@ -199,7 +199,7 @@ class _BandTransform:
         self.n = n = band_size(box, apix, band_high)
         self.bin = auto_binning(box, n) if binning is None else int(binning)
         if self.bin not in (1, 2) or (self.bin == 2 and (box % 4 or n >= box // 4)):
-            raise ValueError(f"gpu/local_model.py: binning {binning} impossible for box {box} and band index {n}")
+            raise ValueError(f"local model: binning {binning} impossible for box {box} and band index {n}")
         fb = box // self.bin
         iy, kx, ky, self.shell = _band_grid(box, n, xp)
         iy = np.where(iy >= box - n, iy - box + fb, iy)  # negative ky rows of the (binned) transform
@@ -273,11 +273,11 @@ def prepare_spectra(
     """
     xp = backend.array_module(patches)
     if patches.ndim != 4 or patches.shape[-1] != patches.shape[-2]:
-        raise ValueError(f"gpu/local_model.py: patches must be (P, F, a, a), got shape {tuple(patches.shape)}")
+        raise ValueError(f"prepare_spectra: patches must be (P, F, a, a), got shape {tuple(patches.shape)}")
     p_count, n_frames, box, _ = patches.shape
     if tuple(remainders.shape) != (p_count, n_frames, 2):
         raise ValueError(
-            f"gpu/local_model.py: remainders must be (P, F, 2) = ({p_count}, {n_frames}, 2), got {tuple(remainders.shape)}"
+            f"prepare_spectra: remainders must be (P, F, 2) = ({p_count}, {n_frames}, 2), got {tuple(remainders.shape)}"
         )
 
     def chunk_input(sl: slice, fsel: slice) -> tuple[Any, Any, bool]:
@@ -321,14 +321,14 @@ def spectra_from_frames(
     centres = np.asarray(backend.to_numpy(centres), dtype=np.float64)
     n_frames = int(frames.shape[0])
     if centres.ndim != 3 or centres.shape[1:] != (n_frames, 2):
-        raise ValueError(f"gpu/local_model.py: centres must be (P, {n_frames}, 2), got shape {centres.shape}")
+        raise ValueError(f"spectra_from_frames: centres must be (P, {n_frames}, 2), got shape {centres.shape}")
     b = auto_binning(box, band_size(box, apix, band_high)) if binning is None else int(binning)
     if binned_frames is not None and b == 2:
         cb = (centres - 0.5) / 2.0
         ci = np.rint(cb)
         rem = 2.0 * (cb - ci)
         if not binned_boxes_inside(centres, box, tuple(binned_frames.shape[1:])).all():
-            raise ValueError(f"gpu/local_model.py: a ({box // 2} px) box leaves the binned frames")
+            raise ValueError(f"spectra_from_frames: a ({box // 2} px) box leaves the binned frames")
 
         def chunk_input(sl: slice, fsel: slice) -> tuple[Any, Any, bool]:
             patches = cut_patches(binned_frames[fsel], ci[sl, fsel].astype(np.int64), box // 2)

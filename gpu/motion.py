@@ -124,9 +124,9 @@ def bin_movie(
     same means, a quarter of the reading).
     """
     if frames.ndim != 3:
-        raise ValueError(f"gpu/motion.py: frames must be (F, h, w), got shape {tuple(frames.shape)}")
+        raise ValueError(f"bin_movie: frames must be (F, h, w), got shape {tuple(frames.shape)}")
     if apix <= 0 or max_resolution_A <= 0:
-        raise ValueError(f"gpu/motion.py: apix and max_resolution_A must be > 0 (got {apix}, {max_resolution_A})")
+        raise ValueError(f"bin_movie: apix and max_resolution_A must be > 0 (got {apix}, {max_resolution_A})")
     if chunk is None:
         chunk = 8 if array_module(frames).__name__ == "cupy" else 1
     factor = max_resolution_A / (2.0 * apix)
@@ -566,10 +566,10 @@ def estimate_frame_shifts(
     n = movie.n_frames
     ref = n // 2 if reference_frame == -1 else int(reference_frame)
     if not 0 <= ref < n:
-        raise ValueError(f"gpu/motion.py: reference_frame {reference_frame} is outside 0..{n - 1}")
+        raise ValueError(f"estimate_frame_shifts: reference_frame {reference_frame} is outside 0..{n - 1}")
     if dose_per_frame <= 0 or pre_exposure < 0 or smoothing < 0:
         raise ValueError(
-            f"gpu/motion.py: need dose_per_frame > 0, pre_exposure >= 0, smoothing >= 0 "
+            f"estimate_frame_shifts: need dose_per_frame > 0, pre_exposure >= 0, smoothing >= 0 "
             f"(got {dose_per_frame}, {pre_exposure}, {smoothing})"
         )
     if n < 2:
@@ -635,12 +635,12 @@ def aligned_sum(
         movie = frames
     else:
         if apix is None:
-            raise ValueError("gpu/motion.py: aligned_sum needs apix when given raw frames")
+            raise ValueError("aligned_sum needs apix when given raw frames")
         movie = bin_movie(frames, apix, max_resolution_A)
     xp = array_module(movie.spectra)
     sh = xp.asarray(shifts, dtype=xp.float64)
     if tuple(sh.shape) != (movie.n_frames, 2):
-        raise ValueError(f"gpu/motion.py: shifts must be ({movie.n_frames}, 2), got {tuple(sh.shape)}")
+        raise ValueError(f"aligned_sum: shifts must be ({movie.n_frames}, 2), got {tuple(sh.shape)}")
     sy, sx = movie.scale
     binned = sh / xp.asarray([sx, sy])
     hc, wc = movie.shape

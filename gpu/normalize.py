@@ -46,14 +46,14 @@ def normalize_background(
     xp = array_module(particles)
     p = xp.asarray(particles, dtype=xp.float32)
     if p.ndim < 2 or p.shape[-2] != p.shape[-1]:
-        raise ValueError(f"gpu/normalize.py: particles must be (..., b, b), got shape {tuple(p.shape)}")
+        raise ValueError(f"normalize_background: particles must be (..., b, b), got shape {tuple(p.shape)}")
     b = p.shape[-1]
     if not normalize:
         return p * np.float32(-1.0 if invert else 1.0)
     radius = default_bg_radius(b) if radius_px is None else float(radius_px)
     idx = np.flatnonzero(background_mask(b, radius))
     if idx.size < 3:
-        raise ValueError(f"gpu/normalize.py: background radius {radius} leaves {idx.size} pixels in a {b} px box")
+        raise ValueError(f"normalize_background: background radius {radius} leaves {idx.size} pixels in a {b} px box")
     vals = p.reshape((*p.shape[:-2], b * b))[..., xp.asarray(idx)].astype(xp.float64)  # (..., n_bg)
     if ramp:
         c = b // 2

@@ -19,6 +19,11 @@ aligns them better raises their correlation. Two pitfalls, and how they are avoi
 
 :func:`evenodd_frc` / :func:`evenodd_gain` (in-sample, biased) and :func:`heldout_frc` (held-out
 FRC between interleaved quarters of the frames) are kept for comparison and diagnostics.
+
+The pooled Fourier ring correlation itself (Saxton & Baumeister 1982; van Heel 1987), summed over
+all particles before the ratio is taken, is implemented once here: :func:`pooled_ring_sums`,
+:func:`ring_frc`, :func:`band_frc`; :func:`image_ring_sums` scores image stacks against references
+(``lmc demo`` and ``benchmarks/quality.py`` against the simulation's truth).
 """
 
 from __future__ import annotations
@@ -31,6 +36,64 @@ from gpu import backend
 from gpu.local_model import BandSpectra, aligned_sums
 
 
+def pooled_ring_sums(a: Any, b: Any, ring: np.ndarray, inside: np.ndarray, weight: np.ndarray, n_rings: int) -> np.ndarray:
+    """The pooled Fourier ring correlation's three sums per ring, over all particles:
+    ``(3, n_rings)`` float64 = ``Σ w Re(a b*)``, ``Σ w |a|²``, ``Σ w |b|²``.
+
+    ``a``, ``b``: (P, ny, nx) spectra (numpy or cupy) on any rfft half plane; ``ring``: (ny, nx)
+    ring index of each coefficient; ``inside``: (ny, nx) bool, the coefficients counted;
+    ``weight``: (nx,) or (ny, nx), how many full-plane coefficients each half-plane one stands for
+    (itself and its conjugate twin), or any multiple of that. Sums of several movies add up, so
+    a pooled FRC over a whole data set is the FRC of the summed sums (:func:`ring_frc`).
+    """
+    xp = backend.array_module(a)
+    planes = ((a * xp.conj(b)).real.sum(axis=0), (xp.abs(a) ** 2).sum(axis=0), (xp.abs(b) ** 2).sum(axis=0))
+    w = np.broadcast_to(np.asarray(weight, np.float64), ring.shape)
+    return np.stack([
+        np.bincount(ring[inside], (backend.to_numpy(p).astype(np.float64) * w)[inside], n_rings)[:n_rings]
+        for p in planes
+    ])
+
+
+def ring_frc(sums: np.ndarray) -> np.ndarray:
+    """Per-ring FRC ``Σ Re(a b*) / sqrt(Σ|a|² Σ|b|²)`` from :func:`pooled_ring_sums`; NaN where a
+    ring has no coefficient (or no power)."""
+    num, pa, pb = sums
+    den = pa * pb
+    out = np.full(num.shape, np.nan)
+    np.divide(num, np.sqrt(den, where=den > 0, out=np.zeros_like(den)), out=out, where=den > 0)
+    return out
+
+
+def band_frc(sums: np.ndarray) -> float:
+    """The FRC averaged over the rings of :func:`pooled_ring_sums` that hold a coefficient (NaN if none)."""
+    frc = ring_frc(sums)
+    ok = np.isfinite(frc)
+    return float(np.mean(frc[ok])) if ok.any() else float("nan")
+
+
+def image_ring_sums(images: Any, refs: Any, apix: float, band_A: tuple[float, float]) -> np.ndarray:
+    """:func:`pooled_ring_sums` of two image stacks ``(n, b, b)`` (e.g. extracted particles against
+    noise-free references), over the rings of the resolution band ``band_A`` = (low, high) Å.
+
+    Ring ``r`` holds the frequencies with ``round(|k| b) = r`` (k in cycles/px, resolution
+    ``b·apix/r`` Å); returns ``(3, b // 2 + 2)``, zero outside the band.
+    """
+    b = images.shape[-1]
+    x = backend.rfft2(backend.array_module(images).asarray(images, np.float32))
+    y = backend.rfft2(backend.array_module(refs).asarray(refs, np.float32))
+    ring = np.rint(np.hypot(np.fft.fftfreq(b)[:, None], np.fft.rfftfreq(b)[None, :]) * b).astype(np.int64)
+    res = np.divide(b * apix, ring.astype(np.float64), out=np.full(ring.shape, np.inf), where=ring > 0)
+    n = b // 2 + 2
+    inside = (res <= band_A[0]) & (res >= band_A[1]) & (ring < n)
+    # each rfft column other than 0 and b/2 stands for itself and its conjugate twin
+    twin = np.full(x.shape[-1], 2.0)
+    twin[0] = 1.0
+    if b % 2 == 0:
+        twin[-1] = 1.0
+    return pooled_ring_sums(x, y, ring, inside, twin, n)
+
+
 def shell_frc(a: Any, b: Any, shell: np.ndarray, band: np.ndarray) -> np.ndarray:
     """Per-shell FRC pooled over particles: ``Σ Re(a b*) / sqrt(Σ|a|² Σ|b|²)``.
 
@@ -39,20 +102,9 @@ def shell_frc(a: Any, b: Any, shell: np.ndarray, band: np.ndarray) -> np.ndarray
     both members of each conjugate pair and is weighted ½, so the result equals the full-plane
     FRC. Returns (n_shell,) float64, NaN where a shell has no in-band coefficient.
     """
-    xp = backend.array_module(a)
-    half = np.ones(shell.shape)
-    half[:, 0] = 0.5
-    num = backend.to_numpy((a * xp.conj(b)).real.sum(axis=0)).astype(np.float64) * half
-    pa = backend.to_numpy((xp.abs(a) ** 2).sum(axis=0)).astype(np.float64) * half
-    pb = backend.to_numpy((xp.abs(b) ** 2).sum(axis=0)).astype(np.float64) * half
-    n_shell = int(shell.max()) + 1
-    s_num = np.bincount(shell[band], num[band], n_shell)
-    s_a = np.bincount(shell[band], pa[band], n_shell)
-    s_b = np.bincount(shell[band], pb[band], n_shell)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        frc = s_num / np.sqrt(s_a * s_b)
-    frc[np.bincount(shell[band], None, n_shell) == 0] = np.nan
-    return frc
+    half = np.ones(shell.shape[-1])
+    half[0] = 0.5
+    return ring_frc(pooled_ring_sums(a, b, shell, band, half, int(shell.max()) + 1))
 
 
 def split_frc(spec: BandSpectra, d: np.ndarray, set_a: Any, set_b: Any) -> float:

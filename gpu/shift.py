@@ -44,7 +44,7 @@ def ramp_factors(shifts: Any, h: int, w: int, rfft: bool = True, xp: ModuleType 
     xp = xp or array_module(shifts)
     shifts = xp.asarray(shifts)
     if shifts.shape[-1:] != (2,):
-        raise ValueError(f"gpu/shift.py: shifts must have shape (..., 2), got {tuple(shifts.shape)}")
+        raise ValueError(f"ramp_factors: shifts must have shape (..., 2), got {tuple(shifts.shape)}")
     ky = np.fft.fftfreq(h)
     kx = np.fft.rfftfreq(w) if rfft else np.fft.fftfreq(w)
     ny = h // 2 if h % 2 == 0 else None
@@ -68,7 +68,7 @@ def shift_spectrum(spectra: Any, shifts: Any, w: int) -> Any:
     xp = array_module(spectra)
     h = spectra.shape[-2]
     if spectra.shape[-1] != w // 2 + 1:
-        raise ValueError(f"gpu/shift.py: spectra have {spectra.shape[-1]} columns, expected {w // 2 + 1} for w={w}")
+        raise ValueError(f"shift_spectrum: spectra have {spectra.shape[-1]} columns, expected {w // 2 + 1} for w={w}")
     ey, ex = ramp_factors(xp.asarray(shifts), h, w, True, xp)
     out = spectra * ey
     out *= ex

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from streamer import config as config_mod
-from streamer.config import Config, ConfigError
+from streamer.config import Config
+from streamer.errors import ConfigError, is_user_error
 
 
 def _cfg(ns: argparse.Namespace, **overrides: Any) -> Config:
@@ -202,8 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line for user-facing errors; tracebacks stay in the log
-        from streamer.errors import is_user_error
-
         if is_user_error(exc):
             print(f"lmc: {exc}", file=sys.stderr)
             return 2

@@ -23,9 +23,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, of the wrong type or out of range."""
+from streamer.errors import ConfigError
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, processing: bool = True) -> Any:

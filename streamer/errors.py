@@ -1,30 +1,78 @@
-"""Which exceptions are the user's input or environment (one clear line) rather than our bug."""
+"""The user's errors, as types: bad input files, bad configuration, an output folder that cannot
+take the results, a network or key set-up that cannot work.
+
+Every :class:`UserError` is reported as one line that starts with the user's file (or ``config:``)
+and says what is wrong; the CLI prints it without a traceback, a worker reports it with
+``user_error`` set so the dispatcher does not retry the movie (it would fail the same way). Anything
+else is our bug and keeps its traceback in the log. The numerical engine (``gpu``) knows nothing of
+these: it raises ``ValueError`` for arguments it cannot use, and the readers in ``streamer.formats``
+check the user's files before the engine sees them.
+
+This module imports nothing from ``streamer``, so every layer can raise these.
+
+    UserError
+    ├── ConfigError        a configuration value is missing, of the wrong type or out of range
+    ├── InputError         an input file is unreadable or does not fit
+    │   ├── MovieError     a movie (``MovieError(path, what)``)
+    │   ├── PicksError     a pick file
+    │   └── GainError      a gain reference or defect map
+    ├── OutputError        the output folder cannot take the results
+    │   └── (streamer.output: FingerprintMismatch, OutputLocked, CommitError)
+    └── (streamer.live: DispatcherError, KeysError; streamer.output.status: StatusError)
+"""
 
 from __future__ import annotations
 
-_USER_ERRORS = {
-    "ConfigError",
-    "MovieError",
-    "PicksError",
-    "GainError",
-    "FingerprintMismatch",
-    "OutputError",
-    "OutputLocked",
-    "CommitError",
-    "DispatcherError",
-    "KeysError",
-    "StatusError",
-    "JobRefused",
-    "ColumnError",
-}
+import errno
+import os
+
+
+class UserError(Exception):
+    """Bad input, configuration or environment (not a bug): one line naming the user's file."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+class InputError(UserError, ValueError):
+    """An input file is unreadable, malformed or does not fit the session; the message starts with its path."""
+
+
+class MovieError(InputError):
+    """A movie file is unreadable, truncated or inconsistent. Message: ``"{path}: {what}"``."""
+
+    def __init__(self, path: str | os.PathLike, what: str) -> None:
+        self.path = str(path)
+        self.what = what
+        super().__init__(f"{path}: {what}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.path, self.what)  # survives pickling between worker processes
+
+
+class PicksError(InputError):
+    """A pick file is unreadable or malformed; the message starts with the file's path."""
+
+
+class GainError(InputError):
+    """A gain reference or defect file is unreadable or does not fit the movie; the message starts with
+    the file's path."""
+
+
+class OutputError(UserError, RuntimeError):
+    """The output folder cannot take the results (other parameters, another writer, a full disk)."""
+
+
+_ENVIRONMENT = (errno.ENOSPC, errno.EDQUOT)  # disk full, quota exceeded
 
 
 def is_user_error(exc: BaseException) -> bool:
     """True for bad input files, bad configuration, a full disk or an unwritable folder."""
-    if any(cls.__name__ in _USER_ERRORS for cls in type(exc).__mro__):
+    if isinstance(exc, UserError):
         return True
     return isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)) or (
-        isinstance(exc, OSError) and exc.errno in (28, 122)  # ENOSPC, EDQUOT
+        isinstance(exc, OSError) and exc.errno in _ENVIRONMENT
     )
 
 

@@ -17,11 +17,14 @@ class Picks:
     """Particle picks for one movie, in movie pixels (already multiplied by ``picks.scale``).
 
     ``x``, ``y``: (n,) float64, 0-based pixel coordinates (column, row) of particle centres.
-    ``columns``: extra per-pick columns carried to the output, keyed by RELION label
-    (``rlnDefocusU``, ``rlnDefocusV``, ``rlnDefocusAngle``, ``rlnCtfMaxResolution``, ...), each (n,).
+    ``columns``: every per-pick input column carried to the output, each (n,) float64, int64 or
+    text (object): RELION labels (``rlnDefocusU``, ``rlnAngleRot``, ``rlnClassNumber``, ...) and
+    cryoSPARC-only fields as ``cs:<field>`` / ``cs:<field>#k`` (see streamer/formats/picks.py).
     ``rejected``: picks dropped while reading, as (x, y, reason) with reason e.g. "NaN coordinate",
     "negative coordinate", "outside the 4096x4096 frame".
-    ``source``: the pick file this came from. ``problems``: file-level notes (e.g. "empty file").
+    ``source``: the pick file this came from. ``problems``: file-level warnings (e.g. "empty file").
+    ``notes``: what reading did to the coordinates, for the log (scaled by the file's pixel size,
+    re-centred on refined origins, non-finite carried values zeroed).
     """
 
     x: np.ndarray
@@ -30,6 +33,7 @@ class Picks:
     rejected: list[tuple[float, float, str]] = field(default_factory=list)
     source: str = ""
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

@@ -23,7 +23,7 @@ def test_rosenthal_henderson_example():
 
 def test_good_box_sizes_and_errors():
     assert [good_box_size(n) for n in (256, 257, 100.2, 9)] == [256, 270, 108, 10]
-    with pytest.raises(ValueError, match=r"^gpu/boxsize.py: diameter_A"):
+    with pytest.raises(ValueError, match=r"^recommended_box: diameter_A"):
         recommended_box(0.0, 1e4, 3.0, 300.0, 1.0)
-    with pytest.raises(ValueError, match=r"^gpu/boxsize.py: voltage"):
+    with pytest.raises(ValueError, match=r"^electron_wavelength: voltage"):
         electron_wavelength(0.0)

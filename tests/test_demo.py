@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpu.quality import band_frc, image_ring_sums
 from streamer.config import ConfigError
-from streamer.sim.demo import _prepare_dir, frc_score, ring_sums, truth_references
+from streamer.sim.demo import _prepare_dir, truth_references
 from streamer.sim.simulate import SimParams, load_truth, simulate_session, truth_particles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,17 +38,17 @@ def _frc_full_plane(a: np.ndarray, b: np.ndarray, apix: float, band: tuple[float
     return float(np.mean(vals))
 
 
-def test_frc_score_matches_a_full_plane_computation() -> None:
+def test_pooled_frc_of_images_matches_a_full_plane_computation() -> None:
     rng = np.random.default_rng(3)
     signal = rng.standard_normal((20, 64, 64)).astype(np.float32)
     noisy = signal + 2.0 * rng.standard_normal(signal.shape).astype(np.float32)
     band = (60.0, 5.0)
-    ours = frc_score(ring_sums(noisy, signal, 1.5, band))
+    ours = band_frc(image_ring_sums(noisy, signal, 1.5, band))
     assert ours == pytest.approx(_frc_full_plane(noisy, signal, 1.5, band), abs=1e-5)
     # white signal + white noise of 4x the variance: FRC = sqrt(1/5) in every ring
     assert ours == pytest.approx(np.sqrt(1 / 5), abs=0.03)
-    assert frc_score(ring_sums(signal, signal, 1.5, band)) == pytest.approx(1.0, abs=1e-6)
-    assert frc_score(ring_sums(-signal, signal, 1.5, band)) == pytest.approx(-1.0, abs=1e-6)
+    assert band_frc(image_ring_sums(signal, signal, 1.5, band)) == pytest.approx(1.0, abs=1e-6)
+    assert band_frc(image_ring_sums(-signal, signal, 1.5, band)) == pytest.approx(-1.0, abs=1e-6)
 
 
 def _numpy_shift(img: np.ndarray, dx: float, dy: float) -> np.ndarray:

@@ -48,7 +48,7 @@ def test_cut_patches_matches_slicing_and_padding():
             x, y = centres[p, t]
             np.testing.assert_array_equal(got[p, t], frames[t, y - 8 : y + 8, x - 8 : x + 8])
     edge = np.array([[[3, 45]] * 4])  # box spills over the left and bottom edges
-    with pytest.raises(ValueError, match=r"^gpu/extract.py: 1 boxes leave"):
+    with pytest.raises(ValueError, match=r"^cut_patches: 1 boxes leave"):
         cut_patches(frames, edge, 16)
     padded = cut_patches(frames, edge, 16, fill="mean")
     means = frames.mean(axis=(1, 2))
@@ -87,7 +87,7 @@ def test_dose_weighting_against_direct_fourier_computation(movie):
     full = dose_weights(k, 6, 4.0, 1.0, 300.0)
     again, _, _ = extract_particles(frames, pos, traj, 64, 64, apix=apix, dose=full)
     np.testing.assert_allclose(again, parts, atol=1e-5)
-    with pytest.raises(ValueError, match=r"^gpu/extract.py: dose weights must be"):
+    with pytest.raises(ValueError, match=r"^extract_particles: dose weights must be"):
         extract_particles(frames, pos, traj, 64, 64, apix=apix, dose=full[:, :10])
 
 
@@ -131,7 +131,7 @@ def test_chunking_and_shared_trajectory_give_identical_results(movie):
     np.testing.assert_allclose(a, b, atol=1e-5)
     empty, kept, _ = extract_particles(frames, np.zeros((0, 2)), np.zeros((0, 6, 2)), 48, 40, 1.0)
     assert empty.shape == (0, 40, 40) and kept.size == 0
-    with pytest.raises(ValueError, match=r"^gpu/extract.py: edge must be"):
+    with pytest.raises(ValueError, match=r"^extract_particles: edge must be"):
         extract_particles(frames, pos, traj, 48, 40, 1.0, edge="wrap")
 
 

@@ -14,11 +14,51 @@ def test_orient_gain_rotates_ccw_then_flips():
     np.testing.assert_array_equal(orient_gain(g, rotate=-1), np.rot90(g, 3))
 
 
+def _oriented_by_hand(g: np.ndarray, rotate: int, flip_x: bool, flip_y: bool) -> np.ndarray:
+    """The convention applied pixel by pixel, without numpy's rot90 or slicing: one counter-clockwise
+    quarter turn of an (h, w) image puts its pixel (r, c) at (w - 1 - c, r) of a (w, h) image."""
+    img = [list(row) for row in g]
+    for _ in range(rotate % 4):
+        h, w = len(img), len(img[0])
+        turned = [[0.0] * h for _ in range(w)]
+        for r in range(h):
+            for c in range(w):
+                turned[w - 1 - c][r] = img[r][c]
+        img = turned
+    if flip_x:
+        img = [row[::-1] for row in img]
+    if flip_y:
+        img = img[::-1]
+    return np.array(img)
+
+
+@pytest.mark.parametrize("rotate", [0, 1, 2, 3, -1, 5])
+@pytest.mark.parametrize("flip_x", [False, True])
+@pytest.mark.parametrize("flip_y", [False, True])
+def test_orient_gain_matches_the_convention_pixel_by_pixel(rotate: int, flip_x: bool, flip_y: bool) -> None:
+    g = np.arange(12, dtype=np.float32).reshape(3, 4)
+    out = orient_gain(g, rotate, flip_x, flip_y)
+    np.testing.assert_array_equal(out, _oriented_by_hand(g, rotate, flip_x, flip_y))
+    assert out.flags.c_contiguous
+
+
+def test_gain_multiplier_zero_where_not_finite_or_undefined() -> None:
+    g = np.array([[2.0, 0.0, np.nan, np.inf], [-np.inf, 0.5, 3.0, -4.0]], np.float32)
+    flat = [float(v) for v in g.ravel()]
+    finite = [v == v and v not in (float("inf"), float("-inf")) for v in flat]
+    times = [v if ok else 0.0 for v, ok in zip(flat, finite, strict=True)]
+    over = [1.0 / v if ok and v != 0 else 0.0 for v, ok in zip(flat, finite, strict=True)]
+    for mode, want in (("multiply", times), ("divide", over)):
+        m = gain_multiplier(g, mode)
+        assert m.dtype == np.float32 and m.shape == g.shape and np.isfinite(m).all()
+        np.testing.assert_allclose(m.ravel(), want, rtol=1e-7, err_msg=mode)
+
+
 def test_gain_multiplier_modes():
     g = np.array([[2.0, 0.0], [0.5, 4.0]], np.float32)
     np.testing.assert_array_equal(gain_multiplier(g, "multiply"), g)
     np.testing.assert_array_equal(gain_multiplier(g, "divide"), [[0.5, 0.0], [2.0, 0.25]])
-    with pytest.raises(ValueError, match=r"^gpu/gain.py: gain mode"):
+    with pytest.raises(ValueError, match=r"^gain_multiplier: gain mode"):
         gain_multiplier(g, "add")
 
 
@@ -32,7 +72,7 @@ def test_apply_gain_casts_and_multiplies_in_chunks():
     np.testing.assert_array_equal(apply_gain(frames, None), frames.astype(np.float32))
     already = frames.astype(np.float32)
     assert apply_gain(already, None) is already
-    with pytest.raises(ValueError, match=r"^gpu/gain.py: gain of shape \(40, 30\)"):
+    with pytest.raises(ValueError, match=r"^apply_gain: gain of shape \(40, 30\)"):
         apply_gain(frames, gain.T)
 
 
@@ -55,7 +95,7 @@ def test_apply_gain_frame_sum_on_threads_equals_the_sum_of_the_output():
     total2 = np.empty((700, 500), np.float32)
     assert apply_gain(same, None, sum_out=total2) is same
     np.testing.assert_allclose(total2, same.sum(axis=0), rtol=1e-6)
-    with pytest.raises(ValueError, match=r"^gpu/gain.py: sum_out"):
+    with pytest.raises(ValueError, match=r"^apply_gain: sum_out"):
         apply_gain(frames, gain, sum_out=np.empty((5, 5), np.float32))
 
 
@@ -74,7 +114,7 @@ def test_apply_gain_with_explicit_xp_and_the_frame_chunk_loop():
         np.testing.assert_array_equal(got, expected)
     got = _gain_by_frame_chunks(frames, None, np.full(frames.shape, np.nan, np.float32), 4, np)
     np.testing.assert_array_equal(got, frames.astype(np.float32))
-    with pytest.raises(ValueError, match=r"^gpu/gain.py: out is \(9, 24, 35\) float64"):
+    with pytest.raises(ValueError, match=r"^apply_gain: out is \(9, 24, 35\) float64"):
         apply_gain(frames, gain, out=np.empty(frames.shape), xp=np)
 
 
@@ -96,7 +136,7 @@ def test_apply_gain_uploads_host_frames_in_chunks_on_the_device():
     up = apply_gain(f32, None, xp=cp)  # host float32, no gain: still lands on the device
     assert isinstance(up, cp.ndarray)
     np.testing.assert_array_equal(cp.asnumpy(up), f32)
-    with pytest.raises(ValueError, match=r"^gpu/gain\.py: frames are on the device"):
+    with pytest.raises(ValueError, match=r"^apply_gain: frames are on the device"):
         apply_gain(cp.asarray(frames), gain, xp=np)
 
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import shlex
 import shutil
+import socket
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,9 +17,12 @@ import pytest
 import zmq
 from test_dispatcher import kinds, run_until, spawn_worker
 
+from streamer import config as config_mod
+from streamer.cli import build_parser, cmd_worker
 from streamer.live import protocol
 from streamer.live.dispatcher import Dispatcher
 from streamer.live.keys import KeysError, create_keys
+from streamer.live.session import Session
 from streamer.live.worker import EXIT_REFUSED
 
 
@@ -86,4 +94,43 @@ def test_remote_worker_with_key_works_and_others_are_refused(tmp_path: Path) -> 
             if p.poll() is None:
                 p.kill()
             p.wait(timeout=10)
+        d.ctx.term()
+
+
+def test_the_join_command_the_session_prints_runs_and_joins(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The ``lmc worker ...`` line a session bound beyond localhost logs for remote workers, run as printed."""
+    keys = tmp_path / "keys"
+    create_keys(keys)
+    for d in ("movies", "picks"):
+        (tmp_path / d).mkdir()
+    cfg = config_mod.from_dict({"movies": str(tmp_path / "movies"), "picks": {"dir": str(tmp_path / "picks")},
+                                "out": str(tmp_path / "out"), "apix": 1.0, "bind": "tcp://0.0.0.0:0", "keys": str(keys),
+                                "heartbeat": 0.2})
+    try:
+        socket.gethostbyname(socket.getfqdn())
+    except OSError:
+        pytest.skip("this host's own name does not resolve")
+    session = Session(cfg)
+    with caplog.at_level(logging.INFO, logger="lmc.session"):
+        session._start_dispatcher(cfg)
+    d = session.dispatcher
+    assert d is not None
+    (line,) = [r.getMessage().split(": ", 1)[1] for r in caplog.records if "remote workers can join" in r.getMessage()]
+    argv = shlex.split(line)
+    assert argv[:2] == ["lmc", "worker"] and "--keys" in argv
+    ns = build_parser().parse_args(argv[1:])  # the real `lmc` parser accepts every flag printed
+    assert ns.func is cmd_worker and ns.keys == str(keys)
+    proc = subprocess.Popen([sys.executable, "-m", "streamer.cli", *argv[1:]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        events = run_until(d, lambda ev: bool(kinds(ev, "joined")), timeout=30)
+        assert len(kinds(events, "joined")) == 1 and [w.pid for w in d.workers.values()] == [proc.pid]
+    finally:
+        d.close(stop_workers=True)
+        try:
+            assert proc.wait(timeout=20) == 0, proc.stderr.read() if proc.stderr else b""
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
         d.ctx.term()

@@ -100,15 +100,15 @@ def test_estimate_local_contract() -> None:
 def test_estimate_local_empty_and_bad_input() -> None:
     res = estimate_local(np.zeros((0, 5, 32, 32), np.float32), np.zeros((0, 5, 2)), np.zeros((0, 2)), 1.0, 1.0)
     assert res.smooth.shape == (0, 5, 2) and res.info["fallback"]
-    with pytest.raises(ValueError, match=r"^gpu/local_model\.py: remainders"):
+    with pytest.raises(ValueError, match=r"^prepare_spectra: remainders"):
         estimate_local(np.zeros((2, 5, 32, 32), np.float32), np.zeros((2, 4, 2)), np.zeros((2, 2)), 1.0, 1.0)
-    with pytest.raises(ValueError, match=r"^gpu/local\.py: 3 positions for 2 particles"):
+    with pytest.raises(ValueError, match=r"^estimate_local: 3 positions for 2 particles"):
         estimate_local(np.ones((2, 5, 32, 32), np.float32), np.zeros((2, 5, 2)), np.zeros((3, 2)), 1.0, 1.0)
     bad = np.ones((2, 5, 32, 32), np.float32)
     bad[1, 2, 3, 4] = np.nan
-    with pytest.raises(ValueError, match=r"^gpu/local\.py: patches contain NaN"):
+    with pytest.raises(ValueError, match=r"^estimate_local: patches contain NaN"):
         estimate_local(bad, np.zeros((2, 5, 2)), np.zeros((2, 2)), 1.0, 1.0)
-    with pytest.raises(ValueError, match=r"^gpu/local_model\.py: alignment frames"):
+    with pytest.raises(ValueError, match=r"^local model: alignment frames"):
         estimate_local(np.ones((2, 5, 32, 32), np.float32), np.zeros((2, 5, 2)), np.zeros((2, 2)), 1.0, 1.0,
                        cfg=LocalConfig(first_frame=4))
 

@@ -134,7 +134,7 @@ def test_prior_is_independent_of_fractionation():
 
 def test_bad_prior_arguments():
     frames = np.random.default_rng(0).poisson(1.0, (4, 64, 64)).astype(np.float32)
-    with pytest.raises(ValueError, match=r"^gpu/motion.py: need dose_per_frame > 0"):
+    with pytest.raises(ValueError, match=r"^estimate_frame_shifts: need dose_per_frame > 0"):
         estimate_frame_shifts(frames, 1.0, dose_per_frame=0.0)
-    with pytest.raises(ValueError, match=r"^gpu/motion.py: need dose_per_frame > 0"):
+    with pytest.raises(ValueError, match=r"^estimate_frame_shifts: need dose_per_frame > 0"):
         estimate_frame_shifts(frames, 1.0, smoothing=-1.0)

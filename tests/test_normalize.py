@@ -62,7 +62,7 @@ def test_ramp_removes_a_plane():
 def test_constant_background_and_bad_input():
     out = normalize_background(np.full((2, 16, 16), 4.0, np.float32))
     assert np.isfinite(out).all() and np.abs(out).max() == 0.0
-    with pytest.raises(ValueError, match=r"^gpu/normalize.py: particles must be"):
+    with pytest.raises(ValueError, match=r"^normalize_background: particles must be"):
         normalize_background(np.zeros((3, 16, 12), np.float32))
-    with pytest.raises(ValueError, match=r"^gpu/normalize.py: background radius"):
+    with pytest.raises(ValueError, match=r"^normalize_background: background radius"):
         normalize_background(np.zeros((16, 16), np.float32), radius_px=30)

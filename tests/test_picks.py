@@ -134,7 +134,9 @@ def test_hand_written_relion_star(tmp_path: Path) -> None:
     np.testing.assert_array_equal(picks.x, [1024.0, 100.5])
     np.testing.assert_array_equal(picks.y, [2048.0, 200.25])
     np.testing.assert_array_equal(picks.columns["rlnAutopickFigureOfMerit"], [1.25, 0.75])
-    assert "rlnAnglePsi" not in picks.columns
+    # every input column is carried, with its kind: integers stay integers
+    np.testing.assert_array_equal(picks.columns["rlnAnglePsi"], [-999.0, -999.0])
+    assert picks.columns["rlnClassNumber"].dtype == np.int64
 
 
 def test_box_round_trip_corner_to_centre(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from streamer.config import from_dict
 from streamer.formats.movies import MovieError
-from streamer.live.worker import PipelineHandler
+from streamer.live.handler import PipelineHandler
 from streamer.pipeline import process_movie
 from streamer.sim.simulate import SimParams, simulate_session
 

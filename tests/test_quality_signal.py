@@ -7,7 +7,7 @@ import pytest
 
 from gpu.local import estimate_local
 from gpu.local_model import BandSpectra, prepare_spectra
-from gpu.quality import evenodd_gain, heldout_signal, shell_frc
+from gpu.quality import band_frc, evenodd_gain, heldout_signal, image_ring_sums, ring_frc, shell_frc
 from gpu.shift import fourier_shift
 from streamer.config import LocalConfig
 
@@ -93,3 +93,15 @@ def test_shell_frc_equals_full_plane_frc() -> None:
         num = (fa[:, sel] * np.conj(fb[:, sel])).real.sum()
         want = num / np.sqrt((np.abs(fa[:, sel]) ** 2).sum() * (np.abs(fb[:, sel]) ** 2).sum())
         assert got[j] == pytest.approx(want, rel=1e-9)
+
+
+def test_pooled_sums_add_up_over_movies() -> None:
+    """The pooled FRC of a data set is the FRC of its movies' summed ring sums (how the demo pools)."""
+    rng = np.random.default_rng(5)
+    truth = rng.standard_normal((12, 32, 32)).astype(np.float32)
+    noisy = truth + rng.standard_normal(truth.shape).astype(np.float32)
+    whole = image_ring_sums(noisy, truth, 1.0, (20.0, 3.0))
+    parts = image_ring_sums(noisy[:5], truth[:5], 1.0, (20.0, 3.0)) + image_ring_sums(noisy[5:], truth[5:], 1.0, (20.0, 3.0))
+    np.testing.assert_allclose(parts, whole, rtol=1e-5)
+    assert band_frc(whole) == pytest.approx(float(np.nanmean(ring_frc(whole))))
+    assert np.isnan(band_frc(np.zeros((3, 5))))

@@ -66,11 +66,11 @@ def test_bookkeeping_stays_bounded_over_many_movies_and_restart_redoes_none(fold
     assert s.dispatcher.jobs == {} and not s.dispatcher.queue and s.inflight == {}
     assert s.writer.done_movies == set()
     # recent commits are one-second buckets, not one entry per movie
-    assert sum(b[1] for b in s.commits) == N and sum(b[2] for b in s.commits) == 2 * N
-    assert len(s.commits) <= math.ceil(summary["elapsed_s"]) + 1 and len(s.commits) < N
+    assert sum(b[1] for b in s.metrics.commits) == N and sum(b[2] for b in s.metrics.commits) == 2 * N
+    assert len(s.metrics.commits) <= math.ceil(summary["elapsed_s"]) + 1 and len(s.metrics.commits) < N
     snap = s.snapshot()
     assert snap["counts"]["done"] == N and snap["rates"]["movies_per_hour_recent"] > 0
-    assert len(snap["recent"]) <= 50 and len(s.latencies) <= s.latencies.maxlen
+    assert len(snap["recent"]) <= 50 and len(s.metrics.latencies) <= s.metrics.latencies.maxlen
 
     again, summary = run(folders)  # the ledger is the durable record: nothing is processed twice
     assert summary["this_session"] == {"done": 0, "failed": 0, "skipped": 0, "particles": 0}

@@ -77,5 +77,5 @@ def test_shift_sign_convention():
 
 
 def test_bad_shift_shape_is_reported():
-    with pytest.raises(ValueError, match=r"^gpu/shift.py: shifts must have shape"):
+    with pytest.raises(ValueError, match=r"^ramp_factors: shifts must have shape"):
         phase_ramp(np.zeros(3), 8, 8)

@@ -1,7 +1,8 @@
 """The per-particle columns of an output folder, and the text values STAR and .cs files can carry.
 
 ``ColumnSet``: lmc's own columns (``BASE``) plus the columns carried from the pick files, each a
-RELION label with a kind (``f`` floating, ``i`` integer, ``s`` text). The SESSION fixes it (from a
+RELION label (``rln...``, written to particles.star and .cs) or a cryoSPARC field (``cs:<field>``,
+``cs:<field>#k``: particles.cs only) with a kind (``f`` floating, ``i`` integer, ``s`` text). The SESSION fixes it (from a
 pick file it reads itself) and stores it in the ledger; a worker's result never decides it. A
 result is accepted only with exactly the carried labels the session expects for that movie.
 
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamer.errors import InputError
+
 BASE: tuple[tuple[str, str], ...] = (
     ("rlnImageName", "s"),
     ("rlnMicrographName", "s"),
@@ -42,13 +45,14 @@ BASE: tuple[tuple[str, str], ...] = (
 BASE_LABELS = frozenset(label for label, _ in BASE)
 KINDS = frozenset("fis")
 LABEL_RE = re.compile(r"^rln[A-Za-z0-9_]+$")
-CS_FIELD_RE = re.compile(r"^[A-Za-z0-9_]+(/[A-Za-z0-9_]+)*$")
+# a cryoSPARC field carried from an input .cs into particles.cs only: cs:<field>, cs:<field>#<element>
+CS_LABEL_RE = re.compile(r"^cs:[A-Za-z0-9_]+(/[A-Za-z0-9_]+)*(#[0-9]+)?$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _RESERVED_RE = re.compile(r"^(data_|loop_|save_|global_|stop_)", re.IGNORECASE)
 MAX_TEXT = 4096
 
 
-class ColumnError(ValueError):
+class ColumnError(InputError):
     """A column set, a column or a text value that the output files cannot carry."""
 
 
@@ -102,8 +106,9 @@ class ColumnSet:
             if not (isinstance(item, tuple) and len(item) == 2):
                 raise ColumnError(f"column {item!r}: expected (label, kind)")
             label, kind = item
-            if not isinstance(label, str) or not LABEL_RE.match(label):
-                raise ColumnError(f"column {label!r}: not a RELION label (rln[A-Za-z0-9_]+)")
+            if not isinstance(label, str) or not (LABEL_RE.match(label) or CS_LABEL_RE.match(label)):
+                raise ColumnError(f"column {label!r}: not a RELION label (rln[A-Za-z0-9_]+) "
+                                  "or a cryoSPARC field (cs:<field>[#k])")
             if kind not in KINDS:
                 raise ColumnError(f"column {label}: kind {kind!r} is not one of f, i, s")
             if label in BASE_LABELS:
@@ -127,11 +132,12 @@ class ColumnSet:
         return dict(self.carried)
 
     def star_columns(self) -> list[tuple[str, str]]:
-        """Every column of ``particles.star`` in order: lmc's, then the carried ones."""
-        return [*BASE, *self.carried]
+        """Every column of ``particles.star`` in order: lmc's, then the carried RELION ones (``cs:``
+        fields go to ``particles.cs`` only)."""
+        return [*BASE, *((label, kind) for label, kind in self.carried if LABEL_RE.match(label))]
 
     def to_json(self) -> str:
-        return json.dumps([list(c) for c in self.star_columns()])
+        return json.dumps([list(c) for c in (*BASE, *self.carried)])
 
     @classmethod
     def from_json(cls, text: str) -> ColumnSet:

@@ -41,23 +41,10 @@ import imagecodecs
 import numpy as np
 import tifffile
 
+from streamer.errors import MovieError
+
 EER_COMPRESSIONS = (65000, 65001, 65002)
 SUBPIXEL_BITS = 2  # per axis, in the 65000/65001 codes (65002 states its own in tags 65008/65009)
-
-
-class MovieError(ValueError):
-    """A movie file is unreadable, truncated or inconsistent. Message: ``"{path}: {what}"``.
-
-    Defined here (the lowest module that raises it) and re-exported by ``streamer.formats.movies``.
-    """
-
-    def __init__(self, path: str | os.PathLike, what: str) -> None:
-        self.path = str(path)
-        self.what = what
-        super().__init__(f"{path}: {what}")
-
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:
-        return type(self), (self.path, self.what)  # survives pickling between worker processes
 
 
 # -- reading ---------------------------------------------------------------------------------------

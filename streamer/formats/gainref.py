@@ -1,9 +1,12 @@
 """Gain references and defect maps, oriented and shaped to the movie frames.
 
-Orientation (gpu/__init__.py): first ``numpy.rot90(g, k=rotate)`` (quarter turns counter-clockwise on
-``(h, w)``), then ``flip_x`` (reverse columns, ``g[:, ::-1]``), then ``flip_y`` (reverse rows, ``g[::-1, :]``).
-The gain is returned as a float32 MULTIPLIER so the engine always computes ``corrected = raw * m``:
-``multiply`` gains are used as they are, ``divide`` gains are inverted (0 where the gain is 0 or not finite).
+This module reads the files and checks that they fit the movie (naming the user's file when they do
+not); the array operations are the engine's, stated and tested once in ``gpu.gain``: orientation
+(:func:`gpu.gain.orient_gain`: first ``numpy.rot90(g, k=rotate)``, quarter turns counter-clockwise
+on ``(h, w)``, then ``flip_x`` reverses columns, then ``flip_y`` reverses rows) and the float32
+MULTIPLIER (:func:`gpu.gain.gain_multiplier`) so the engine always computes ``corrected = raw * m``:
+``multiply`` gains are used as they are, ``divide`` gains are inverted, 0 where the gain is not
+finite or (divide) 0.
 """
 
 from __future__ import annotations
@@ -17,14 +20,11 @@ import mrcfile
 import numpy as np
 import tifffile
 
+from gpu.gain import gain_multiplier, orient_gain
 from streamer.config import GainConfig
+from streamer.errors import GainError
 
 _IMAGE_SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff", ".gain")
-
-
-class GainError(ValueError):
-    """A gain reference or defect file is unreadable or does not fit the movie; the message starts with the
-    file path."""
 
 
 def _read_image(path: str, what: str) -> np.ndarray:
@@ -52,17 +52,6 @@ def _read_image(path: str, what: str) -> np.ndarray:
     if image.ndim != 2:
         raise GainError(f"{path}: {what} must be one 2-D image (got shape {image.shape})")
     return image
-
-
-def orient(image: np.ndarray, rotate: int = 0, flip_x: bool = False, flip_y: bool = False) -> np.ndarray:
-    """``(h, w)`` -> rotated by ``rotate`` quarter turns counter-clockwise, then columns reversed (``flip_x``),
-    then rows reversed (``flip_y``)."""
-    out = np.rot90(image, k=rotate)
-    if flip_x:
-        out = out[:, ::-1]
-    if flip_y:
-        out = out[::-1, :]
-    return out
 
 
 def _fit(image: np.ndarray, frame_shape: tuple[int, int], upsampling: int, path: str, what: str) -> np.ndarray:
@@ -108,18 +97,12 @@ def read_gain(
     path = str(path)
     mode = gain_mode(path, gain.mode)
     image = _read_image(path, "gain reference").astype(np.float32, copy=False)
-    image = orient(image, gain.rotate, gain.flip_x, gain.flip_y)
+    image = orient_gain(image, gain.rotate, gain.flip_x, gain.flip_y)
     image = _fit(image, frame_shape, upsampling, path, "gain reference")
-    finite = np.isfinite(image)
-    if mode == "divide":
-        usable = finite & (image != 0)
-        out = np.zeros(image.shape, np.float32)
-        np.divide(np.float32(1), image, out=out, where=usable)
-    else:
-        out = np.where(finite, image, np.float32(0)).astype(np.float32)
+    out = gain_multiplier(image, mode)
     if not out.any():
-        raise GainError(f"{path}: gain reference is zero everywhere")
-    return np.ascontiguousarray(out)
+        raise GainError(f"{path}: gain reference is zero everywhere (or not finite)")
+    return out
 
 
 _NUMBER = re.compile(r"[\s,]+")

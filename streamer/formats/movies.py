@@ -21,7 +21,8 @@ import numpy as np
 import tifffile
 
 from streamer.config import EerConfig
-from streamer.formats.eer import EER_COMPRESSIONS, MovieError, eer_header, quiet_tifffile, read_eer, tiff_problem
+from streamer.errors import MovieError
+from streamer.formats.eer import EER_COMPRESSIONS, eer_header, quiet_tifffile, read_eer, tiff_problem
 
 __all__ = [
     "MOVIE_SUFFIXES",

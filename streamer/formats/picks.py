@@ -46,13 +46,9 @@ import pandas as pd
 import starfile
 
 from streamer.config import PicksConfig
+from streamer.errors import PicksError
 from streamer.formats import atomic
 from streamer.types import Picks
-
-
-class PicksError(ValueError):
-    """A pick file is unreadable or malformed; the message starts with the file's path."""
-
 
 # -- stems ----------------------------------------------------------------------------------
 
@@ -327,31 +323,49 @@ def _has_content(text: str) -> bool:
 
 # -- reading -------------------------------------------------------------------------------
 
-CARRIED_COLUMNS = (
-    "rlnDefocusU",
-    "rlnDefocusV",
-    "rlnDefocusAngle",
-    "rlnCtfBfactor",
-    "rlnCtfMaxResolution",
-    "rlnCtfFigureOfMerit",
-    "rlnPhaseShift",
-    "rlnAutopickFigureOfMerit",
-)
-# cryoSPARC field -> (RELION label, factor)
+# Columns lmc rewrites for every particle: never carried from the input.
+_REPLACED = {"rlnCoordinateX", "rlnCoordinateY", "rlnMicrographName", "rlnOpticsGroup", "rlnImageName"}
+# RELION origins (the refined centre's offset): consumed by re-centring, written back as 0 Å.
+_ORIGIN_LABELS = ("rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX", "rlnOriginY")
+# RELION 3.0 per-particle optics: lmc's data_optics block states these for the output.
+_OPTICS_PER_PARTICLE = {
+    "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnMagnification",
+    "rlnDetectorPixelSize", "rlnImagePixelSize", "rlnMicrographOriginalPixelSize", "rlnMicrographPixelSize",
+}
+# the input's particle image name survives under RELION's own label for it
+_RENAMED = {"rlnImageName": "rlnImageOriginalName"}
+# cryoSPARC field -> (RELION label, factor): the fields particles.star shows with RELION labels
 _CS_COLUMNS = {
     "ctf/df1_A": ("rlnDefocusU", 1.0),
     "ctf/df2_A": ("rlnDefocusV", 1.0),
     "ctf/df_angle_rad": ("rlnDefocusAngle", 180.0 / np.pi),
     "ctf/phase_shift_rad": ("rlnPhaseShift", 180.0 / np.pi),
+    "ctf/bfactor": ("rlnCtfBfactor", 1.0),
+    "ctf/scale": ("rlnCtfScalefactor", 1.0),
     "pick_stats/ncc_score": ("rlnAutopickFigureOfMerit", 1.0),
 }
+# cryoSPARC groups lmc writes itself (blob = the new images, location = the new coordinates)
+_CS_REWRITTEN = ("uid", "blob/", "location/")
+CS_PREFIX = "cs:"
 _NAN_WORDS = {"nan", "-nan", "+nan", "<na>", "na", "none", "null"}
+# two pixel sizes "agree" within this relative tolerance (files round to 4-6 digits)
+PIXEL_TOLERANCE = 0.01
+# picks closer than this (movie px) to an earlier pick of the same movie are duplicates
+DUPLICATE_PX = 0.5
 
 
 @dataclass
 class _Table:
-    """A parsed pick file: centres (unscaled), carried columns and, for multi-micrograph files,
-    each row's micrograph name. ``fractions``: x, y are fractions of the frame (cs without shape)."""
+    """A parsed pick file, before scaling: centres in the file's own pixels, carried columns and,
+    for multi-micrograph files, each row's micrograph name.
+
+    ``fractions``: x, y are fractions of the frame (cs without shape). ``coord_apix``: (n,) pixel
+    size of the coordinates (Å/px) where the file states it (``coord_apix_from`` says which field).
+    ``origin_A``: (n, 2) offset of the refined centre in Å, RELION's convention (centre =
+    coordinate - origin), with ``origin_from`` naming the fields; ``origin_img_px``: RELION 3.0
+    origins in particle-image pixels when their pixel size is unknown. ``movie_apix``: (n,) the
+    movie pixel size the file records (rlnMicrographOriginalPixelSize).
+    """
 
     x: np.ndarray
     y: np.ndarray
@@ -360,49 +374,181 @@ class _Table:
     fractions: bool = False
     empty_file: bool = False
     shapes: np.ndarray | None = None  # (n, 2) micrograph (h, w) per row, cs only
+    coord_apix: np.ndarray | None = None
+    coord_apix_from: str = ""
+    origin_A: np.ndarray | None = None
+    origin_img_px: np.ndarray | None = None
+    origin_from: str = ""
+    movie_apix: np.ndarray | None = None
+
+    def rows(self, sel: np.ndarray) -> _Table:
+        """The rows ``sel`` (bool mask) of this table."""
+        def cut(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[sel]
+
+        return _Table(
+            self.x[sel], self.y[sel], {k: v[sel] for k, v in self.columns.items()}, cut(self.names),
+            self.fractions, self.empty_file, cut(self.shapes), cut(self.coord_apix), self.coord_apix_from,
+            cut(self.origin_A), cut(self.origin_img_px), self.origin_from, cut(self.movie_apix),
+        )
 
 
-def read_picks(source: PickSource, cfg: PicksConfig, frame_shape: tuple[int, int]) -> Picks:
-    """Read, scale (``cfg.scale``) and validate one movie's picks against ``frame_shape`` = (h, w).
+def _micrograph_rows(source: PickSource, table: _Table) -> _Table:
+    if source.micrograph is not None and table.names is not None:
+        return table.rows(table.names == source.micrograph)
+    return table
 
-    Returns ``Picks`` with the valid picks (x, y, columns) and the rejected ones with reasons;
-    an empty file gives n = 0 and problems ["no picks in file"]. Raises ``PicksError`` for a
-    missing or malformed file.
-    """
+
+def _load_source(source: PickSource) -> _Table:
     path = source.path
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise PicksError(f"{path}: pick file not found (removed after it was indexed?)") from None
-    table = _load_table(path, source.format, st.st_mtime_ns, st.st_size)
+    return _micrograph_rows(source, _load_table(path, source.format, st.st_mtime_ns, st.st_size))
+
+
+def column_kind(values: np.ndarray) -> str:
+    """'i' integer, 'f' floating, 's' text: the kind of a carried column."""
+    kind = np.asarray(values).dtype.kind
+    return "i" if kind in "iub" else "f" if kind == "f" else "s"
+
+
+def pick_summary(source: PickSource) -> tuple[int, dict[str, str]]:
+    """``(rows, {label: kind})`` of one movie's picks as ``read_picks`` will return them: the number
+    of pick rows for this micrograph and every carried column with its kind ('f', 'i', 's'), in
+    file order. Raises ``PicksError`` like ``read_picks``."""
+    table = _load_source(source)
+    return int(table.x.shape[0]), {k: column_kind(v) for k, v in _carried(table).items()}
+
+
+def _carried(table: _Table) -> dict[str, np.ndarray]:
+    """The table's carried columns plus the origins lmc resets to zero after re-centring."""
+    columns = dict(table.columns)
+    if table.origin_A is not None or table.origin_img_px is not None:
+        zero = np.zeros(table.x.shape[0])
+        if table.origin_from.startswith("rln"):
+            columns["rlnOriginXAngst"] = zero
+            columns["rlnOriginYAngst"] = zero
+    return columns
+
+
+def picks_pixel_size(source: PickSource) -> tuple[float, str] | None:
+    """``(Å/px, label)``: the movie pixel size a pick file records (RELION's optics group
+    ``rlnMicrographOriginalPixelSize``), or None when it records none."""
+    table = _load_source(source)
+    if table.movie_apix is None or not table.movie_apix.size:
+        return None
+    return float(table.movie_apix[0]), "rlnMicrographOriginalPixelSize"
+
+
+def read_picks(
+    source: PickSource, cfg: PicksConfig, frame_shape: tuple[int, int], apix: float | None = None
+) -> Picks:
+    """Read, scale, re-centre and validate one movie's picks against ``frame_shape`` = (h, w).
+
+    ``apix``: the movie's pixel size (Å/px). Scale: where the file states the coordinates' pixel
+    size (RELION optics ``rlnMicrographPixelSize``, cryoSPARC ``location/micrograph_psize_A``) the
+    coordinates are scaled by ``that / apix``; otherwise by ``cfg.scale`` (``--picks-scale``). A
+    ``cfg.scale`` other than 1 that contradicts the file is an error. Re-centring: refined origins
+    (RELION ``rlnOriginXAngst/YAngst``, RELION 3.0 ``rlnOriginX/Y`` in pixels, cryoSPARC
+    ``alignments3D/shift`` or ``alignments2D/shift`` with ``alignments*/psize_A``) move each pick to
+    its refined centre, ``centre = coordinate - origin / apix`` (RELION's re-extraction,
+    preprocessing.cpp), and the origin columns are carried as 0.
+
+    Returns ``Picks`` with the valid picks (x, y, columns) and the rejected ones with reasons;
+    ``notes`` say what was scaled or re-centred. An empty file gives n = 0 and problems
+    ["no picks in file"]. Raises ``PicksError`` for a missing or malformed file, or for pixel sizes
+    that disagree.
+    """
+    path = source.path
+    table = _load_source(source)
     h, w = int(frame_shape[0]), int(frame_shape[1])
     problems: list[str] = []
-    x, y, columns, shapes = table.x, table.y, table.columns, table.shapes
-    if source.micrograph is not None and table.names is not None:
-        sel = table.names == source.micrograph
-        x, y, columns = x[sel], y[sel], {k: v[sel] for k, v in columns.items()}
-        shapes = shapes[sel] if shapes is not None else None
-    if shapes is not None and shapes.size:
+    notes: list[str] = []
+    scale = _scale(path, table, cfg, apix, notes)
+    x, y = table.x, table.y
+    if table.shapes is not None and table.shapes.size:
         # picks from a binned micrograph without picks.scale would all land in one corner
-        mh, mw = (shapes * cfg.scale).max(axis=0)
+        mh, mw = (table.shapes * scale[:, None]).max(axis=0)
         if abs(mw - w) > 0.02 * w or abs(mh - h) > 0.02 * h:
             problems.append(
-                f"micrograph_shape {int(shapes[0, 1])}x{int(shapes[0, 0])} times picks.scale {cfg.scale:g} "
-                f"does not match the {w}x{h} frame"
+                f"micrograph_shape {int(table.shapes[0, 1])}x{int(table.shapes[0, 0])} times picks.scale "
+                f"{float(scale[0]):g} does not match the {w}x{h} frame"
             )
     if table.fractions:
         x, y = x * w, y * h
     else:
-        x, y = x * cfg.scale, y * cfg.scale
+        x, y = x * scale, y * scale
+    dx, dy = _origin_px(path, table, scale, apix, notes)
+    x, y = x - dx, y - dy
     if x.size == 0:
         if source.micrograph is not None and not table.empty_file:
             problems.append(f"no picks for {source.micrograph} in file")
         else:
             problems.append("no picks in file")
+    columns = _finite(_carried(table), notes)
     picks = _validate(x, y, columns, h, w)
     picks.source = path
     picks.problems = problems
+    picks.notes = notes
     return picks
+
+
+def _scale(path: str, table: _Table, cfg: PicksConfig, apix: float | None, notes: list[str]) -> np.ndarray:
+    """(n,) factor from the file's coordinates to movie pixels."""
+    n = table.x.shape[0]
+    if table.coord_apix is None or table.fractions or not n:
+        return np.full(n, float(cfg.scale))
+    if apix is None:
+        raise PicksError(f"{path}: the coordinates are at {table.coord_apix[0]:g} Å/px ({table.coord_apix_from}); "
+                         "the movie pixel size is needed to scale them (--apix)")
+    scale = np.asarray(table.coord_apix, np.float64) / apix
+    if cfg.scale != 1.0 and np.any(np.abs(scale / cfg.scale - 1) > PIXEL_TOLERANCE):
+        raise PicksError(
+            f"{path}: {table.coord_apix_from} = {table.coord_apix[0]:g} Å/px means a scale of {scale[0]:g} to the "
+            f"movie's {apix:g} Å/px, but --picks-scale is {cfg.scale:g}; fix one of them"
+        )
+    if np.any(np.abs(scale - 1) > 1e-6):
+        notes.append(f"coordinates at {table.coord_apix[0]:g} Å/px ({table.coord_apix_from}) scaled by "
+                     f"{scale[0]:g} to the movie's {apix:g} Å/px")
+    return scale
+
+
+def _origin_px(
+    path: str, table: _Table, scale: np.ndarray, apix: float | None, notes: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(dx, dy): each pick's refined-centre offset in movie pixels (0 without origins)."""
+    n = table.x.shape[0]
+    if table.origin_A is not None:
+        if apix is None:
+            raise PicksError(f"{path}: {table.origin_from} (Å) need the movie pixel size to re-centre the picks (--apix)")
+        off = np.asarray(table.origin_A, np.float64) / apix
+    elif table.origin_img_px is not None:
+        off = np.asarray(table.origin_img_px, np.float64) * scale[:, None]  # image px = coordinate px (RELION 3.0)
+    else:
+        return np.zeros(n), np.zeros(n)
+    off = np.where(np.isfinite(off), off, 0.0)
+    moved = np.hypot(off[:, 0], off[:, 1])
+    if moved.size and moved.max() > 0:
+        notes.append(f"re-centred {int((moved > 0).sum())} of {n} picks on their refined centres ({table.origin_from}; "
+                     f"centre = coordinate - origin; mean {moved.mean():.2f} px, max {moved.max():.2f} px)")
+    return off[:, 0], off[:, 1]
+
+
+def _finite(columns: dict[str, np.ndarray], notes: list[str]) -> dict[str, np.ndarray]:
+    """Non-finite numbers in carried columns (an empty CTF fit, ...) become 0: STAR and .cs
+    readers take no NaN; the count is noted."""
+    out = {}
+    for label, values in columns.items():
+        values = np.asarray(values)
+        if values.dtype.kind == "f":
+            bad = ~np.isfinite(values)
+            if bad.any():
+                notes.append(f"{int(bad.sum())} non-finite {label} value(s) written as 0")
+                values = np.where(bad, 0.0, values)
+        out[label] = values
+    return out
 
 
 def _validate(x: np.ndarray, y: np.ndarray, columns: dict[str, np.ndarray], h: int, w: int) -> Picks:
@@ -410,41 +556,44 @@ def _validate(x: np.ndarray, y: np.ndarray, columns: dict[str, np.ndarray], h: i
     with np.errstate(invalid="ignore"):
         neg = ~nan & ((x < 0) | (y < 0))
         out = ~nan & ~neg & ((x >= w) | (y >= h))
+    dup = _duplicates(x, y, ~(nan | neg | out))
     reasons = np.full(x.shape, "", dtype=object)
     reasons[nan] = "NaN coordinate"
     reasons[neg] = "negative coordinate"
     reasons[out] = f"outside the {w}x{h} frame"
-    bad = nan | neg | out
+    reasons[dup] = "duplicate of an earlier pick"
+    bad = nan | neg | out | dup
     rejected = [(float(a), float(b), str(r)) for a, b, r in zip(x[bad], y[bad], reasons[bad], strict=True)]
     keep = ~bad
     return Picks(
         x=np.ascontiguousarray(x[keep], dtype=np.float64),
         y=np.ascontiguousarray(y[keep], dtype=np.float64),
-        columns={k: _carry(v[keep]) for k, v in columns.items()},
+        columns={k: _column_array(v[keep]) for k, v in columns.items()},
         rejected=rejected,
     )
 
 
-def _carry(values: np.ndarray) -> np.ndarray:
-    """A carried column as it travels to the output (one place: ``pick_summary`` reports its kind)."""
-    return np.ascontiguousarray(values, dtype=np.float64)
+def _column_array(values: np.ndarray) -> np.ndarray:
+    kind = column_kind(values)
+    if kind == "f":
+        return np.ascontiguousarray(values, dtype=np.float64)
+    if kind == "i":
+        return np.ascontiguousarray(values).astype(np.int64)
+    return np.asarray([str(v) for v in values.tolist()], dtype=object)
 
 
-def pick_summary(source: PickSource) -> tuple[int, dict[str, str]]:
-    """(rows for this movie, {carried label: kind 'f'|'i'|'s'}) of a pick file, read the way
-    ``read_picks`` reads it (same parse, same cache). The session uses it to fix the output folder's
-    columns and to check each result: picks rows = particles written + picks skipped."""
-    from streamer.formats.columns import kind_of
-
-    try:
-        st = os.stat(source.path)
-    except FileNotFoundError:
-        raise PicksError(f"{source.path}: pick file not found (removed after it was indexed?)") from None
-    table = _load_table(source.path, source.format, st.st_mtime_ns, st.st_size)
-    n = int(table.x.shape[0])
-    if source.micrograph is not None and table.names is not None:
-        n = int(np.count_nonzero(table.names == source.micrograph))
-    return n, {k: kind_of(_carry(v[:0])) for k, v in table.columns.items()}
+def _duplicates(x: np.ndarray, y: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Valid picks within ``DUPLICATE_PX`` of an earlier valid pick (grid hashing: O(n))."""
+    dup = np.zeros(x.shape, dtype=bool)
+    seen: dict[tuple[int, int], list[int]] = {}
+    for i in np.flatnonzero(valid):
+        cx, cy = int(x[i] // DUPLICATE_PX), int(y[i] // DUPLICATE_PX)
+        near = (j for dx in (-1, 0, 1) for dy in (-1, 0, 1) for j in seen.get((cx + dx, cy + dy), ()))
+        if any((x[i] - x[j]) ** 2 + (y[i] - y[j]) ** 2 < DUPLICATE_PX**2 for j in near):
+            dup[i] = True
+            continue
+        seen.setdefault((cx, cy), []).append(int(i))
+    return dup
 
 
 @functools.lru_cache(maxsize=8)
@@ -487,6 +636,16 @@ def _numeric(path: str, frame: pd.DataFrame, col: str) -> np.ndarray:
     return values
 
 
+def _any_column(frame: pd.DataFrame, col: str) -> np.ndarray:
+    """A carried STAR column as int64, float64 or text, as the file holds it."""
+    series = frame[col]
+    if pd.api.types.is_integer_dtype(series):
+        return series.to_numpy(dtype=np.int64)
+    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+        return series.to_numpy(dtype=np.float64, na_value=np.nan)
+    return np.asarray(series.astype(str).to_numpy(), dtype=object)
+
+
 def _read_star_blocks(path: str) -> dict[str, Any]:
     try:
         blocks = starfile.read(path, always_dict=True)
@@ -512,6 +671,27 @@ def _find_loop(path: str, blocks: dict[str, Any], xcol: str, ycol: str) -> pd.Da
     return None
 
 
+def _optics_column(path: str, blocks: dict[str, Any], frame: pd.DataFrame, label: str) -> np.ndarray | None:
+    """(n,) the optics-group value ``label`` of each particle row (RELION 3.1+ ``data_optics``),
+    or None when the file has no optics block or the block lacks ``label``."""
+    optics = blocks.get("optics")
+    if isinstance(optics, dict):
+        optics = pd.DataFrame([optics])
+    if not isinstance(optics, pd.DataFrame) or label not in optics.columns or not len(optics):
+        return None
+    values = _numeric(path, optics, label)
+    if "rlnOpticsGroup" not in frame.columns or "rlnOpticsGroup" not in optics.columns:
+        if len(optics) > 1:
+            raise PicksError(f"{path}: {len(optics)} optics groups but the particles carry no rlnOpticsGroup")
+        return np.full(len(frame), values[0])
+    table = dict(zip(_numeric(path, optics, "rlnOpticsGroup").astype(np.int64).tolist(), values.tolist(), strict=True))
+    groups = _numeric(path, frame, "rlnOpticsGroup")
+    missing = sorted({int(g) for g in groups if int(g) not in table})
+    if missing:
+        raise PicksError(f"{path}: particles in optics group(s) {missing} that data_optics does not define")
+    return np.asarray([table[int(g)] for g in groups], dtype=np.float64)
+
+
 def _read_star(path: str) -> _Table:
     blocks = _read_star_blocks(path)
     frame = _find_loop(path, blocks, "rlnCoordinateX", "rlnCoordinateY")
@@ -519,9 +699,37 @@ def _read_star(path: str) -> _Table:
         return _empty_table()
     x = _numeric(path, frame, "rlnCoordinateX")
     y = _numeric(path, frame, "rlnCoordinateY")
-    columns = {c: _numeric(path, frame, c) for c in CARRIED_COLUMNS if c in frame.columns}
+    skip = _REPLACED | set(_ORIGIN_LABELS) | _OPTICS_PER_PARTICLE
+    columns = {_RENAMED.get(c, c): _any_column(frame, c) for c in frame.columns if c not in skip or c in _RENAMED}
     names = frame["rlnMicrographName"].astype(str).to_numpy() if "rlnMicrographName" in frame.columns else None
-    return _Table(x, y, columns, names)
+    table = _Table(x, y, columns, names)
+    table.movie_apix = _optics_column(path, blocks, frame, "rlnMicrographOriginalPixelSize")
+    coord_apix = _optics_column(path, blocks, frame, "rlnMicrographPixelSize")
+    if coord_apix is not None:
+        table.coord_apix, table.coord_apix_from = coord_apix, "rlnMicrographPixelSize"
+    if "rlnOriginXAngst" in frame.columns and "rlnOriginYAngst" in frame.columns:
+        table.origin_A = np.stack([_numeric(path, frame, "rlnOriginXAngst"), _numeric(path, frame, "rlnOriginYAngst")], -1)
+        table.origin_from = "rlnOriginXAngst/YAngst"
+    elif "rlnOriginX" in frame.columns and "rlnOriginY" in frame.columns:
+        origin = np.stack([_numeric(path, frame, "rlnOriginX"), _numeric(path, frame, "rlnOriginY")], -1)
+        image_apix = _image_apix(path, blocks, frame)
+        table.origin_from = "rlnOriginX/Y (pixels, RELION 3.0)"
+        if image_apix is not None:
+            table.origin_A = origin * image_apix[:, None]
+        else:
+            table.origin_img_px = origin
+    return table
+
+
+def _image_apix(path: str, blocks: dict[str, Any], frame: pd.DataFrame) -> np.ndarray | None:
+    """(n,) pixel size of the particle images: optics rlnImagePixelSize, or RELION 3.0's
+    rlnDetectorPixelSize (µm) * 1e4 / rlnMagnification per particle."""
+    apix = _optics_column(path, blocks, frame, "rlnImagePixelSize")
+    if apix is not None:
+        return apix
+    if "rlnDetectorPixelSize" in frame.columns and "rlnMagnification" in frame.columns:
+        return _numeric(path, frame, "rlnDetectorPixelSize") * 1e4 / _numeric(path, frame, "rlnMagnification")
+    return None
 
 
 def _read_cbox(path: str) -> _Table:
@@ -605,6 +813,12 @@ def _read_topaz(path: str) -> _Table:
 
 
 _NPY_MAGIC = b"\x93NUMPY"
+_CS_LOCATION_HELP = (
+    "it needs location/center_x_frac and location/center_y_frac (with location/micrograph_path and "
+    "location/micrograph_shape): export the particles of a job that has locations — Extract From "
+    "Micrographs, a picker (Blob/Template Picker, Topaz Extract), 2D Classification, Select 2D or a "
+    "3D refinement, with their passthrough fields"
+)
 
 
 def _read_cs(path: str) -> _Table:
@@ -618,25 +832,66 @@ def _read_cs(path: str) -> _Table:
     else:
         arr = _read_csdat(path)
     names = arr.dtype.names or ()
-    for need in ("location/center_x_frac", "location/center_y_frac"):
-        if need not in names:
-            raise PicksError(f"{path}: cryoSPARC .cs lacks the {need} field (not a particle pick file)")
+    if "location/center_x_frac" not in names or "location/center_y_frac" not in names:
+        have = sorted({n.split("/")[0] for n in names if "/" in n})
+        raise PicksError(f"{path}: cryoSPARC .cs without particle locations (groups: {', '.join(have) or 'none'}); "
+                         f"{_CS_LOCATION_HELP}")
     fx = np.asarray(arr["location/center_x_frac"], dtype=np.float64)
     fy = np.asarray(arr["location/center_y_frac"], dtype=np.float64)
     fractions = "location/micrograph_shape" not in names
-    shapes = np.zeros((0, 2))
+    shapes = None
     if fractions:
         x, y = fx, fy
     else:
         shapes = np.asarray(arr["location/micrograph_shape"], dtype=np.float64).reshape(-1, 2)
         x, y = fx * shapes[:, 1], fy * shapes[:, 0]
-    columns = {label: np.asarray(arr[f], dtype=np.float64) * k for f, (label, k) in _CS_COLUMNS.items() if f in names}
     mic = None
     if "location/micrograph_path" in names:
         raw = arr["location/micrograph_path"]
         mic = np.char.decode(raw, "utf-8") if raw.dtype.kind == "S" else raw.astype(str)
         mic = np.asarray(mic, dtype=str)
-    return _Table(x, y, columns, mic, fractions=fractions, shapes=None if fractions else shapes)
+    table = _Table(x, y, _cs_columns(arr), mic, fractions=fractions, shapes=shapes)
+    if not fractions and "location/micrograph_psize_A" in names:
+        psize = np.asarray(arr["location/micrograph_psize_A"], dtype=np.float64)
+        if np.all(psize > 0):
+            table.coord_apix, table.coord_apix_from = psize, "location/micrograph_psize_A"
+    for group in ("alignments3D", "alignments2D"):  # a 3D refinement's centre is the later, finer one
+        if f"{group}/shift" in names and f"{group}/psize_A" in names:
+            shift = np.asarray(arr[f"{group}/shift"], dtype=np.float64).reshape(-1, 2)
+            table.origin_A = shift * np.asarray(arr[f"{group}/psize_A"], dtype=np.float64)[:, None]
+            table.origin_from = f"{group}/shift (x {group}/psize_A)"
+            for g in ("alignments3D", "alignments2D"):  # the centre moved: carried shifts become 0
+                for key in (f"{CS_PREFIX}{g}/shift#0", f"{CS_PREFIX}{g}/shift#1"):
+                    if key in table.columns:
+                        table.columns[key] = np.zeros(len(x))
+            break
+    return table
+
+
+def _cs_columns(arr: np.ndarray) -> dict[str, np.ndarray]:
+    """Every per-particle field but uid/blob/location: mapped ones under RELION labels
+    (``_CS_COLUMNS``), the others as ``cs:<field>`` (``cs:<field>#k`` per element of a vector field)."""
+    out: dict[str, np.ndarray] = {}
+    for name in arr.dtype.names or ():
+        if name == "uid" or name.startswith(_CS_REWRITTEN):
+            continue
+        values = np.asarray(arr[name])
+        if name in _CS_COLUMNS:
+            label, k = _CS_COLUMNS[name]
+            out[label] = values.astype(np.float64) * k
+            continue
+        if values.dtype.kind in "SO U":
+            text = np.char.decode(values, "utf-8") if values.dtype.kind == "S" else values.astype(str)
+            out[f"{CS_PREFIX}{name}"] = np.asarray(text, dtype=object)
+            continue
+        kind = np.float64 if values.dtype.kind == "f" else np.int64
+        flat = values.reshape(values.shape[0], -1)
+        if values.ndim == 1:
+            out[f"{CS_PREFIX}{name}"] = flat[:, 0].astype(kind)
+        else:
+            for k in range(flat.shape[1]):
+                out[f"{CS_PREFIX}{name}#{k}"] = flat[:, k].astype(kind)
+    return out
 
 
 def _read_csdat(path: str) -> np.ndarray:
@@ -652,7 +907,6 @@ def _read_csdat(path: str) -> np.ndarray:
     except Exception as exc:  # cryosparc-tools raises several types on malformed files
         msg = str(exc).strip().splitlines()
         raise PicksError(f"{path}: unreadable cryoSPARC .cs ({msg[0] if msg else type(exc).__name__})") from None
-
 
 # -- writers (simulator, round-trip tests) -----------------------------------------------------
 

@@ -32,13 +32,14 @@ from urllib.parse import urlsplit
 
 import zmq
 
+from streamer.errors import UserError
 from streamer.live import protocol
 from streamer.types import MovieResult
 
 log = logging.getLogger("lmc.dispatcher")
 
 
-class DispatcherError(RuntimeError):
+class DispatcherError(UserError, RuntimeError):
     """The dispatcher cannot start as configured (e.g. a public bind without keys)."""
 
 

@@ -10,6 +10,7 @@ frames, and a message no larger than that content needs (``protocol.result_limit
 from __future__ import annotations
 
 from streamer.config import Config
+from streamer.errors import InputError
 from streamer.formats.columns import ColumnSet, text_problem
 from streamer.live.protocol import ResultSpec, result_limit
 
@@ -18,7 +19,7 @@ from streamer.live.protocol import ResultSpec, result_limit
 MAX_FRAME_BYTES = 2 << 30
 
 
-class JobRefused(ValueError):
+class JobRefused(InputError):
     """The movie cannot be processed as the session is configured (one line, naming the file)."""
 
 

@@ -31,6 +31,8 @@ import zmq.auth
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
+from streamer.errors import UserError
+
 SERVER = "server"
 CLIENT = "client"
 AUTHORIZED = "authorized"
@@ -39,7 +41,7 @@ SESSION_KEYS = "keys"
 log = logging.getLogger("lmc.keys")
 
 
-class KeysError(ValueError):
+class KeysError(UserError, ValueError):
     """Missing or unreadable CURVE key files."""
 
 

@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 
 from streamer.config import Config, processing_dict
-from streamer.formats import atomic, csfile, mrcstack, relion_star
+from streamer.errors import OutputError
+from streamer.formats import atomic, csfile, mrcstack, relion_motion, relion_star
 from streamer.formats.columns import ColumnError, ColumnSet, check_finite, check_text
 from streamer.output.ledger import FingerprintMismatch, Ledger, LedgerError
 from streamer.types import MovieResult
@@ -58,7 +59,8 @@ STAR_NAME = "particles.star"
 CS_NAME = "particles.cs"
 LOCK_NAME = ".lmc.lock"
 STACK_RE = re.compile(r"^particles_(\d{5,})\.mrcs$")
-SUBDIRS = ("stacks", "trajectories", "plots", "logs")
+CSG_NAME = "particles.csg"
+SUBDIRS = ("stacks", "trajectories", "motion", "plots", "logs")
 
 _hits: Counter[str] = Counter()
 
@@ -76,11 +78,11 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class CommitError(RuntimeError):
+class CommitError(OutputError):
     """A movie could not be written; nothing of it was committed and earlier movies are intact."""
 
 
-class OutputLocked(RuntimeError):
+class OutputLocked(OutputError):
     """Another process is writing to the same output folder."""
 
 
@@ -184,7 +186,7 @@ class Committer:
                 path.unlink()
         for tmp in (self.out / f".{STAR_NAME}.tmp", self.out / f".{CS_NAME}.tmp"):
             tmp.unlink(missing_ok=True)
-        for sub in ("plots", "trajectories"):  # side files being replaced when the process died
+        for sub in ("plots", "trajectories", "motion"):  # side files being replaced when the process died
             for tmp in (self.out / sub).glob(".*.tmp"):
                 log.info("%s: removing a temp file left by an interrupted write", tmp)
                 tmp.unlink(missing_ok=True)
@@ -223,6 +225,13 @@ class Committer:
             log.info("%s: keeps its columns (%s); not %s", self.out, ", ".join(self._columns.labels) or "-",
                      ", ".join(columns.labels) or "-")
         return self._columns
+
+    def _carried_kinds(self) -> dict[str, np.ndarray]:
+        """The folder's carried columns as empty arrays of their kinds (the .cs dtype follows the
+        session's column set, not whichever movie came first)."""
+        types = {"f": np.float64, "i": np.int64, "s": object}
+        cols = self._columns.carried if self._columns is not None else ()
+        return {label: np.zeros(0, dtype=types[kind]) for label, kind in cols}
 
     def _check(self, r: MovieResult) -> None:
         b = self.cfg.out_box
@@ -329,7 +338,7 @@ class Committer:
                 star_rows = relion_star.render_rows(columns, relion_star.image_names(absolute), movie, result.x,
                                                     result.y, result.columns)
                 want = csfile.fit_dtype(cs_dtype, max(len(s.encode()) for s, _, _ in rel), len(movie.encode()),
-                                        ctf=any(c == "rlnDefocusU" for c, _ in columns))
+                                        ctf=any(c == "rlnDefocusU" for c, _ in columns), carried=self._carried_kinds())
                 if want != cs_dtype:
                     cs_dtype = want
                     meta["cs_dtype"] = repr(np.lib.format.dtype_to_descr(cs_dtype))
@@ -364,7 +373,7 @@ class Committer:
             log.warning("%s: snapshot not updated (%s); retried at the next commit", self.out, exc)
 
     def _write_side_files(self, result: MovieResult) -> None:
-        """trajectories/<stem>.star from the result, and the worker's plot PNG, each replaced
+        """trajectories/<stem>.star and motion/<stem>.star from the result, and the worker's plot PNG, each replaced
         atomically; outside the commit (a failure here loses no particle: logged, redone on a redo)."""
         from streamer.formats.picks import movie_stem
         from streamer.formats.trajectories import write_trajectories
@@ -372,6 +381,7 @@ class Committer:
         stem = movie_stem(result.movie)
         try:
             write_trajectories(self.out / "trajectories" / f"{stem}.star", result)
+            relion_motion.write_motion_star(self.cfg, result, self.out)
             if result.plot_png is not None and self.cfg.plots:
                 atomic.write_bytes(self.out / "plots" / f"{stem}.png", result.plot_png)
         except OSError as exc:
@@ -508,10 +518,33 @@ class _Snapshots:
                 if state is None or state["last_id"] < last:
                     self.state[kind] = self._write(kind, state, last, columns, dtype)
                     wrote = True
+            if wrote or self._companions_missing():
+                self._write_companions(last, dtype)
             self._last = time.monotonic()
             if wrote:
                 self._cost = self._last - t0
             return wrote
+
+    def _companions_missing(self) -> bool:
+        """True when micrographs.star or particles.csg is absent, or the .csg counts other rows than
+        particles.cs holds (a crash between the two replaces)."""
+        csg = self.out / CSG_NAME
+        if not csg.exists() or not (self.out / relion_motion.MICROGRAPHS_NAME).exists():
+            return True
+        cs_state = self.state.get("cs")
+        found = re.search(r"num_items: (\d+)", csg.read_text(errors="replace"))
+        return cs_state is not None and (found is None or int(found.group(1)) != cs_state["rows"])
+
+    def _write_companions(self, last: int, dtype: np.dtype) -> None:
+        """``particles.csg`` (cryoSPARC's result group for particles.cs, after it: its num_items is the
+        file's row count) and ``micrographs.star`` (RELION: every done movie's motion STAR). Both are
+        rebuilt whole from the ledger: O(movies), no state to recover after a crash."""
+        cs_state = self.state.get("cs")
+        if cs_state is not None:
+            atomic.write_text(self.out / CSG_NAME, csfile.csg_text(CS_NAME, dtype, cs_state["rows"]))
+        movies = ((r.movie, r.stats) for r in self.ledger.rows(up_to=last, with_payload=False))
+        atomic.write_text(self.out / relion_motion.MICROGRAPHS_NAME,
+                          relion_motion.micrographs_text(self.cfg, movies, self.out))
 
     def _write(self, kind: str, state: dict[str, Any] | None, last: int, columns: list[tuple[str, str]],
                dtype: np.dtype) -> dict[str, Any]:

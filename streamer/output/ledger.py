@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from streamer.errors import OutputError
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -52,7 +54,7 @@ CREATE TABLE IF NOT EXISTS stacks (name TEXT PRIMARY KEY, committed_count INTEGE
 """
 
 
-class FingerprintMismatch(RuntimeError):
+class FingerprintMismatch(OutputError):
     """The output folder was written with different processing parameters."""
 
 

@@ -1,8 +1,9 @@
 """``OUT/status.json``: written by the session every few seconds, read by ``lmc status OUT``.
 
 The file holds the session snapshot (the same dict the live console draws; see
-``streamer.live.session.Session.snapshot`` for its keys). It is replaced atomically, so a reader never
-sees half a file. ``render_status`` turns it into plain text for a terminal or a log.
+``streamer.live.session.Session.snapshot`` for its keys), with the derived fields of
+:func:`enrich_snapshot` added once for both. It is replaced atomically, so a reader never sees half a
+file. ``render_status`` turns it into plain text for a terminal or a log.
 """
 
 from __future__ import annotations
@@ -10,16 +11,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from streamer.errors import UserError
+
 STATUS_NAME = "status.json"
 STALE_AFTER_S = 20.0  # a running session rewrites the file every few seconds
+LOW_DISK_GB = 50.0  # alert when the output folder's file system has less free space than this
+PICKS_WAIT_WARN_S = 300.0  # alert when a movie has waited this long for its picks
 
 
-class StatusError(ValueError):
+class StatusError(UserError, ValueError):
     """No readable status file."""
 
 
@@ -49,6 +55,89 @@ def clean(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [clean(v) for v in value]
     return value
+
+
+def as_finite(v: Any) -> float | None:
+    """``v`` as a finite float; None for None, booleans, non-numbers, NaN and infinities."""
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def fmt_duration(v: Any) -> str:
+    """Seconds as ``45s``, ``12m05s``, ``3h02m``, ``2d04h``."""
+    f = as_finite(v)
+    if f is None or f < 0:
+        return "–"
+    s = round(f)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def enrich_snapshot(snapshot: dict[str, Any], out_dir: str | Path | None = None, now: float | None = None) -> dict[str, Any]:
+    """A copy of ``snapshot`` with what the console shows filled in where the session left it out.
+
+    Adds ``disk_free_gb`` (free space of ``out_dir``'s file system, GB = 1e9 bytes; default
+    ``session.out``), ``session.uptime_s`` (from ``session.started``, epoch s), ``rates.backlog``
+    (settling + queued + running) and ``rates.eta_s`` (= backlog / recent movie rate), ``trend``
+    {motion, quality} (from ``recent``), and recomputes ``alerts``: low disk space (< ``LOW_DISK_GB``)
+    and movies waiting longer than ``PICKS_WAIT_WARN_S`` for their picks. Values present are kept;
+    applying it twice gives the same result.
+    """
+    snap = dict(snapshot or {})
+    now = time.time() if now is None else now
+    session = dict(snap.get("session") or {})
+    if as_finite(session.get("uptime_s")) is None and as_finite(session.get("started")) is not None:
+        session["uptime_s"] = max(0.0, now - float(session["started"]))
+    snap["session"] = session
+    out_dir = out_dir if out_dir is not None else session.get("out")
+    if as_finite(snap.get("disk_free_gb")) is None and out_dir:
+        path = Path(out_dir)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:
+            snap["disk_free_gb"] = round(shutil.disk_usage(path).free / 1e9, 1)
+        except OSError:
+            pass
+    rates = dict(snap.get("rates") or {})
+    backlog = as_finite(rates.get("backlog"))
+    if backlog is None:
+        counts = snap.get("counts") or {}
+        parts = [as_finite(counts.get(k)) for k in ("settling", "queued", "running")]
+        if any(p is not None for p in parts):
+            backlog = sum(p for p in parts if p is not None)
+            rates["backlog"] = int(backlog)
+    if as_finite(rates.get("eta_s")) is None:
+        rate = as_finite(rates.get("movies_per_hour_recent")) or as_finite(rates.get("movies_per_hour"))
+        if backlog == 0:
+            rates["eta_s"] = 0.0
+        elif backlog is not None and rate:
+            rates["eta_s"] = backlog / rate * 3600.0
+    snap["rates"] = rates
+    trend = dict(snap.get("trend") or {})
+    recent = snap.get("recent") or []
+    trend.setdefault("motion", [r.get("motion_total_A") for r in recent])
+    trend.setdefault("quality", [r.get("quality_gain") for r in recent])
+    snap["trend"] = trend
+    alerts: list[str] = []
+    free = as_finite(snap.get("disk_free_gb"))
+    if free is not None and free < LOW_DISK_GB:
+        alerts.append(f"low disk space: {free:.1f} GB free in the output folder")
+    for w in snap.get("waiting") or []:
+        seconds = as_finite(w.get("seconds"))
+        if w.get("state") == "waiting_picks" and seconds is not None and seconds >= PICKS_WAIT_WARN_S:
+            alerts.append(f"{os.path.basename(str(w.get('movie')))}: waiting {fmt_duration(seconds)} for picks")
+    snap["alerts"] = alerts
+    return snap
 
 
 def read_status(out_dir: str | Path) -> dict[str, Any]:

@@ -1,13 +1,13 @@
 """``lmc demo``: a synthetic session arriving over time, processed live, scored against its ground truth.
 
-DIR/scope/ is the microscope (streamer/emulator.py writes movies in chunks every few seconds, picks a
+DIR/scope/ is the microscope (streamer/sim/emulator.py writes movies in chunks every few seconds, picks a
 little later); DIR/lmc/ is the output of ``lmc watch`` running on it with the console (or headless).
 The session is asked to drain and stop once every movie has been processed.
 
 Quality against the ground truth: the particles the session wrote (local correction) and the same
 picks extracted with full-frame motion only are each compared with the simulation's noise-free
 particle images (``streamer.sim.simulate.truth_particles``, shifted to the pick's offset from the true
-centre). The score is the Fourier ring correlation pooled over all particles,
+centre). The score is the Fourier ring correlation pooled over all particles (``gpu.quality``),
 ``FRC(k) = Σ Re(X Y*) / sqrt(Σ|X|² Σ|Y|²)`` over the rings of frequency ``k``, averaged over the band
 50–6 Å; the gain is local minus full-frame. An isotropic filter on the reference (radiation damage,
 which the truth images lack) scales each ring and cancels in the ratio; both extractions use the same
@@ -30,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from gpu.quality import band_frc, image_ring_sums
 from streamer import config as config_mod
-from streamer.config import Config, ConfigError
+from streamer.config import Config
+from streamer.errors import ConfigError
 from streamer.sim.emulator import MicroscopeEmulator, Timing
 from streamer.sim.simulate import SimParams
 
@@ -129,40 +131,6 @@ class _Finisher:
 # -- the score against the ground truth ----------------------------------------------------------------
 
 
-def ring_sums(images: np.ndarray, refs: np.ndarray, apix: float, band_A: tuple[float, float] = BAND_A) -> np.ndarray:
-    """``(3, n_rings)`` sums over particles of ``Re(X Y*)``, ``|X|²``, ``|Y|²`` per Fourier ring.
-
-    ``images``, ``refs``: (n, b, b). Ring ``r`` holds frequencies with ``round(|k| b) = r`` (k in
-    cycles/px); only rings inside ``band_A`` (Å, low to high resolution) are non-zero.
-    """
-    from gpu import backend
-
-    b = images.shape[-1]
-    x = backend.rfft2(np.asarray(images, np.float32))
-    y = backend.rfft2(np.asarray(refs, np.float32))
-    ring = np.rint(np.hypot(np.fft.fftfreq(b)[:, None], np.fft.rfftfreq(b)[None, :]) * b).astype(np.int64)
-    res = np.divide(b * apix, ring.astype(np.float64), out=np.full(ring.shape, np.inf), where=ring > 0)
-    inside = (res <= band_A[0]) & (res >= band_A[1])
-    # each rfft column other than 0 and b/2 stands for itself and its conjugate twin: counting it
-    # twice gives the sums over the full plane
-    twin = np.full(x.shape[-1], 2.0)
-    twin[0] = 1.0
-    if b % 2 == 0:
-        twin[-1] = 1.0
-    terms = np.stack([(x * y.conj()).real.sum(0), (np.abs(x) ** 2).sum(0), (np.abs(y) ** 2).sum(0)]) * twin
-    n = b // 2 + 2
-    return np.stack([np.bincount(ring[inside], t[inside], minlength=n)[:n] for t in terms])
-
-
-def frc_score(sums: np.ndarray) -> float:
-    """Band-averaged FRC from :func:`ring_sums` (rings with no coefficient are left out)."""
-    num, pa, pb = sums
-    ok = (pa > 0) & (pb > 0)
-    if not ok.any():
-        return float("nan")
-    return float(np.mean(num[ok] / np.sqrt(pa[ok] * pb[ok])))
-
-
 def truth_references(scope: Path, movie: str, x: np.ndarray, y: np.ndarray, box: int, out_apix: float,
                      apix: float) -> tuple[np.ndarray, np.ndarray]:
     """Noise-free images of the particles picked at ``(x, y)`` (movie px), as the extraction centred on
@@ -232,7 +200,7 @@ def score_against_truth(scope: Path, out: Path, cfg: Config, baseline: bool = Tr
         refs, keep = truth_references(scope, stem, x, y, imgs.shape[-1], cfg.out_apix, cfg.apix)
         if not keep.any():
             continue
-        s = ring_sums(imgs[keep], refs, cfg.out_apix)
+        s = image_ring_sums(imgs[keep], refs, cfg.out_apix, BAND_A)
         n_rings = s.shape[1]
         local = s if local is None else local + s
         count += int(keep.sum())
@@ -240,14 +208,14 @@ def score_against_truth(scope: Path, out: Path, cfg: Config, baseline: bool = Tr
             res = process_movie(ff_cfg, str(movies[stem]), write_sidecars=False)
             fref, fkeep = truth_references(scope, stem, res.x, res.y, res.particles.shape[-1], cfg.out_apix, cfg.apix)
             if fkeep.any():
-                fs = ring_sums(res.particles[fkeep], fref, cfg.out_apix)
+                fs = image_ring_sums(res.particles[fkeep], fref, cfg.out_apix, BAND_A)
                 full = fs if full is None else full + fs
     result: dict[str, Any] = {"particles": count, "band_A": list(BAND_A), "frc_local": None, "frc_fullframe": None,
                               "gain": None, "rings": n_rings}
     if local is not None:
-        result["frc_local"] = round(frc_score(local), 4)
+        result["frc_local"] = round(band_frc(local), 4)
     if full is not None:
-        result["frc_fullframe"] = round(frc_score(full), 4)
+        result["frc_fullframe"] = round(band_frc(full), 4)
     if result["frc_local"] is not None and result["frc_fullframe"] is not None:
         result["gain"] = round(result["frc_local"] - result["frc_fullframe"], 4)
     return result

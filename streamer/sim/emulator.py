@@ -6,7 +6,7 @@ chunk with a pause after each (EPU does not use temporary names, so a watcher ha
 file is whole). Its pick file appears ``picks_delay_s`` after the movie is complete (atomically, as
 pickers write them), and its ground truth goes to ``truth/`` (not watched) at the same time.
 
-Layout, as ``lmc simulate`` (streamer/simulate.py): ``movies/``, ``picks/``, ``truth/``, the gain
+Layout, as ``lmc simulate`` (streamer/sim/simulate.py): ``movies/``, ``picks/``, ``truth/``, the gain
 reference and ``session.json`` (written first, listing the whole plan and the recommended lmc settings).
 """
 

@@ -2,13 +2,13 @@
 
 Image formation, frame ``t`` (0-based), in order (REFERENCE §1, §5):
 
-1. Specimen: particles (streamer/sim_specimen.py: pseudo-atom model, uniform random 3-D
+1. Specimen: particles (streamer/sim/specimen.py: pseudo-atom model, uniform random 3-D
    orientations, weak-phase contrast ``-2 F⁻¹[φ̂ · CTF]``, per-particle defocus = micrograph
    defocus + particle height ~ N(0, ``defocus_spread_A``)) and a static ice texture (RMS contrast
    ``ice_texture``, CTF of the micrograph applied).
 2. Radiation damage: the signal's transform times ``exp(-N_t / (2 Ne(k)))``, ``N_t = dose · (t + 0.5)``
    the exposure at the middle of the frame, ``Ne`` from gpu.dose.critical_exposure (at ``kv``).
-3. Motion: particle ``p`` sits at ``c_p + s_t + L(c_p, t) + r_p(t)`` (streamer/sim_motion.py); the ice
+3. Motion: particle ``p`` sits at ``c_p + s_t + L(c_p, t) + r_p(t)`` (streamer/sim/motion.py); the ice
    texture is warped by ``s_t + L(x, t)``. Reference frame = central frame ``F // 2``.
 4. Detector: expected counts ``dose · apix² · (1 + signal) · g`` with pixel sensitivity
    ``g ~ 1 + gain_sigma · N(0, 1)``, a few hot pixels (10-30x the mean, every frame), then Poisson.

@@ -13,7 +13,7 @@ integral is the phase of one residue, ``σ_e · ΔV · v_res`` with ``σ_e`` the
 (6.53e-4 rad/(V·Å) at 300 kV), ΔV = 2.4 V the excess potential of protein over vitreous ice
 (protein ≈ 7 V, ice ≈ 4.6 V) and ``v_res`` = 136 Å³: 0.21 rad·Å² per residue at 300 kV. The image
 contrast is ``-2 F⁻¹[φ̂ · CTF]`` (gpu/ctf.py). What this gives for a 300 kDa particle is stated in
-streamer/simulate.py.
+streamer/sim/simulate.py.
 """
 
 from __future__ import annotations

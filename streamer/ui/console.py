@@ -14,17 +14,15 @@ incomplete, waiting_picks, queued, running, done, failed, skipped}; ``particles`
 latency_median_s, latency_p95_s, backlog, eta_s}; ``recent`` [{movie, particles, motion_total_A,
 motion_early_A, local_mean_A, quality_gain, seconds}] (newest last); ``waiting`` [{movie, state,
 seconds}]; ``warnings`` [str]; ``errors`` [{movie, reason}]; ``paused``; ``quit_requested``.
-Derived by :func:`enrich_snapshot` when absent: ``disk_free_gb``, ``rates.eta_s``, ``trend``
+Derived by :func:`streamer.output.status.enrich_snapshot` when absent: ``disk_free_gb``, ``rates.eta_s``, ``trend``
 {motion, quality}, ``alerts`` [str] (low disk, a movie waiting long for its picks).
 """
 
 from __future__ import annotations
 
 import io
-import math
 import os
 import select
-import shutil
 import sys
 import termios
 import threading
@@ -33,7 +31,6 @@ import tty
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
@@ -42,7 +39,11 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
+from streamer.output.status import LOW_DISK_GB, enrich_snapshot, fmt_duration
+from streamer.output.status import as_finite as _num
 from streamer.ui.sparkline import sparkline
+
+__all__ = ["Controls", "LiveConsole", "TrendHistory", "enrich_snapshot", "fmt_duration", "grade", "grade_gain", "render"]
 
 # Colour bands for the per-movie quality values: (green up to, yellow up to), red beyond.
 # Full-frame drift of 5-30 Å and local deviations of 1-5 Å are typical (REFERENCE §5).
@@ -51,8 +52,6 @@ MOTION_EARLY_A = (10.0, 20.0)
 LOCAL_MEAN_A = (3.0, 6.0)
 # quality_gain is the relative gain of local over full-frame correction; below -GAIN_EPS it hurt
 GAIN_EPS = 0.002
-LOW_DISK_GB = 50.0  # warn when the output folder's file system has less free space than this
-PICKS_WAIT_WARN_S = 300.0
 
 
 @dataclass
@@ -80,16 +79,6 @@ class Controls:
 # -- formatting ------------------------------------------------------------------------------
 
 
-def _num(v: Any) -> float | None:
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def fmt_int(v: Any) -> str:
     f = _num(v)
     return "–" if f is None else f"{round(f):,}"
@@ -100,21 +89,6 @@ def fmt_float(v: Any, digits: int = 1, sign: bool = False) -> str:
     if f is None:
         return "–"
     return f"{f:+.{digits}f}" if sign else f"{f:.{digits}f}"
-
-
-def fmt_duration(v: Any) -> str:
-    """Seconds as ``45s``, ``12m05s``, ``3h02m``, ``2d04h``."""
-    f = _num(v)
-    if f is None or f < 0:
-        return "–"
-    s = round(f)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def grade(v: Any, bands: tuple[float, float]) -> str:
@@ -138,66 +112,6 @@ def _short_path(p: Any, width: int) -> str:
     if len(s) <= width:
         return s
     return "…" + s[-(width - 1):] if width > 1 else "…"
-
-
-# -- deriving what the session may not provide --------------------------------------------------
-
-
-def enrich_snapshot(snapshot: dict[str, Any], out_dir: str | Path | None = None, now: float | None = None) -> dict[str, Any]:
-    """A copy of ``snapshot`` with what the console shows filled in where the session left it out.
-
-    Adds ``disk_free_gb`` (free space of ``out_dir``'s file system, GB = 1e9 bytes; default
-    ``session.out``), ``session.uptime_s`` (from ``session.started``, epoch s), ``rates.backlog``
-    (settling + queued + running) and ``rates.eta_s`` (= backlog / recent movie rate), ``trend``
-    {motion, quality} (from ``recent``), and recomputes ``alerts``: low disk space (< ``LOW_DISK_GB``)
-    and movies waiting longer than ``PICKS_WAIT_WARN_S`` for their picks. Values present are kept;
-    applying it twice gives the same result.
-    """
-    snap = dict(snapshot or {})
-    now = time.time() if now is None else now
-    session = dict(snap.get("session") or {})
-    if _num(session.get("uptime_s")) is None and _num(session.get("started")) is not None:
-        session["uptime_s"] = max(0.0, now - float(session["started"]))
-    snap["session"] = session
-    out_dir = out_dir if out_dir is not None else session.get("out")
-    if _num(snap.get("disk_free_gb")) is None and out_dir:
-        path = Path(out_dir)
-        while not path.exists() and path != path.parent:
-            path = path.parent
-        try:
-            snap["disk_free_gb"] = round(shutil.disk_usage(path).free / 1e9, 1)
-        except OSError:
-            pass
-    rates = dict(snap.get("rates") or {})
-    backlog = _num(rates.get("backlog"))
-    if backlog is None:
-        counts = snap.get("counts") or {}
-        parts = [_num(counts.get(k)) for k in ("settling", "queued", "running")]
-        if any(p is not None for p in parts):
-            backlog = sum(p for p in parts if p is not None)
-            rates["backlog"] = int(backlog)
-    if _num(rates.get("eta_s")) is None:
-        rate = _num(rates.get("movies_per_hour_recent")) or _num(rates.get("movies_per_hour"))
-        if backlog == 0:
-            rates["eta_s"] = 0.0
-        elif backlog is not None and rate:
-            rates["eta_s"] = backlog / rate * 3600.0
-    snap["rates"] = rates
-    trend = dict(snap.get("trend") or {})
-    recent = snap.get("recent") or []
-    trend.setdefault("motion", [r.get("motion_total_A") for r in recent])
-    trend.setdefault("quality", [r.get("quality_gain") for r in recent])
-    snap["trend"] = trend
-    alerts: list[str] = []
-    free = _num(snap.get("disk_free_gb"))
-    if free is not None and free < LOW_DISK_GB:
-        alerts.append(f"low disk space: {free:.1f} GB free in the output folder")
-    for w in snap.get("waiting") or []:
-        seconds = _num(w.get("seconds"))
-        if w.get("state") == "waiting_picks" and seconds is not None and seconds >= PICKS_WAIT_WARN_S:
-            alerts.append(f"{os.path.basename(str(w.get('movie')))}: waiting {fmt_duration(seconds)} for picks")
-    snap["alerts"] = alerts
-    return snap
 
 
 class TrendHistory:
