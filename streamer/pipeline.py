@@ -619,6 +619,6 @@ def process_movie(
     elif render_plot and cfg.plots:  # a worker: the PNG goes to the session's writer with the result
         from streamer.formats.plot import plot_png
 
-        result.plot_png = plot_png(image, binning * frames.upsampling, result)
+        result.plot_png = plot_png(image, binning * est.frames.upsampling, result)
         result.stats["seconds_sidecars"] = round(time.perf_counter() - clock.tick, 4)
     return result
