@@ -42,6 +42,7 @@ from streamer.live.metrics import Metrics, StatusPublisher
 from streamer.live.signals import SignalHandlers, StopFlags
 from streamer.live.watcher import Notice, Watcher, split_pattern
 from streamer.live.writer import Writer
+from streamer.output.accounting import folder_account, movie_line, no_particle_warning
 from streamer.output.ledger import Ledger
 from streamer.output.status import clean
 
@@ -101,9 +102,11 @@ class Session:
         on_state: Callable[[dict[str, Any]], None] | None = None,
         controls: Any = None,
         worker_handler: str | None = None,
+        command: str = "watch",
     ) -> None:
         check_inputs(cfg)
         self.cfg = cfg
+        self.command = command
         self.once = once
         self.headless = headless
         self.new = new
@@ -308,7 +311,13 @@ class Session:
         latency = now - float(job.meta.get("ready_at", now))
         self.metrics.committed(job.movie, result.n, result.stats or {}, latency, now,
                                now - job.started if job.started else None, worker)
-        log.info("done: %s (%d particles, %.2f s after ready)", job.movie, result.n, latency)
+        stats = result.stats or {}
+        log.info("done: %s (%s; %.2f s after ready)", job.movie, movie_line(stats), latency)
+        for note in stats.get("notes") or []:
+            log.info("%s", note)
+        empty = no_particle_warning(job.movie, stats)
+        if empty is not None:
+            log.warning("%s", empty)
 
     def _notice(self, n: Notice) -> None:
         assert self.writer is not None
@@ -343,7 +352,9 @@ class Session:
         """The session state for the console and ``status.json``.
 
         Keys: ``version``, ``time`` (epoch), ``phase`` (starting|running|draining|finished|aborted),
-        ``session`` {movies, picks, out, started, uptime_s, endpoint, pid, host, once},
+        ``session`` {movies, picks, out, started, uptime_s, endpoint, pid, host, once, command ("run" or
+        "watch": the command that made the folder's session)}, ``picks`` (this run's pick accounting:
+        movies, picks, particles, skipped, skip_reasons {reason: n}, movies_without_particles),
         ``counts`` {state: n} over every watcher state, ``particles``, ``stacks``, ``totals`` (the
         output folder's done/failed/skipped/particles/stacks), ``this_session`` (the same, this run),
         ``rates`` {movies_per_hour, movies_per_hour_recent, particles_per_s, particles_per_s_recent,
@@ -374,7 +385,9 @@ class Session:
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "once": self.once,
+                "command": self.command,
             },
+            "picks": m.picks.as_dict(),
             "counts": counts,
             "particles": self.totals.get("particles", 0),
             "stacks": self.totals.get("stacks", 0),
@@ -415,14 +428,17 @@ class Session:
                 if opened:  # never write status.json into a folder we refused to open
                     self._publish(time.monotonic(), force=True)
         log.info("session %s: %s", self.phase, self.metrics.counts)
+        log.info("picks this run: %s", self.metrics.picks.line())
         self._log.detach()
 
     def summary(self) -> dict[str, Any]:
         """What ``lmc run`` / ``lmc watch`` print at the end (folder totals + this run)."""
         failures = []
+        folder_picks: dict[str, Any] = {}
         try:
             led = Ledger(self.out / "ledger.sqlite", readonly=True)
             failures = [(m, r) for m, r in led.failed()]
+            folder_picks = folder_account(r.stats for r in led.rows(with_payload=False)).as_dict()
             led.close()
         except Exception as exc:
             log.debug("ledger unreadable for the summary: %s", exc)
@@ -435,8 +451,12 @@ class Session:
             "stacks": self.totals.get("stacks", 0),
             "this_session": dict(self.metrics.counts),
             "failures": failures,
+            "picks": self.metrics.picks.as_dict(),
+            "picks_folder": folder_picks,
+            "command": self.command,
             "out": str(self.out),
             "aborted": self.stop.abort,
+            "stopped_early": self.stop.drain and bool(self.watcher is not None and self.watcher.pending()),
             "reason": self.stop.reason,
             "elapsed_s": round(time.monotonic() - self.started, 2),
             "latency_median_s": median,
@@ -453,12 +473,14 @@ def run_session(
     controls: Any = None,
     *,
     worker_handler: str | None = None,
+    command: str = "watch",
 ) -> dict[str, Any]:
     """Run ``lmc watch`` (``once``: ``lmc run``) until done, drained or aborted; returns the summary.
 
     ``on_state(snapshot)`` is called about once a second (see :meth:`Session.snapshot`);
     ``controls`` (``paused``, ``quit_requested`` attributes) is polled. ``worker_handler``
-    (``module:function``) replaces the pipeline in local workers (tests only).
+    (``module:function``) replaces the pipeline in local workers (tests only). ``command``: "run" or
+    "watch", recorded in ``status.json`` so ``lmc status`` says which command made the folder.
     """
     return Session(cfg, once=once, headless=headless, new=new, on_state=on_state, controls=controls,
-                   worker_handler=worker_handler).run()
+                   worker_handler=worker_handler, command=command).run()
