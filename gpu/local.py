@@ -15,10 +15,10 @@ Model (one movie, all particles at once). The local residual of particle p in fr
   Å per e/Å² (frame displacement std = σ·dose_per_frame/apix px) — plus an acceleration prior
   (velocity change per frame std = σ_a·dose_per_frame, σ_a in Å per (e/Å²)²). Field modes use
   ``sigma_field`` scaled by ``N0 / (N + N0)`` at exposure N (``burst_exposure`` N0: beam-induced
-  motion is fastest in the first few e/Å², REFERENCE §5; on simulated sessions it lowered the
+  motion is fastest in the first few e/Å², docs/physics.md#realistic-motion; on simulated sessions it lowered the
   trajectory RMSE by ~17 % against a stationary prior), residuals ``sigma_velocity``. The particles'
   velocities thus have the prior covariance ``σ_f² K + σ_e² I``: a GP whose independent part is
-  strongly shrunk (REFERENCE §2/§3: independent per-particle fits fit noise at realistic SNR).
+  strongly shrunk (docs/physics.md#per-particle-alignment: independent per-particle fits fit noise at realistic SNR).
 * Parameters are the whitened velocity increments ``z`` (prior ½|z|²); d is their cumulative sum,
   made **zero-mean over all frames** of the movie: the particle stays centred where it appears in
   the full-frame-corrected micrograph (where it was picked), and the gauge freedom of the
@@ -148,7 +148,7 @@ class TrajectoryModel:
     increments (when ``residual``).
     Increment scales (px per frame): ``s = σ · dose_per_frame / apix · h(N)``, with
     ``h(N) = N0 / (N + N0)`` for the field when ``burst_exposure`` N0 > 0 (beam-induced motion is
-    fastest early, REFERENCE §5) and 1 otherwise; N is the exposure between the two frames. The
+    fastest early, docs/physics.md#realistic-motion) and 1 otherwise; N is the exposure between the two frames. The
     acceleration prior is ``½ ρ² Σ_j (z_j - z_{j-1})²`` with ``ρ = σ / (σ_a · dose_per_frame)``.
     """
 

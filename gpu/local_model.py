@@ -16,7 +16,7 @@ shifts (``S`` integrated out) is, up to a constant (Sherman-Morrison on ``σ² I
     log L(d) = Σ_k w(k) ( |Σ_t G_t(k)|² - Σ_t |G_t(k)|² ),   w = τ² / (σ² (σ² + τ² Σ_t q_t²))
 
 i.e. alignparts_lbfgs' "every frame against the sum of the others" objective (Rubinstein &
-Brubaker 2015; REFERENCE §2) with frequency weights that make it a calibrated log-likelihood in
+Brubaker 2015; docs/physics.md#per-particle-alignment) with frequency weights that make it a calibrated log-likelihood in
 nats, so priors in physical units (:mod:`gpu.local`) balance it without a free λ. ``σ²`` and
 ``τ²`` are estimated per Fourier shell from the data themselves (frame self-power and cross-frame
 power after the full-frame alignment, pooled over all particles of the movie). The optional

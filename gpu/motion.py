@@ -30,7 +30,7 @@ On weak data ``h / σ`` is small and the prior decides; on strong data the prior
 (noise-free input: the same sub-pixel result as without it, < 0.01 px).
 
 Prior, in Å and e/Å² so that it carries over between detectors, doses and pixel sizes
-(REFERENCE §3, §5), and independent of how finely the exposure ``e`` is fractionated:
+(Zivanov et al. 2019; docs/physics.md#motion-priors), and independent of how finely the exposure ``e`` is fractionated:
 ``-log p(s) = ½ smoothing ∫ (|ṡ|² / σ_v(e)² + |s̈|² / σ_a(e)²) de`` (dots: derivatives in exposure;
 summed over frames, :func:`trajectory_prior`) with ``σ(e) = σ_late + σ_burst exp(-e / 2 e/Å²)``:
 ``σ_v`` = 0.5 + 10 exp(-e/2) Å per e/Å² and ``σ_a`` = 0.2 + 10 exp(-e/2) Å per (e/Å²)². The burst
@@ -45,7 +45,7 @@ these values). ``smoothing`` scales the prior's precision (σ / sqrt(smoothing))
 Search: the trajectory must first be found to within the peak's capture range (about a binned
 pixel after the B-factor). First iteration (and once more after an update above half a binned
 pixel): the correlation maps ``c_t`` on the integer grid of offsets ``|δ| <= max_shift`` (150 Å by
-default: drift between a frame and the others is 5-30 Å, REFERENCE §5; at most a quarter of the
+default: drift between a frame and the others is 5-30 Å, docs/physics.md#realistic-motion; at most a quarter of the
 frame) and the exact MAP path of ``Σ ℓ_t`` under the velocity part of the prior by dynamic
 programming (Viterbi; the quadratic transition cost is separable in x and y). Then Newton steps
 on the full posterior ``Σ_t ℓ_t(s_t + δ_t) - prior(s + δ)`` with the others frozen (Jacobi): each

@@ -17,6 +17,8 @@ micrograph    :func:`micrograph`              the aligned sum (for the plot)
 sidecars      :func:`write_sidecar_files`     trajectories/<stem>.star, plots/<stem>.png
 ============  ==============================  ===============================================
 
+:func:`estimate` runs decode .. local and returns an :class:`Estimate`, whose ``trajectories_px()``
+is the one definition of the trajectories extracted (benchmarks/quality.py scores exactly these);
 :func:`movie_result` assembles the :class:`~streamer.types.MovieResult` and its statistics.
 Buffers kept between movies are held by a :class:`Workspace` that the caller owns (a worker keeps
 one; a one-off call gets a fresh one).
@@ -422,27 +424,78 @@ def path_length(traj: np.ndarray) -> float:
     return float(np.sum(np.linalg.norm(np.diff(traj, axis=0), axis=-1)))
 
 
-def movie_result(
+@dataclass
+class Estimate:
+    """Everything known about one movie before extraction: the frames, the picks, the full-frame
+    motion and the per-particle trajectories; ``notes``: ``warnings``, ``eer_leftover`` and the
+    ``seconds_*`` of the stages so far. The two methods below are the ONE definition of which
+    trajectories the product extracts (benchmarks/quality.py scores exactly these)."""
+
+    frames: Frames
+    located: Located
+    motion: FullFrame
+    local: LocalTrajectories
+    notes: dict[str, Any]
+
+    def fullframe_px(self) -> np.ndarray:
+        """(F, 2) the movie's full-frame trajectory (frame px)."""
+        return self.motion.shifts_px
+
+    def trajectories_px(self) -> np.ndarray:
+        """(n, F, 2) the trajectory each particle is extracted along (frame px): full-frame + local."""
+        return self.fullframe_px()[None] + self.local.smooth
+
+    def raw_trajectories_px(self) -> np.ndarray:
+        """(n, F, 2) the noisy per-frame estimate behind :meth:`trajectories_px` (frame px)."""
+        return self.fullframe_px()[None] + self.local.raw
+
+
+def estimate(
     cfg: Config,
     movie: str,
-    frames: Frames,
-    located: Located,
-    motion: FullFrame,
-    local: LocalTrajectories,
-    extracted: Extracted,
-    notes: dict[str, Any],
-) -> MovieResult:
-    """The :class:`MovieResult` of one movie with its statistics (``stats``; ``notes``: ``warnings``
-    (list), ``eer_leftover`` and the ``seconds_*`` timings so far)."""
+    picks: Any,
+    *,
+    xp: ModuleType,
+    workspace: Workspace,
+    clock: StageClock,
+    preloaded: Movie | None = None,
+    gain: np.ndarray | None = None,
+    binned_patches: bool | None = None,
+) -> Estimate:
+    """Stages decode, gain, motion, picks and local in order, each lapped on ``clock``."""
+    mov = decode(cfg, movie, preloaded)
+    notes: dict[str, Any] = {"warnings": list(mov.warnings), "eer_leftover": int(mov.leftover_raw_frames),
+                             "eer_raw_frames": int(mov.n_raw_frames)}
+    clock.lap("decode")
+    frames = correct_gain(cfg, mov, xp=xp, gain=gain, workspace=workspace)
+    del mov, preloaded
+    clock.lap("gain")
+    sums2 = binned_sums(frames, workspace) if use_binned_patches(cfg, frames, xp, binned_patches) else None
+    motion = full_frame_motion(cfg, frames, sums2=sums2)
+    del sums2
+    clock.lap("motion")
+    located = locate_picks(cfg, movie, picks, frames)
+    clock.lap("picks")
+    local = local_trajectories(cfg, frames, located.positions, motion)
+    if motion.sums2 is not None:
+        workspace.keep("binned", motion.sums2)  # for the next movie (its pages stay mapped)
+        motion.sums2 = None
+    clock.lap("local")
+    return Estimate(frames, located, motion, local, notes)
+
+
+def movie_result(cfg: Config, movie: str, est: Estimate, extracted: Extracted, timings: dict[str, float]) -> MovieResult:
+    """The :class:`MovieResult` of one movie with its statistics (``stats``)."""
+    frames, located, local = est.frames, est.located, est.local
     pk, kept, apix = located.picks, extracted.kept, frames.apix
     skipped: list[tuple[float, float, str]] = list(pk.rejected)
     kept_set = set(kept.tolist())
     for i, reason in extracted.reasons:
         if i not in kept_set:
             skipped.append((float(pk.x[i]), float(pk.y[i]), reason))
-    shifts_px = motion.shifts_px
+    shifts_px = est.fullframe_px()
     n_frames = len(shifts_px)
-    warnings = list(notes.get("warnings", []))
+    warnings = list(est.notes.get("warnings", []))
     if local.n_outside:
         warnings.append(f"{local.n_outside} particles too close to the edge for the alignment box: full-frame motion only")
     frame_shifts_A = shifts_px * apix
@@ -467,12 +520,12 @@ def movie_result(
         "dose_per_frame": cfg.dose_per_frame,
         "pre_exposure": cfg.pre_exposure,
         "hot_pixels": frames.n_bad,
-        "eer_leftover": int(notes.get("eer_leftover", 0)),
-        "eer_raw_frames": int(notes.get("eer_raw_frames", 0)),
+        "eer_leftover": int(est.notes.get("eer_leftover", 0)),
+        "eer_raw_frames": int(est.notes.get("eer_raw_frames", 0)),
         "local_fallback": bool(local.info.get("fallback", False)),
         "warnings": [f"{pk.source}: {p}" for p in pk.problems] + warnings,
         "notes": [f"{pk.source}: {n}" for n in pk.notes],
-        **{k: v for k, v in notes.items() if k.startswith("seconds_")},
+        **timings,
     }
     return MovieResult(
         movie=str(movie),
@@ -482,8 +535,8 @@ def movie_result(
         columns={k: np.asarray(v)[kept] for k, v in pk.columns.items()},
         skipped=skipped,
         frame_shifts=frame_shifts_A,
-        traj_raw=(shifts_px[None] + local.raw)[kept] * apix,
-        traj_smooth=(shifts_px[None] + local.smooth)[kept] * apix,
+        traj_raw=est.raw_trajectories_px()[kept] * apix,
+        traj_smooth=est.trajectories_px()[kept] * apix,
         micrograph_shape=frames.phys_shape,
         apix=cfg.apix,
         stats=stats,
@@ -545,36 +598,20 @@ def process_movie(
     if cfg.threads:
         backend.set_threads(cfg.threads)
     clock = StageClock(xp, on_stage)
-
-    mov = decode(cfg, movie, preloaded)
-    notes: dict[str, Any] = {"warnings": list(mov.warnings), "eer_leftover": int(mov.leftover_raw_frames),
-                             "eer_raw_frames": int(mov.n_raw_frames)}
-    clock.lap("decode")
-    frames = correct_gain(cfg, mov, xp=xp, gain=gain, workspace=workspace)
-    del mov, preloaded
-    clock.lap("gain")
-    sums2 = binned_sums(frames, workspace) if use_binned_patches(cfg, frames, xp, binned_patches) else None
-    motion = full_frame_motion(cfg, frames, sums2=sums2)
-    del sums2
-    clock.lap("motion")
-    located = locate_picks(cfg, movie, picks, frames)
-    clock.lap("picks")
-    local = local_trajectories(cfg, frames, located.positions, motion)
-    if motion.sums2 is not None:
-        workspace.keep("binned", motion.sums2)  # for the next movie (its pages stay mapped)
-        motion.sums2 = None
-    clock.lap("local")
-    extracted = extract(cfg, frames, located.positions, motion.shifts_px[None] + local.smooth)
+    est = estimate(cfg, movie, picks, xp=xp, workspace=workspace, clock=clock, preloaded=preloaded, gain=gain,
+                   binned_patches=binned_patches)
+    del preloaded
+    extracted = extract(cfg, est.frames, est.located.positions, est.trajectories_px())
     clock.lap("extract")
-    image, binning = micrograph(motion)
-    motion.binned = None
-    if frames.reusable:
-        workspace.keep("frames", frames.data)
-    frames.data = None
+    image, binning = micrograph(est.motion)
+    est.motion.binned = None
+    if est.frames.reusable:
+        workspace.keep("frames", est.frames.data)
+    est.frames.data = None
     clock.lap("micrograph")
 
-    result = movie_result(cfg, movie, frames, located, motion, local, extracted, {**notes, **clock.timings})
+    result = movie_result(cfg, movie, est, extracted, clock.timings)
     if write_sidecars and cfg.out:
-        write_sidecar_files(cfg, result, image, binning * frames.upsampling)
+        write_sidecar_files(cfg, result, image, binning * est.frames.upsampling)
         result.stats["seconds_sidecars"] = round(time.perf_counter() - clock.tick, 4)
     return result

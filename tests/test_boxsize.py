@@ -11,7 +11,7 @@ def test_relativistic_wavelength(kv, lam):
 
 
 def test_rosenthal_henderson_example():
-    # 300 kV, r = 3 Å, Δf = 2 µm: 2 λ Δf / r ≈ 262 Å (REFERENCE §6)
+    # 300 kV, r = 3 Å, Δf = 2 µm: 2 λ Δf / r ≈ 262 Å (Rosenthal & Henderson 2003; docs/physics.md#geometry)
     r = recommended_box(diameter_A=150.0, defocus_A=20000.0, resolution_A=3.0, kv=300.0, apix=1.0)
     assert r["delocalisation_A"] == pytest.approx(262.5, abs=0.5)
     assert r["box_A"] == pytest.approx(150.0 + r["delocalisation_A"])

@@ -86,9 +86,23 @@ def test_boxsize_rosenthal_henderson(tmp_path: Path) -> None:
     res = lmc("boxsize", "--diameter", "150", "--defocus", "20000", "--resolution", "3", "--kv", "300", cwd=tmp_path)
     assert res.returncode == 0
     fields = dict(line.split(": ", 1) for line in res.stdout.strip().splitlines())
-    # 2 λ Δf / r with λ(300 kV) = 0.019688 Å: 262.5 Å of delocalisation (REFERENCE.md §6)
+    # 2 λ Δf / r with λ(300 kV) = 0.019688 Å: 262.5 Å of delocalisation (docs/physics.md#geometry)
     assert float(fields["delocalisation_A"]) == pytest.approx(262.5, abs=0.5)
     assert int(fields["box_px"]) >= 413
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--diameter", "-150"), ("--resolution", "0"), ("--defocus", "-5000")])
+def test_boxsize_bad_values_name_the_flag_in_one_line(tmp_path: Path, flag: str, value: str) -> None:
+    args = {"--diameter": "150", "--defocus": "20000", "--resolution": "3", flag: value}
+    res = lmc("boxsize", *[x for kv in args.items() for x in kv], cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith(f"lmc: boxsize: {flag} must be") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_simulate_bad_parameter_is_one_line(tmp_path: Path) -> None:
+    res = lmc("simulate", str(tmp_path / "sim"), "--movies", "1", "--mass-kda", "-3", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == "lmc: simulate: mass_kda and kv must be > 0"
 
 
 def test_simulate_command(tmp_path: Path) -> None:

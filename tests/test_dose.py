@@ -1,4 +1,4 @@
-"""Exposure weighting against the published Grant & Grigorieff numbers (REFERENCE.md §1)."""
+"""Exposure weighting against the published Grant & Grigorieff numbers (eLife 4:e06980, 2015; docs/physics.md#dose-weighting)."""
 
 from __future__ import annotations
 

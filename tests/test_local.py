@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 
 from gpu.local import estimate_local, guard_choice
+from gpu.quality import band_frc
 from streamer.config import LocalConfig
-from streamer.sim.simulate import SimParams
+from streamer.sim import score
+from streamer.sim.simulate import SimParams, simulate_session
 
 ROOT = Path(__file__).resolve().parents[1]
-# band to 8 Å: where the per-particle information is (REFERENCE §2 used 40 Å; see BENCHMARKS.md)
+# band to 8 Å: where the per-particle information is (alignparts_lbfgs used 40 Å, docs/physics.md#per-particle-alignment; see BENCHMARKS.md)
 CFG = LocalConfig(band_high=8.0, bfactor=0.0, sigma_velocity=0.05)
 
 
@@ -31,14 +33,19 @@ def _benchmark():
 
 
 def _score(tmp_path: Path, **overrides: object) -> dict[str, float]:
+    """The product's stages on one simulated movie, scored as benchmarks/quality.py does (FRC band 100-3 Å)."""
     bq = _benchmark()
     params = SimParams(
         **{"movies": 1, "shape": (768, 768), "particles": 30, "frames": 40, "mass_kda": 600.0, "local_corr_A": 1000.0,
-           "seed": 3, **overrides}
+           "seed": 3, "format": "mrc", **overrides}
     )
-    m = bq.process_movie(params, 0, tmp_path, CFG, {}, methods=("fullframe", "local", "oracle"))
-    out = {k: bq.band_frc(v, m["box"], params.apix, (100.0, 3.0)) for k, v in m["frc_sums"].items()}
-    out.update(m)
+    simulate_session(tmp_path, params)
+    cfg = bq.session_config(tmp_path, params, {f"local.{k}": getattr(CFG, k) for k in ("band_high", "bfactor", "sigma_velocity")})
+    m = bq.score_movie(tmp_path, params, 0, cfg, (100.0, 3.0))
+    out = {"fullframe": band_frc(m.sums["lmc_ff"]), "local": band_frc(m.sums["lmc"]), "oracle": band_frc(m.sums["oracle"])}
+    out.update(choice=m.choice, signal=m.extra["quality_gain"],
+               rmse_local=score.trajectory_rmse(m.traj_A["lmc"], m.truth_A),
+               rmse_fullframe=score.trajectory_rmse(m.traj_A["lmc_ff"], m.truth_A))
     return out
 
 

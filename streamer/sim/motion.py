@@ -1,4 +1,4 @@
-"""Synthetic specimen motion for ``lmc simulate`` (REFERENCE §5), all in Å, trajectory convention of
+"""Synthetic specimen motion for ``lmc simulate`` (docs/physics.md#realistic-motion), all in Å, trajectory convention of
 gpu/__init__.py (a feature at ``p`` in the reference frame is at ``p + s_t`` in frame ``t``), zero at
 the reference frame.
 
@@ -145,3 +145,134 @@ def particle_residuals(
         return walk
     rms = np.sqrt(((walk[:, -1] - walk[:, 0]) ** 2).sum(-1).mean())
     return walk * (amplitude_A / rms if rms > 0 else 0.0)
+
+
+# -- the "modes" model: the hardest sessions we were given (issue 10) ------------------------------
+#
+# Full-frame: 5-30 Å, 60-85 % of it a fast exponential start ``1 - exp(-e / τ)`` with τ = 4-15 % of the
+# total exposure, the rest linear in exposure in a direction up to ±60° from the start's.
+# Local field: six components, each a fixed spatial vector field with its own temporal profile
+# ``a (1 - exp(-e / τ_c)) + (1 - a) e / E`` (τ_c = 5-25 % of the exposure E, a = 0.7-1: a fast start
+# with some steady creep), zero mean over the field of view:
+#   1. radial doming about a random centre: ``(p - c) / R · exp(-|p - c|² / 2R²)``, R = 0.25-0.6 L;
+#   2. shear + rotation: ``M (p - p0) / L`` with M = [[a, b + r], [b - r, -a]] (a, b, r ~ N(0, 1));
+#   3-6. four sinusoidal modes ``u sin(k·p + φ)``, wavelength 0.6-1.5 L, random direction and
+#        polarisation u;
+# (L = the larger side of the field of view, p0 its centre); each component is normalised to unit
+# RMS over the field, weighted by 0.5-1.5, and the sum scaled so that the RMS over the field of view
+# of the net displacement ``|L(end) - L(start)|`` is the requested amplitude (2.5-5 Å in the hard
+# sessions).
+
+
+def burst_drift_trajectory(
+    n_frames: int, dose_per_frame: float, total_A: float, ref: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(F, 2) full-frame trajectory (Å) of the "modes" model (comment above), path length between
+    frame mid-points ``total_A``, zero at frame ``ref``."""
+    e = mid_exposure(n_frames, dose_per_frame)
+    exposure = dose_per_frame * n_frames
+    tau = rng.uniform(0.04, 0.15) * exposure
+    theta = rng.uniform(0, 2 * np.pi)
+    turn = rng.uniform(-np.pi / 3, np.pi / 3)
+    burst = (1 - np.exp(-e / tau))[:, None] * np.array([np.cos(theta), np.sin(theta)])
+    linear = (e / exposure)[:, None] * np.array([np.cos(theta + turn), np.sin(theta + turn)])
+
+    def path(p: np.ndarray) -> float:
+        return float(np.linalg.norm(np.diff(p, axis=0), axis=1).sum())
+
+    share = rng.uniform(0.6, 0.85)
+    s = share * burst / max(path(burst), 1e-12) + (1 - share) * linear / max(path(linear), 1e-12)
+    s *= total_A / path(s) if path(s) > 0 else 0.0
+    return s - s[ref]
+
+
+@dataclass(frozen=True)
+class ModeField:
+    """Local deviation field of the "modes" model (comment above). Positions in Å.
+
+    ``dome``: (cx, cy, R, weight); ``affine``: (2, 2) matrix (already weighted, per L);
+    ``waves``: (4, 6) rows (kx, ky, phase, ux, uy, weight), k in rad/Å; ``origin``: (2,) field centre;
+    ``length``: L (Å); ``mean``: (6, 2) field-of-view mean of each component; ``profile``: (6, F)
+    temporal profiles, zero at the reference frame. ``scale``: overall factor.
+    """
+
+    dome: np.ndarray
+    affine: np.ndarray
+    waves: np.ndarray
+    origin: np.ndarray
+    length: float
+    mean: np.ndarray
+    profile: np.ndarray
+    scale: float = 1.0
+
+    def components(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(6, ..., 2) the spatial vector field of each component at positions ``x``, ``y`` (Å)."""
+        x = np.asarray(x, np.float64)
+        y = np.asarray(y, np.float64)
+        cx, cy, radius, wd = self.dome
+        dx, dy = (x - cx) / radius, (y - cy) / radius
+        g = wd * np.exp(-0.5 * (dx * dx + dy * dy))
+        out = [np.stack([dx * g, dy * g], -1)]
+        px, py = (x - self.origin[0]) / self.length, (y - self.origin[1]) / self.length
+        m = self.affine
+        out.append(np.stack([m[0, 0] * px + m[0, 1] * py, m[1, 0] * px + m[1, 1] * py], -1))
+        for kx, ky, phase, ux, uy, wt in self.waves:
+            s = wt * np.sin(kx * x + ky * y + phase)
+            out.append(np.stack([ux * s, uy * s], -1))
+        comps = np.stack(out)
+        return (comps - self.mean.reshape((6,) + (1,) * (comps.ndim - 2) + (2,))) * self.scale
+
+    def at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(..., F, 2) local displacement (Å) at positions ``x``, ``y`` (Å, shape ``(...)``)."""
+        return np.einsum("c...d,ct->...td", self.components(x, y), self.profile)
+
+    def grids(self, xs: np.ndarray, ys: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+        """(6 components, 2, len(ys), len(xs)) the spatial fields on the grid ``xs`` × ``ys`` (Å)."""
+        gy, gx = np.meshgrid(np.asarray(ys, np.float64), np.asarray(xs, np.float64), indexing="ij")
+        return np.moveaxis(self.components(gx, gy), -1, 1).astype(dtype)
+
+
+def mode_field(
+    shape: tuple[int, int],
+    apix: float,
+    n_frames: int,
+    dose_per_frame: float,
+    amplitude_A: float,
+    ref: int,
+    rng: np.random.Generator,
+) -> ModeField:
+    """A random :class:`ModeField` over an ``shape`` (h, w) field of view (comment above)."""
+    h, w = shape
+    width, height = (w - 1) * apix, (h - 1) * apix
+    length = max(width, height)
+    dome = np.array([rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height,
+                     rng.uniform(0.25, 0.6) * length, rng.choice([-1.0, 1.0])])
+    a, b, r = rng.standard_normal(3)
+    affine = np.array([[a, b + r], [b - r, -a]])
+    waves = np.zeros((4, 6))
+    for i in range(4):
+        k = 2 * np.pi / (rng.uniform(0.6, 1.5) * length)
+        phi, psi = rng.uniform(0, 2 * np.pi, 2)
+        waves[i] = (k * np.cos(phi), k * np.sin(phi), rng.uniform(0, 2 * np.pi), np.cos(psi), np.sin(psi), 1.0)
+    origin = np.array([width / 2, height / 2])
+    e = mid_exposure(n_frames, dose_per_frame)
+    exposure = dose_per_frame * n_frames
+    tau = rng.uniform(0.05, 0.25, 6) * exposure
+    fast = rng.uniform(0.7, 1.0, 6)
+    profile = fast[:, None] * (1 - np.exp(-e[None] / tau[:, None])) + (1 - fast[:, None]) * (e / exposure)[None]
+    profile -= profile[:, ref : ref + 1]
+    # field-of-view means on a fine grid of pixel centres, then each component to unit RMS, weighted
+    gy, gx = np.meshgrid(np.linspace(0, height, 96), np.linspace(0, width, 96), indexing="ij")
+    field = ModeField(dome, affine, waves, origin, length, np.zeros((6, 2)), profile)
+    comps = field.components(gx, gy)
+    mean = comps.reshape(6, -1, 2).mean(axis=1)
+    rms = np.sqrt((((comps - mean[:, None, None]) ** 2).sum(-1)).reshape(6, -1).mean(axis=1))
+    weight = rng.uniform(0.5, 1.5, 6) / np.maximum(rms, 1e-12)
+    dome[3] *= weight[0]
+    affine = affine * weight[1]
+    waves[:, 5] = weight[2:]
+    field = ModeField(dome, affine, waves, origin, length, mean * weight[:, None], profile)
+    disp = field.at(gx, gy)
+    net = np.sqrt((((disp[..., -1, :] - disp[..., 0, :]) ** 2).sum(-1)).mean())
+    return ModeField(dome, affine, waves, origin, length, mean * weight[:, None], profile,
+                     amplitude_A / net if net > 0 else 0.0)

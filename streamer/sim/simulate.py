@@ -1,6 +1,6 @@
 """``lmc simulate``: a synthetic cryo-EM session (movies, gain, picks) with its ground truth.
 
-Image formation, frame ``t`` (0-based), in order (REFERENCE §1, §5):
+Image formation, frame ``t`` (0-based), in order (docs/physics.md: dose weighting, realistic motion):
 
 1. Specimen: particles (streamer/sim/specimen.py: pseudo-atom model, uniform random 3-D
    orientations, weak-phase contrast ``-2 F⁻¹[φ̂ · CTF]``, per-particle defocus = micrograph
@@ -54,10 +54,12 @@ from scipy.ndimage import map_coordinates
 from gpu import backend
 from gpu.ctf import ctf_2d, electron_wavelength
 from gpu.dose import critical_exposure
+from streamer.errors import ConfigError
 from streamer.sim import motion as sim_motion
 from streamer.sim import specimen as sim_specimen
 
 FORMATS = ("tiff", "mrc", "mrc.bz2", "eer")
+MOTION_MODELS = ("classic", "modes")
 PICK_FORMATS = ("star", "box", "topaz", "cs")
 _MOVIE_SUFFIX = {"tiff": "_fractions.tiff", "mrc": "_fractions.mrc", "mrc.bz2": "_fractions.mrc.bz2", "eer": "_EER.eer"}
 _PICK_SUFFIX = {"star": "_autopick.star", "box": ".box", "topaz": "_topaz.txt", "cs": "_picks.cs"}
@@ -97,6 +99,11 @@ class SimParams:
     pick_format: str = "star"
     ice_texture: float = 0.02  # RMS contrast of the static ice texture
     render_res_A: float = 6.0  # CTF delocalisation kept (not wrapped) down to this resolution
+    # the harder sessions of issue 10 (see hard_params): which motion model, amplitude ranges, plain ice
+    motion_model: str = "classic"  # classic | modes (streamer/sim/motion.py)
+    local_A_max: float = 0.0  # > local_A: the local amplitude is drawn per movie from [local_A, local_A_max]
+    particle_A_max: float = 0.0  # > particle_A: the residual amplitude is drawn per movie from [particle_A, this]
+    texture_corr_A: float = 0.0  # 0: carbon-like texture (1/k spectrum); > 0: plain ice of this correlation length
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
@@ -105,7 +112,7 @@ class SimParams:
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
-                raise ValueError(f"simulate: {msg}")
+                raise ConfigError(f"simulate: {msg}")
 
         need(self.movies >= 0 and self.frames >= 1, "movies must be >= 0 and frames >= 1")
         need(len(self.shape) == 2 and min(self.shape) >= 64, f"shape must be (h, w) with both >= 64 (got {self.shape})")
@@ -134,6 +141,8 @@ class SimParams:
             "need eer_raw_per_frame >= 1 and 0 <= eer_leftover < eer_raw_per_frame",
         )
         need(self.hot_pixels >= 0, "hot_pixels must be >= 0")
+        need(self.motion_model in MOTION_MODELS, f"motion_model {self.motion_model!r} must be one of {', '.join(MOTION_MODELS)}")
+        need(min(self.local_A_max, self.particle_A_max, self.texture_corr_A) >= 0, "local_A_max, particle_A_max and texture_corr_A must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -146,6 +155,28 @@ class SimParams:
     @property
     def reference_frame(self) -> int:
         return self.frames // 2
+
+
+def hard_params(**overrides: Any) -> SimParams:
+    """Sessions at least as hard as the held-out ones of issue 10 (``lmc simulate --hard``):
+
+    global drift 5-30 Å, 60-85 % of it a fast exponential start (τ = 4-15 % of the exposure), the
+    rest linear in a direction up to 60° away; a local field of doming, shear/rotation and four
+    sinusoidal modes (0.6-1.5x the field of view), each with its own fast start (τ = 5-25 %),
+    2.5-5 Å RMS net displacement, zero mean over the field; each particle's own smoothed random walk
+    of 0.3-1.0 Å; 60 particles (+3 junk picks) on a 2048² frame; plain ice (1 % RMS before the CTF,
+    ~300 Å correlation length, no carbon); 3 % gain variation; defocus 0.8-2.5 µm, astigmatism up to
+    400 Å; picks jittered by 1.5 px per axis. ``overrides`` change any of it (e.g. ``mass_kda``).
+    """
+    apix = float(overrides.get("apix", 1.0))
+    base: dict[str, Any] = {
+        "shape": (2048, 2048), "particles": 60, "junk_picks": 3, "edge_particles": 2, "motion_model": "modes",
+        "drift_A": (5.0, 30.0), "local_A": 2.5, "local_A_max": 5.0, "particle_A": 0.3, "particle_A_max": 1.0,
+        "ice_texture": 0.01, "texture_corr_A": 300.0, "gain_sigma": 0.03, "defocus_um": (0.8, 2.5),
+        "astigmatism_A": 400.0, "pick_jitter_A": 1.5 * apix, "format": "mrc",
+    }
+    base.update(overrides)
+    return SimParams(**base)
 
 
 # -- names -------------------------------------------------------------------------------------
@@ -285,12 +316,20 @@ def _geometry(params: SimParams, index: int) -> dict[str, Any]:
     height = rng.normal(0, params.defocus_spread_A, params.particles)
 
     total = rng.uniform(*params.drift_A)
-    s = sim_motion.fullframe_trajectory(params.frames, params.dose_per_frame, total, ref, rng)
-    field = sim_motion.local_field(
-        params.shape, apix, params.frames, params.dose_per_frame, params.local_A, params.local_corr_A, ref, rng
-    )
+    local_A = rng.uniform(params.local_A, params.local_A_max) if params.local_A_max > params.local_A else params.local_A
+    particle_A = (rng.uniform(params.particle_A, params.particle_A_max) if params.particle_A_max > params.particle_A
+                  else params.particle_A)
+    field: sim_motion.LocalField | sim_motion.ModeField
+    if params.motion_model == "modes":
+        s = sim_motion.burst_drift_trajectory(params.frames, params.dose_per_frame, total, ref, rng)
+        field = sim_motion.mode_field(params.shape, apix, params.frames, params.dose_per_frame, local_A, ref, rng)
+    else:
+        s = sim_motion.fullframe_trajectory(params.frames, params.dose_per_frame, total, ref, rng)
+        field = sim_motion.local_field(
+            params.shape, apix, params.frames, params.dose_per_frame, local_A, params.local_corr_A, ref, rng
+        )
     local = field.at(pos[:, 0] * apix, pos[:, 1] * apix).reshape(params.particles, params.frames, 2)
-    resid = sim_motion.particle_residuals(params.particles, params.frames, params.particle_A, ref, rng)
+    resid = sim_motion.particle_residuals(params.particles, params.frames, particle_A, ref, rng)
     traj = s[None] + local + resid
 
     jit = rng.normal(0, params.pick_jitter_A / apix, pos.shape)
@@ -443,7 +482,11 @@ class _Texture:
     MARGIN = 16  # coarse pixels of tapered margin around the frame
 
     def __init__(
-        self, params: SimParams, geo: dict[str, Any], field_: sim_motion.LocalField, rng: np.random.Generator
+        self,
+        params: SimParams,
+        geo: dict[str, Any],
+        field_: sim_motion.LocalField | sim_motion.ModeField,
+        rng: np.random.Generator,
     ) -> None:
         (h, w), apix, m = params.shape, params.apix, self.MARGIN
         self.shape, self.apix, self.profile = (h, w), apix, field_.profile.astype(np.float32)
@@ -453,17 +496,22 @@ class _Texture:
         self.wc += self.wc % 2
         self.yc = (np.arange(self.hc) * 2 - 2 * m).astype(np.float32)  # frame pixel rows of the coarse grid
         self.xc = (np.arange(self.wc) * 2 - 2 * m).astype(np.float32)
-        self.lgrid = field_.grids(self.xc * apix, self.yc * apix)  # (2 fields, 2 comps, hc, wc) Å
+        self.lgrid = field_.grids(self.xc * apix, self.yc * apix)  # (fields, 2 comps, hc, wc) Å
         self.shifts = geo["frame_shifts"].astype(np.float32)
+        n_fields = len(self.profile)
         reach = np.abs(self.shifts).max(initial=0.0) + float(
-            (np.abs(self.profile).max(axis=1) * np.abs(self.lgrid).reshape(2, -1).max(axis=1)).sum()
+            (np.abs(self.profile).max(axis=1) * np.abs(self.lgrid).reshape(n_fields, -1).max(axis=1)).sum()
         )
         self.tpad = int(np.ceil(reach / apix)) + 2 * m + 4
         th, tw = h + 2 * self.tpad, w + 2 * self.tpad
         mu, mv, mang = geo["micrograph_defocus"]
         ctf = ctf_2d(th, tw, apix, mu, mv, mang, params.kv, params.cs, params.amplitude_contrast)
-        tex = backend.irfft2(backend.rfft2(sim_specimen.texture_field((th, tw), apix, rng)) * ctf, s=(th, tw))
-        self.texture = (tex * np.float32(params.ice_texture / max(float(tex.std()), 1e-12))).astype(np.float32)
+        if params.texture_corr_A > 0:  # plain ice: ice_texture is its RMS contrast before the CTF
+            ice = sim_specimen.ice_field((th, tw), apix, params.texture_corr_A, rng) * np.float32(params.ice_texture)
+            self.texture = backend.irfft2(backend.rfft2(ice) * ctf, s=(th, tw)).astype(np.float32)
+        else:  # carbon-like: ice_texture is the RMS contrast of the image (after the CTF)
+            tex = backend.irfft2(backend.rfft2(sim_specimen.texture_field((th, tw), apix, rng)) * ctf, s=(th, tw))
+            self.texture = (tex * np.float32(params.ice_texture / max(float(tex.std()), 1e-12))).astype(np.float32)
         ramp = np.sin(0.5 * np.pi * (np.arange(m) + 0.5) / m) ** 2
         wy = np.ones(self.hc, np.float32)
         wx = np.ones(self.wc, np.float32)

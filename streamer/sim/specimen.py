@@ -22,6 +22,7 @@ import numpy as np
 
 from gpu import backend
 from gpu.ctf import electron_wavelength
+from streamer.errors import ConfigError
 
 RESIDUE_DA = 110.0
 PROTEIN_DA_PER_A3 = 0.81
@@ -64,7 +65,7 @@ def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
 def protein_model(mass_kda: float, rng: np.random.Generator) -> np.ndarray:
     """(N, 3) float32 pseudo-atom coordinates (Å), centre of mass at the origin (module docstring)."""
     if mass_kda <= 0:
-        raise ValueError(f"simulate: mass_kda must be > 0 (got {mass_kda})")
+        raise ConfigError(f"simulate: --mass-kda must be > 0 (got {mass_kda})")
     n = max(20, round(mass_kda * 1000.0 / RESIDUE_DA))
     n_dom = int(np.clip(round(mass_kda / 100.0), 1, 4))
     frac = rng.dirichlet(np.full(n_dom, 4.0))
@@ -157,6 +158,27 @@ def texture_field(shape: tuple[int, int], apix: float, rng: np.random.Generator,
     amp = 1.0 / np.sqrt(k * k + (1.0 / 200.0) ** 2)
     taper = np.clip((kmax - k) / (0.25 * kmax), 0.0, 1.0)
     amp *= np.sin(0.5 * np.pi * taper) ** 2
+    amp[0, 0] = 0.0
+    field = backend.irfft2(backend.rfft2(noise) * amp.astype(np.float32), s=shape)
+    return (field / field.std()).astype(np.float32)
+
+
+def ice_field(shape: tuple[int, int], apix: float, corr_A: float, rng: np.random.Generator, max_res_A: float = 8.0) -> np.ndarray:
+    """Plain vitreous ice: a thickness-like texture, ``shape`` float32, zero mean, unit RMS.
+
+    Gaussian random field with an exponential covariance ``exp(-r / corr_A)``, whose 2-D power
+    spectrum is ``∝ (1 + (2π corr_A k)²)^(-3/2)`` (a Matérn field of smoothness ½): smooth over
+    ``corr_A`` with little power at high resolution (at 20 Å, 300 Å correlation length: ~1e-3 of the
+    low-resolution amplitude, against ~0.1 for :func:`texture_field`), so it gives the full-frame
+    alignment little to lock on to. Rolled off to zero at ``max(max_res_A, 4 apix)`` as
+    :func:`texture_field`. Periodic on ``shape``.
+    """
+    h, w = shape
+    noise = rng.standard_normal(shape).astype(np.float32)
+    kmax = 1.0 / max(max_res_A, 4.0 * apix)
+    k = np.sqrt((np.fft.rfftfreq(w)[None, :] / apix) ** 2 + (np.fft.fftfreq(h)[:, None] / apix) ** 2)
+    amp = (1.0 + (2 * np.pi * corr_A * k) ** 2) ** -0.75
+    amp *= np.sin(0.5 * np.pi * np.clip((kmax - k) / (0.25 * kmax), 0.0, 1.0)) ** 2
     amp[0, 0] = 0.0
     field = backend.irfft2(backend.rfft2(noise) * amp.astype(np.float32), s=shape)
     return (field / field.std()).astype(np.float32)

@@ -46,7 +46,7 @@ from streamer.ui.sparkline import sparkline
 __all__ = ["Controls", "LiveConsole", "TrendHistory", "enrich_snapshot", "fmt_duration", "grade", "grade_gain", "render"]
 
 # Colour bands for the per-movie quality values: (green up to, yellow up to), red beyond.
-# Full-frame drift of 5-30 Å and local deviations of 1-5 Å are typical (REFERENCE §5).
+# Full-frame drift of 5-30 Å and local deviations of 1-5 Å are typical (docs/physics.md#realistic-motion).
 MOTION_TOTAL_A = (30.0, 50.0)
 MOTION_EARLY_A = (10.0, 20.0)
 LOCAL_MEAN_A = (3.0, 6.0)

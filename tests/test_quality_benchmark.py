@@ -1,0 +1,108 @@
+"""benchmarks/quality.py and its metrics (streamer/sim/score.py) on a tiny hard session, checked against
+independent computations from the simulation's truth."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamer.pipeline import process_movie
+from streamer.sim import score
+from streamer.sim.simulate import hard_params, load_truth, movie_filename, simulate_session
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import quality as bq
+
+TINY = {"shape": (768, 768), "particles": 16, "junk_picks": 2, "frames": 16, "mass_kda": 600.0}
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, bq.MovieScore]:
+    root = tmp_path_factory.mktemp("quality")
+    params = hard_params(seed=5, movies=1, **TINY)
+    simulate_session(root, params)
+    cfg = bq.session_config(root, params, {})
+    return root, cfg, bq.score_movie(root, params, 0, cfg, bq.frc_band(params.apix))
+
+
+def test_baselines_against_the_truth(scored: tuple) -> None:
+    root, _cfg, ms = scored
+    truth = load_truth(root, movie_filename(hard_params(seed=5, movies=1, **TINY), 0))
+    ids = [int(np.argmin(np.hypot(*(truth["picks"] - p).T))) for p in ms.picks_px]
+    pid = truth["pick_particle"][ids]
+    assert (pid >= 0).all() and not truth["is_edge"][pid].any()
+    assert np.allclose(ms.truth_A, truth["trajectories"][pid])
+    # the oracle has no error at all
+    assert score.trajectory_rmse(ms.traj_A["oracle"], ms.truth_A) == pytest.approx(0.0, abs=1e-9)
+    assert np.abs(score.common_mode(ms.traj_A["oracle"], ms.truth_A)).max() < 1e-9
+    # a perfect full-frame correction misses exactly the local part (field + residual), centred
+    local = truth["local"][pid] + truth["residual"][pid]
+    local_c = local - local.mean(axis=1, keepdims=True)
+    assert score.trajectory_rmse(ms.traj_A["true_ff"], ms.truth_A) == pytest.approx(
+        np.sqrt((local_c**2).sum(-1).mean()), rel=1e-9)
+    assert np.allclose(score.common_mode(ms.traj_A["true_ff"], ms.truth_A), -local_c.mean(axis=0))
+    # the smooth field is between the two
+    r_field = score.trajectory_rmse(ms.traj_A["field"], ms.truth_A)
+    assert 0 < r_field < score.trajectory_rmse(ms.traj_A["true_ff"], ms.truth_A)
+
+
+def test_lmc_is_what_the_product_extracts(scored: tuple) -> None:
+    root, cfg, ms = scored
+    result = process_movie(cfg, str(root / "movies" / movie_filename(hard_params(seed=5, movies=1, **TINY), 0)),
+                           write_sidecars=False)
+    for k, (x, y) in enumerate(ms.picks_px):
+        j = int(np.argmin(np.hypot(result.x - x, result.y - y)))
+        assert np.allclose(result.traj_smooth[j], ms.traj_A["lmc"][k])
+        assert np.allclose(result.frame_shifts, ms.traj_A["lmc_ff"])
+
+
+def test_pooled_scores_and_table(scored: tuple) -> None:
+    _root, _cfg, ms = scored
+    summary = bq.summarise([ms, ms])
+    assert summary["particles"] == 2 * ms.n
+    frc = summary["frc"]
+    assert all(0 < frc[m] < 1 for m in bq.METHODS)
+    assert summary["fraction_vs_true_ff"] == pytest.approx((frc["lmc"] - frc["true_ff"]) / (frc["oracle"] - frc["true_ff"]))
+    assert summary["rmse"]["true_ff"] == pytest.approx(score.trajectory_rmse(ms.traj_A["true_ff"], ms.truth_A))
+    cm = score.common_mode_summary(score.common_mode(ms.traj_A["lmc"], ms.truth_A))
+    assert summary["common_mode"]["lmc"]["rms"] == pytest.approx(cm["rms"])
+    assert cm["worst"] >= cm["rms"] and summary["choices"] == [ms.choice] * 2
+    summary.update(regime="tiny", seeds=[5], band_A=[30.0, 2.5])
+    row = bq.table([summary]).splitlines()[-1]
+    assert row.startswith("| tiny | 5 | ") and f"{summary['fraction_vs_true_ff']:+.2f}" in row
+
+
+def test_metric_functions_on_known_values() -> None:
+    rng = np.random.default_rng(1)
+    pos = rng.uniform(0, 1000, (30, 2))
+    u = pos / 500.0 - 1
+    cubic = np.stack([0.3 * u[:, 0] ** 3 - u[:, 1] ** 2 * u[:, 0], 2 * u[:, 1] + 0.1], -1)[:, None, :] * np.arange(5)[None, :, None]
+    assert np.allclose(score.smooth_field_fit(pos, cubic), cubic)  # a cubic field is fitted exactly
+    noisy = cubic + rng.normal(0, 0.5, cubic.shape)
+    assert score.trajectory_rmse(score.smooth_field_fit(pos, noisy), cubic) < score.trajectory_rmse(noisy, cubic)
+    cm = np.zeros((20, 2))
+    cm[0] = (3.0, 4.0)
+    assert score.common_mode_summary(cm) == pytest.approx({"rms": 5 / np.sqrt(20), "worst": 5.0, "first": 5 / np.sqrt(6), "last": 0.0})
+    # a constant offset is not an error (centred); a common shift of every particle is all common mode
+    truth = rng.normal(0, 1, (4, 20, 2))
+    assert score.trajectory_rmse(truth + 7.0, truth) == pytest.approx(0.0, abs=1e-12)
+    step = np.zeros((20, 2))
+    step[10:] = 1.0
+    assert np.allclose(score.common_mode(truth + step, truth), step - step.mean(axis=0))
+    assert np.allclose(score.reference_offsets(pos[:4], pos[:4] + 1.0, truth, truth), -1.0)
+    assert score.oracle_fraction(0.5, 0.4, 0.6) == pytest.approx(0.5) and np.isnan(score.oracle_fraction(1, 1, 1))
+
+
+def test_heldout_seeds_are_apart_and_only_scored_on_request() -> None:
+    assert set(bq.HELDOUT_SEEDS) == set(bq.REGIMES)
+    assert not set(bq.HELDOUT_SEEDS.values()) & set(bq.TUNING_SEEDS)
+    assert len(set(bq.HELDOUT_SEEDS.values())) == len(bq.REGIMES)
+    with pytest.raises(SystemExit):
+        bq.main(["--regimes", "no-such-regime"])
+    args = argparse.Namespace(movies=1, band_low=30.0, overrides={"local.enabled": False})
+    r = bq.run_regime("default", [7], args, sim_overrides=TINY)
+    assert r["fraction_vs_lmc_ff"] == pytest.approx(0.0) and r["choices"] == ["off"]
