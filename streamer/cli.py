@@ -98,7 +98,8 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     from streamer.live.worker import worker_main
 
     cfg = _cfg(ns)
-    return int(worker_main(ns.connect, cfg, gpu=ns.gpu, keys=cfg.keys) or 0)
+    return int(worker_main(ns.connect, cfg, gpu=ns.gpu, keys=cfg.keys, name=ns.name,
+                           orphan_timeout=ns.orphan_timeout) or 0)
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="join a dispatcher's worker pool (e.g. from a Slurm job on another node)")
     p.add_argument("--connect", required=True, help="dispatcher address, e.g. tcp://head:5555")
     p.add_argument("--gpu", type=int, default=None, help="CUDA device to pin this worker to")
+    p.add_argument("--name", default=None, help="name shown in the session's status (default HOST:PID)")
+    p.add_argument("--orphan-timeout", dest="orphan_timeout", type=float, default=0.0, metavar="S",
+                   help="exit when no dispatcher has answered for S seconds (batch jobs of a session that died); 0 = never")
     config_mod.add_config_flags(p)
     p.set_defaults(func=cmd_worker)
 

@@ -10,6 +10,7 @@ snapshot. The other jobs live next door, one module each:
   transaction per movie), so a slow disk delays commits, not heartbeats; dispatch pauses while it
   is behind (``MAX_WRITE_BACKLOG``).
 * ``streamer.live.local_workers``: the local worker processes (plan, start, restart, stop).
+* ``streamer.live.slurm``: worker jobs under Slurm (submit, watch, replace, cancel).
 * ``streamer.live.metrics``: counts, rates, latencies and publishing the snapshot (``on_state``
   about once a second, ``OUT/status.json`` every few seconds).
 * ``streamer.live.signals``: drain on the first SIGINT/SIGTERM or the console's ``q``, abort on the
@@ -40,6 +41,7 @@ from streamer.live.local_workers import LocalWorkers, plan_workers
 from streamer.live.logs import SessionLog
 from streamer.live.metrics import Metrics, StatusPublisher
 from streamer.live.signals import SignalHandlers, StopFlags
+from streamer.live.slurm import SlurmPool, dispatcher_bind, job_endpoint, worker_command, worker_name
 from streamer.live.watcher import Notice, Watcher, split_pattern
 from streamer.live.writer import Writer
 from streamer.output.accounting import folder_account, movie_line, no_particle_warning
@@ -124,6 +126,8 @@ class Session:
         self.dispatcher: Dispatcher | None = None
         self.watcher: Watcher | None = None
         self.workers: LocalWorkers | None = None
+        self.slurm: SlurmPool | None = None
+        self._slurm_alert = ""
         self.inflight: dict[str, Job] = {}
         self.submitted = 0
         self.metrics = Metrics()
@@ -150,7 +154,13 @@ class Session:
         log.info("session starting: movies %s, picks %s, out %s (%d movies already done)", cfg.movies,
                  cfg.picks.dir, self.out, self.totals.get("done", 0))
         self._start_dispatcher(cfg)
-        plan = plan_workers(cfg)
+        if cfg.slurm.workers:
+            assert self.endpoint is not None
+            self.slurm = SlurmPool(cfg.slurm, self.out, worker_command(
+                job_endpoint(self.endpoint, cfg.slurm.host), cfg.keys, cfg.heartbeat, cfg.liveness))
+            self.slurm.start()
+        # with Slurm workers, workers = 0 means none here (the head node only dispatches and writes)
+        plan = [] if cfg.slurm.workers and not cfg.workers else plan_workers(cfg)
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(len(plan), 1))
         self.workers = LocalWorkers(self.out, self.connect, cfg, plan, threads, self.worker_handler)
         self.workers.start()
@@ -165,8 +175,14 @@ class Session:
         self.phase = "running"
 
     def _start_dispatcher(self, cfg: Config) -> None:
+        bind = cfg.bind
+        if cfg.slurm.workers:  # jobs on other nodes must reach the dispatcher
+            if not cfg.keys:
+                raise ConfigError("slurm.workers: Slurm jobs join over the network, which needs CURVE keys on storage "
+                                  "the nodes share (`lmc keys /shared/lmc-keys`, then --keys /shared/lmc-keys)")
+            bind = dispatcher_bind(cfg.bind)
         self.dispatcher = Dispatcher(
-            cfg.bind, config=cfg.to_dict(), keys=cfg.keys, heartbeat=cfg.heartbeat, liveness=cfg.liveness,
+            bind, config=cfg.to_dict(), keys=cfg.keys, heartbeat=cfg.heartbeat, liveness=cfg.liveness,
             max_attempts=cfg.max_attempts, float16=cfg.float16,
         )
         endpoint = self.endpoint = self.dispatcher.start()
@@ -306,6 +322,8 @@ class Session:
         assert self.watcher is not None
         result = job.meta.pop("result")
         worker = job.meta.pop("worker", "")
+        if self.slurm is not None and worker.startswith("slurm-"):
+            self.slurm.worker_ran()
         self.inflight.pop(job.movie, None)
         self.watcher.mark(job.movie, "done")
         latency = now - float(job.meta.get("ready_at", now))
@@ -346,6 +364,27 @@ class Session:
         if reason is not None:
             self.stop.request_abort(reason)
             log.error("%s", reason)
+        if self.slurm is not None:
+            self._supervise_slurm()
+
+    def _supervise_slurm(self) -> None:
+        """Jobs that ended: their worker leaves the pool now (its movies are requeued) and the pool
+        submits a replacement; a streak of jobs failing at once becomes an error on the console."""
+        assert self.slurm is not None and self.dispatcher is not None
+        ended = self.slurm.tick(time.monotonic(), draining=self.stop.drain)
+        if ended:
+            by_name = {w["name"]: w for w in self.dispatcher.snapshot()}
+            for e in ended:
+                w = by_name.get(worker_name(e.job.job_id))
+                if w is not None:
+                    for ev in self.dispatcher.worker_died(w["pid"], e.message, host=w["host"]):
+                        self._event(ev)
+                if not self.stop.drain:
+                    self.metrics.warn(e.message)
+        alert = self.slurm.alert
+        if alert and alert != self._slurm_alert:
+            self.metrics.error("", alert)
+        self._slurm_alert = alert
 
     # -- state ------------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -363,7 +402,9 @@ class Session:
         busy_fraction, last_seen_s}], ``recent`` [{movie, particles, motion_total_A, motion_early_A,
         local_mean_A, quality_gain, seconds, latency_s, worker, time}] (newest last), ``waiting``
         [{movie, state, seconds, reason}], ``warnings`` [str], ``errors`` [{movie, reason, time}],
-        ``paused``, ``quit_requested``, ``dropped_messages``.
+        ``paused``, ``quit_requested``, ``dropped_messages``, ``slurm`` ({} without Slurm workers, else
+        {wanted, ended, alert, jobs [{job_id, state, reason, node, gpus, worker, movie, done, waited_s,
+        running_s}]}).
         """
         now = time.monotonic()
         uptime = now - self.started
@@ -402,7 +443,15 @@ class Session:
             "paused": bool(getattr(self.controls, "paused", False)) if self.controls is not None else False,
             "quit_requested": self.stop.drain,
             "dropped_messages": self.dispatcher.dropped if self.dispatcher else 0,
+            "slurm": self._slurm_snapshot(now),
         })
+
+    def _slurm_snapshot(self, now: float) -> dict[str, Any]:
+        if self.slurm is None:
+            return {}
+        workers = self.dispatcher.snapshot() if self.dispatcher else []
+        return {"wanted": self.cfg.slurm.workers, "ended": self.slurm.ended_count, "alert": self.slurm.alert,
+                "jobs": self.slurm.snapshot(workers, now)}
 
     def _publish(self, now: float, force: bool = False) -> None:
         if self.writer is not None:
@@ -416,6 +465,8 @@ class Session:
         if self.dispatcher is not None:
             joined = {w.pid for w in self.dispatcher.workers.values()}
             self.dispatcher.close(stop_workers=True)
+        if self.slurm is not None:
+            self.slurm.close()  # the workers were told to stop: cancel what is left (pending jobs too)
         if self.workers is not None:
             self.workers.stop(joined, self.stop.abort)
         self.phase = "aborted" if self.stop.abort else "finished"

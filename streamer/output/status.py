@@ -219,6 +219,7 @@ def render_status(snap: dict[str, Any], now: float | None = None) -> str:
             f"  {w.get('name', '?'):<16} {w.get('device', '?'):<6} done {w.get('done', 0):<5} "
             f"{_fmt(w.get('mean_s'))} s/movie{mem}  {job}"
         )
+    lines += _slurm_lines(snap.get("slurm") or {})
     waiting = snap.get("waiting") or []
     if waiting:
         lines.append("waiting")
@@ -250,6 +251,26 @@ def render_status(snap: dict[str, Any], now: float | None = None) -> str:
         lines.append(f"warnings ({len(warnings)})")
         lines += [f"  {w}" for w in warnings[-10:]]
     return "\n".join(lines) + "\n"
+
+
+def _slurm_lines(slurm: dict[str, Any]) -> list[str]:
+    """The Slurm worker jobs: one line each (job id, state, node, GPUs, movies done)."""
+    if not slurm.get("wanted"):
+        return []
+    jobs = slurm.get("jobs") or []
+    lines = [f"slurm    {len(jobs)} of {slurm['wanted']} worker jobs; {slurm.get('ended', 0)} ended and replaced so far"]
+    for j in jobs:
+        state = str(j.get("state"))
+        if j.get("reason"):
+            state += f" ({j['reason']})"
+        where = f" on {j['node']}" if j.get("node") else ""
+        gpu = f" GPU {j['gpus']}" if j.get("gpus") else ""
+        since = f" for {_dur(j.get('waited_s'))}" if j.get("waited_s") is not None else ""
+        lines.append(f"  job {j.get('job_id'):<10} {state}{since}{where}{gpu}  done {j.get('done', 0)}"
+                     f"{'  ' + Path(str(j['movie'])).name if j.get('movie') else ''}")
+    if slurm.get("alert"):
+        lines.append(f"  ! {slurm['alert']}")
+    return lines
 
 
 def print_status(out_dir: str | Path, as_json: bool = False) -> int:
