@@ -2,9 +2,9 @@
 take the results, a network or key set-up that cannot work.
 
 Every :class:`UserError` is reported as one line that starts with the user's file (or ``config:``)
-and says what is wrong; the CLI prints it without a traceback, a worker reports it with
-``user_error`` set so the dispatcher does not retry the movie (it would fail the same way). Anything
-else is our bug and keeps its traceback in the log. The numerical engine (``gpu``) knows nothing of
+and says what is wrong; the CLI prints it without a traceback, a worker reports it (``user_error``
+set in the message) without one. Anything else is our bug: reported with its type, its traceback
+kept in the log. The numerical engine (``gpu``) knows nothing of
 these: it raises ``ValueError`` for arguments it cannot use, and the readers in ``streamer.formats``
 check the user's files before the engine sees them.
 

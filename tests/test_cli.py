@@ -91,6 +91,20 @@ def test_boxsize_rosenthal_henderson(tmp_path: Path) -> None:
     assert int(fields["box_px"]) >= 413
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--diameter", "-150"), ("--resolution", "0"), ("--defocus", "-5000")])
+def test_boxsize_bad_values_name_the_flag_in_one_line(tmp_path: Path, flag: str, value: str) -> None:
+    args = {"--diameter": "150", "--defocus": "20000", "--resolution": "3", flag: value}
+    res = lmc("boxsize", *[x for kv in args.items() for x in kv], cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith(f"lmc: boxsize: {flag} must be") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_simulate_bad_parameter_is_one_line(tmp_path: Path) -> None:
+    res = lmc("simulate", str(tmp_path / "sim"), "--movies", "1", "--mass-kda", "-3", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == "lmc: simulate: mass_kda and kv must be > 0"
+
+
 def test_simulate_command(tmp_path: Path) -> None:
     res = lmc("simulate", str(tmp_path / "sim"), "--movies", "1", "--frames", "6", "--shape", "256", "256",
               "--particles", "3", "--format", "mrc", cwd=tmp_path)

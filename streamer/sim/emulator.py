@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from streamer.errors import ConfigError
 from streamer.sim import simulate
 from streamer.sim.simulate import SimParams
 
@@ -40,7 +41,7 @@ class Timing:
 
     def __post_init__(self) -> None:
         if min(self.interval_s, self.chunk_s, self.picks_delay_s) < 0 or self.chunk_frames < 1:
-            raise ValueError("emulator: times must be >= 0 and chunk_frames >= 1")
+            raise ConfigError("emulator: times must be >= 0 and chunk_frames >= 1")
 
 
 class EmulatorStopped(Exception):

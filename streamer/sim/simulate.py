@@ -54,6 +54,7 @@ from scipy.ndimage import map_coordinates
 from gpu import backend
 from gpu.ctf import ctf_2d, electron_wavelength
 from gpu.dose import critical_exposure
+from streamer.errors import ConfigError
 from streamer.sim import motion as sim_motion
 from streamer.sim import specimen as sim_specimen
 
@@ -111,7 +112,7 @@ class SimParams:
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
-                raise ValueError(f"simulate: {msg}")
+                raise ConfigError(f"simulate: {msg}")
 
         need(self.movies >= 0 and self.frames >= 1, "movies must be >= 0 and frames >= 1")
         need(len(self.shape) == 2 and min(self.shape) >= 64, f"shape must be (h, w) with both >= 64 (got {self.shape})")

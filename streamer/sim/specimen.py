@@ -22,6 +22,7 @@ import numpy as np
 
 from gpu import backend
 from gpu.ctf import electron_wavelength
+from streamer.errors import ConfigError
 
 RESIDUE_DA = 110.0
 PROTEIN_DA_PER_A3 = 0.81
@@ -64,7 +65,7 @@ def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
 def protein_model(mass_kda: float, rng: np.random.Generator) -> np.ndarray:
     """(N, 3) float32 pseudo-atom coordinates (Å), centre of mass at the origin (module docstring)."""
     if mass_kda <= 0:
-        raise ValueError(f"simulate: mass_kda must be > 0 (got {mass_kda})")
+        raise ConfigError(f"simulate: --mass-kda must be > 0 (got {mass_kda})")
     n = max(20, round(mass_kda * 1000.0 / RESIDUE_DA))
     n_dom = int(np.clip(round(mass_kda / 100.0), 1, 4))
     frac = rng.dirichlet(np.full(n_dom, 4.0))
