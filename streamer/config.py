@@ -91,6 +91,14 @@ class LocalConfig:
 
 
 @dataclass(frozen=True)
+class SlurmConfig:
+    workers: int = _f(0, "worker jobs to keep alive under Slurm (sbatch); 0 = none. With slurm.workers > 0, workers = 0 means no local workers", processing=False)
+    args: str = _f("", "extra sbatch arguments for every worker job, e.g. \"--partition=gpu --gres=gpu:1 --time=12:00:00\"", processing=False)
+    script: str | None = _f(None, "job script template (modules, containers): a file whose {command} is replaced by the worker command line", processing=False)
+    host: str = _f("", "address Slurm jobs use to reach this machine (the head node); empty = this machine's fully qualified name", processing=False)
+
+
+@dataclass(frozen=True)
 class Config:
     # where things are
     movies: str | None = _f(None, "movies: a glob (\"raw/*.tiff\") or a folder", processing=False)
@@ -138,6 +146,7 @@ class Config:
     picks: PicksConfig = field(default_factory=PicksConfig)
     motion: MotionConfig = field(default_factory=MotionConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -171,6 +180,7 @@ SECTIONS: dict[str, type] = {
     "picks": PicksConfig,
     "motion": MotionConfig,
     "local": LocalConfig,
+    "slurm": SlurmConfig,
 }
 # a section's path-like key that also answers to the bare section flag
 SECTION_MAIN_KEY = {"gain": "file", "picks": "dir"}
@@ -181,9 +191,9 @@ def processing_dict(cfg: Config) -> dict[str, Any]:
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if f.name in SECTIONS:
-            out[f.name] = {
-                g.name: getattr(value, g.name) for g in fields(value) if g.metadata.get("processing", True)
-            }
+            section = {g.name: getattr(value, g.name) for g in fields(value) if g.metadata.get("processing", True)}
+            if section:  # a section of compute settings only (slurm) leaves the fingerprint as it was
+                out[f.name] = section
         elif f.metadata.get("processing", True):
             out[f.name] = value
     # the gain file's identity matters, not where the path string came from
@@ -252,6 +262,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.stack_size >= 1, "stack_size must be >= 1")
     need(cfg.max_movies >= 0, "max_movies must be >= 0")
     need(cfg.workers >= 0, "workers must be >= 0")
+    need(cfg.slurm.workers >= 0, "slurm.workers must be >= 0")
     need(cfg.threads >= 0, "threads must be >= 0")
     need(cfg.poll > 0, "poll must be > 0 s")
     need(cfg.settle_seconds >= 0, "settle_seconds must be >= 0")

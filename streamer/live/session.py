@@ -10,6 +10,7 @@ snapshot. The other jobs live next door, one module each:
   transaction per movie), so a slow disk delays commits, not heartbeats; dispatch pauses while it
   is behind (``MAX_WRITE_BACKLOG``).
 * ``streamer.live.local_workers``: the local worker processes (plan, start, restart, stop).
+* ``streamer.live.slurm``: worker jobs under Slurm (submit, watch, replace, cancel).
 * ``streamer.live.metrics``: counts, rates, latencies and publishing the snapshot (``on_state``
   about once a second, ``OUT/status.json`` every few seconds).
 * ``streamer.live.signals``: drain on the first SIGINT/SIGTERM or the console's ``q``, abort on the
@@ -40,8 +41,10 @@ from streamer.live.local_workers import LocalWorkers, plan_workers
 from streamer.live.logs import SessionLog
 from streamer.live.metrics import Metrics, StatusPublisher
 from streamer.live.signals import SignalHandlers, StopFlags
+from streamer.live.slurm import SlurmPool, dispatcher_bind, job_endpoint, worker_command, worker_name
 from streamer.live.watcher import Notice, Watcher, split_pattern
 from streamer.live.writer import Writer
+from streamer.output.accounting import folder_account, movie_line, no_particle_warning
 from streamer.output.ledger import Ledger
 from streamer.output.status import clean
 
@@ -101,9 +104,11 @@ class Session:
         on_state: Callable[[dict[str, Any]], None] | None = None,
         controls: Any = None,
         worker_handler: str | None = None,
+        command: str = "watch",
     ) -> None:
         check_inputs(cfg)
         self.cfg = cfg
+        self.command = command
         self.once = once
         self.headless = headless
         self.new = new
@@ -121,6 +126,8 @@ class Session:
         self.dispatcher: Dispatcher | None = None
         self.watcher: Watcher | None = None
         self.workers: LocalWorkers | None = None
+        self.slurm: SlurmPool | None = None
+        self._slurm_alert = ""
         self.inflight: dict[str, Job] = {}
         self.submitted = 0
         self.metrics = Metrics()
@@ -147,7 +154,13 @@ class Session:
         log.info("session starting: movies %s, picks %s, out %s (%d movies already done)", cfg.movies,
                  cfg.picks.dir, self.out, self.totals.get("done", 0))
         self._start_dispatcher(cfg)
-        plan = plan_workers(cfg)
+        if cfg.slurm.workers:
+            assert self.endpoint is not None
+            self.slurm = SlurmPool(cfg.slurm, self.out, worker_command(
+                job_endpoint(self.endpoint, cfg.slurm.host), cfg.keys, cfg.heartbeat, cfg.liveness))
+            self.slurm.start()
+        # with Slurm workers, workers = 0 means none here (the head node only dispatches and writes)
+        plan = [] if cfg.slurm.workers and not cfg.workers else plan_workers(cfg)
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(len(plan), 1))
         self.workers = LocalWorkers(self.out, self.connect, cfg, plan, threads, self.worker_handler)
         self.workers.start()
@@ -162,8 +175,14 @@ class Session:
         self.phase = "running"
 
     def _start_dispatcher(self, cfg: Config) -> None:
+        bind = cfg.bind
+        if cfg.slurm.workers:  # jobs on other nodes must reach the dispatcher
+            if not cfg.keys:
+                raise ConfigError("slurm.workers: Slurm jobs join over the network, which needs CURVE keys on storage "
+                                  "the nodes share (`lmc keys /shared/lmc-keys`, then --keys /shared/lmc-keys)")
+            bind = dispatcher_bind(cfg.bind)
         self.dispatcher = Dispatcher(
-            cfg.bind, config=cfg.to_dict(), keys=cfg.keys, heartbeat=cfg.heartbeat, liveness=cfg.liveness,
+            bind, config=cfg.to_dict(), keys=cfg.keys, heartbeat=cfg.heartbeat, liveness=cfg.liveness,
             max_attempts=cfg.max_attempts, float16=cfg.float16,
         )
         endpoint = self.endpoint = self.dispatcher.start()
@@ -303,12 +322,20 @@ class Session:
         assert self.watcher is not None
         result = job.meta.pop("result")
         worker = job.meta.pop("worker", "")
+        if self.slurm is not None and worker.startswith("slurm-"):
+            self.slurm.worker_ran()
         self.inflight.pop(job.movie, None)
         self.watcher.mark(job.movie, "done")
         latency = now - float(job.meta.get("ready_at", now))
         self.metrics.committed(job.movie, result.n, result.stats or {}, latency, now,
                                now - job.started if job.started else None, worker)
-        log.info("done: %s (%d particles, %.2f s after ready)", job.movie, result.n, latency)
+        stats = result.stats or {}
+        log.info("done: %s (%s; %.2f s after ready)", job.movie, movie_line(stats), latency)
+        for note in stats.get("notes") or []:
+            log.info("%s", note)
+        empty = no_particle_warning(job.movie, stats)
+        if empty is not None:
+            log.warning("%s", empty)
 
     def _notice(self, n: Notice) -> None:
         assert self.writer is not None
@@ -337,13 +364,36 @@ class Session:
         if reason is not None:
             self.stop.request_abort(reason)
             log.error("%s", reason)
+        if self.slurm is not None:
+            self._supervise_slurm()
+
+    def _supervise_slurm(self) -> None:
+        """Jobs that ended: their worker leaves the pool now (its movies are requeued) and the pool
+        submits a replacement; a streak of jobs failing at once becomes an error on the console."""
+        assert self.slurm is not None and self.dispatcher is not None
+        ended = self.slurm.tick(time.monotonic(), draining=self.stop.drain)
+        if ended:
+            by_name = {w["name"]: w for w in self.dispatcher.snapshot()}
+            for e in ended:
+                w = by_name.get(worker_name(e.job.job_id))
+                if w is not None:
+                    for ev in self.dispatcher.worker_died(w["pid"], e.message, host=w["host"]):
+                        self._event(ev)
+                if not self.stop.drain:
+                    self.metrics.warn(e.message)
+        alert = self.slurm.alert
+        if alert and alert != self._slurm_alert:
+            self.metrics.error("", alert)
+        self._slurm_alert = alert
 
     # -- state ------------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """The session state for the console and ``status.json``.
 
         Keys: ``version``, ``time`` (epoch), ``phase`` (starting|running|draining|finished|aborted),
-        ``session`` {movies, picks, out, started, uptime_s, endpoint, pid, host, once},
+        ``session`` {movies, picks, out, started, uptime_s, endpoint, pid, host, once, command ("run" or
+        "watch": the command that made the folder's session)}, ``picks`` (this run's pick accounting:
+        movies, picks, particles, skipped, skip_reasons {reason: n}, movies_without_particles),
         ``counts`` {state: n} over every watcher state, ``particles``, ``stacks``, ``totals`` (the
         output folder's done/failed/skipped/particles/stacks), ``this_session`` (the same, this run),
         ``rates`` {movies_per_hour, movies_per_hour_recent, particles_per_s, particles_per_s_recent,
@@ -352,7 +402,9 @@ class Session:
         busy_fraction, last_seen_s}], ``recent`` [{movie, particles, motion_total_A, motion_early_A,
         local_mean_A, quality_gain, seconds, latency_s, worker, time}] (newest last), ``waiting``
         [{movie, state, seconds, reason}], ``warnings`` [str], ``errors`` [{movie, reason, time}],
-        ``paused``, ``quit_requested``, ``dropped_messages``.
+        ``paused``, ``quit_requested``, ``dropped_messages``, ``slurm`` ({} without Slurm workers, else
+        {wanted, ended, alert, jobs [{job_id, state, reason, node, gpus, worker, movie, done, waited_s,
+        running_s}]}).
         """
         now = time.monotonic()
         uptime = now - self.started
@@ -374,7 +426,9 @@ class Session:
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "once": self.once,
+                "command": self.command,
             },
+            "picks": m.picks.as_dict(),
             "counts": counts,
             "particles": self.totals.get("particles", 0),
             "stacks": self.totals.get("stacks", 0),
@@ -389,7 +443,15 @@ class Session:
             "paused": bool(getattr(self.controls, "paused", False)) if self.controls is not None else False,
             "quit_requested": self.stop.drain,
             "dropped_messages": self.dispatcher.dropped if self.dispatcher else 0,
+            "slurm": self._slurm_snapshot(now),
         })
+
+    def _slurm_snapshot(self, now: float) -> dict[str, Any]:
+        if self.slurm is None:
+            return {}
+        workers = self.dispatcher.snapshot() if self.dispatcher else []
+        return {"wanted": self.cfg.slurm.workers, "ended": self.slurm.ended_count, "alert": self.slurm.alert,
+                "jobs": self.slurm.snapshot(workers, now)}
 
     def _publish(self, now: float, force: bool = False) -> None:
         if self.writer is not None:
@@ -403,6 +465,8 @@ class Session:
         if self.dispatcher is not None:
             joined = {w.pid for w in self.dispatcher.workers.values()}
             self.dispatcher.close(stop_workers=True)
+        if self.slurm is not None:
+            self.slurm.close()  # the workers were told to stop: cancel what is left (pending jobs too)
         if self.workers is not None:
             self.workers.stop(joined, self.stop.abort)
         self.phase = "aborted" if self.stop.abort else "finished"
@@ -415,14 +479,17 @@ class Session:
                 if opened:  # never write status.json into a folder we refused to open
                     self._publish(time.monotonic(), force=True)
         log.info("session %s: %s", self.phase, self.metrics.counts)
+        log.info("picks this run: %s", self.metrics.picks.line())
         self._log.detach()
 
     def summary(self) -> dict[str, Any]:
         """What ``lmc run`` / ``lmc watch`` print at the end (folder totals + this run)."""
         failures = []
+        folder_picks: dict[str, Any] = {}
         try:
             led = Ledger(self.out / "ledger.sqlite", readonly=True)
             failures = [(m, r) for m, r in led.failed()]
+            folder_picks = folder_account(r.stats for r in led.rows(with_payload=False)).as_dict()
             led.close()
         except Exception as exc:
             log.debug("ledger unreadable for the summary: %s", exc)
@@ -435,8 +502,12 @@ class Session:
             "stacks": self.totals.get("stacks", 0),
             "this_session": dict(self.metrics.counts),
             "failures": failures,
+            "picks": self.metrics.picks.as_dict(),
+            "picks_folder": folder_picks,
+            "command": self.command,
             "out": str(self.out),
             "aborted": self.stop.abort,
+            "stopped_early": self.stop.drain and bool(self.watcher is not None and self.watcher.pending()),
             "reason": self.stop.reason,
             "elapsed_s": round(time.monotonic() - self.started, 2),
             "latency_median_s": median,
@@ -453,12 +524,14 @@ def run_session(
     controls: Any = None,
     *,
     worker_handler: str | None = None,
+    command: str = "watch",
 ) -> dict[str, Any]:
     """Run ``lmc watch`` (``once``: ``lmc run``) until done, drained or aborted; returns the summary.
 
     ``on_state(snapshot)`` is called about once a second (see :meth:`Session.snapshot`);
     ``controls`` (``paused``, ``quit_requested`` attributes) is polled. ``worker_handler``
-    (``module:function``) replaces the pipeline in local workers (tests only).
+    (``module:function``) replaces the pipeline in local workers (tests only). ``command``: "run" or
+    "watch", recorded in ``status.json`` so ``lmc status`` says which command made the folder.
     """
     return Session(cfg, once=once, headless=headless, new=new, on_state=on_state, controls=controls,
-                   worker_handler=worker_handler).run()
+                   worker_handler=worker_handler, command=command).run()

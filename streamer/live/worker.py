@@ -71,6 +71,7 @@ class Worker:
         device: str = "cpu",
         gpu: int | None = None,
         exit_with_parent: bool = False,
+        orphan_timeout: float = 0.0,
         context: zmq.Context | None = None,
     ) -> None:
         self.connect = connect
@@ -84,6 +85,8 @@ class Worker:
         self.device = device
         self.gpu = gpu
         self.parent = os.getppid() if exit_with_parent else None
+        # a batch job whose session died must not hold its node (and GPU) until the time limit
+        self.orphan_timeout = float(orphan_timeout)
         self.ctx = context or zmq.Context()
         self.jobs: queue.Queue[tuple[int, dict[str, Any]] | None] = queue.Queue()
         self.generation = 0  # bumped on reconnect: prefetched jobs of the old link are dropped
@@ -200,7 +203,7 @@ class Worker:
                  self.connect)
         backoff = self.heartbeat
         outbox: deque[list[Any]] = deque()
-        last_heard = time.monotonic()
+        last_heard = last_contact = time.monotonic()
         next_beat = time.monotonic() + self.heartbeat
         try:
             while True:
@@ -234,7 +237,7 @@ class Worker:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        last_heard = now
+                        last_heard = last_contact = now
                         backoff = self.heartbeat
                         if self._handle(sock, frames):
                             return EXIT_OK
@@ -243,6 +246,10 @@ class Worker:
                     next_beat = now + self.heartbeat
                 if self.parent is not None and os.getppid() != self.parent:
                     log.info("parent process gone; worker exits")
+                    return EXIT_OK
+                if self.orphan_timeout and now - last_contact > self.orphan_timeout:
+                    log.warning("no dispatcher for %.0f s (--orphan-timeout): the session is gone; worker exits",
+                                now - last_contact)
                     return EXIT_OK
                 if now - last_heard > self.heartbeat * self.liveness:
                     log.warning("dispatcher silent for %.1f s; reconnecting in %.1f s", now - last_heard, backoff)
@@ -312,6 +319,7 @@ def worker_main(
     handler: Handler | None = None,
     name: str | None = None,
     exit_with_parent: bool = False,
+    orphan_timeout: float = 0.0,
 ) -> int:
     """Run a worker until the dispatcher says stop; returns the exit code (3: refused)."""
     cfg = cfg or Config()
@@ -333,6 +341,7 @@ def worker_main(
         device=device if gpu_id is None else f"gpu{gpu_id}",
         gpu=gpu_id,
         exit_with_parent=exit_with_parent,
+        orphan_timeout=orphan_timeout,
     )
     return worker.run()
 

@@ -13,7 +13,8 @@ incomplete, waiting_picks, queued, running, done, failed, skipped}; ``particles`
 ``rates`` {movies_per_hour, movies_per_hour_recent, particles_per_s, particles_per_s_recent,
 latency_median_s, latency_p95_s, backlog, eta_s}; ``recent`` [{movie, particles, motion_total_A,
 motion_early_A, local_mean_A, quality_gain, seconds}] (newest last); ``waiting`` [{movie, state,
-seconds}]; ``warnings`` [str]; ``errors`` [{movie, reason}]; ``paused``; ``quit_requested``.
+seconds}]; ``warnings`` [str]; ``errors`` [{movie, reason}]; ``paused``; ``quit_requested``;
+``slurm`` {wanted, ended, alert, jobs [{job_id, state, reason, node, gpus, worker, done, waited_s}]}.
 Derived by :func:`streamer.output.status.enrich_snapshot` when absent: ``disk_free_gb``, ``rates.eta_s``, ``trend``
 {motion, quality}, ``alerts`` [str] (low disk, a movie waiting long for its picks).
 """
@@ -173,6 +174,14 @@ def _header(snap: dict[str, Any], width: int) -> RenderableType:
     line.append(str(len(workers)), style="bold")
     if devices:
         line.append(" (" + ", ".join(f"{n}×{d}" if n > 1 else d for d, n in devices.items()) + ")")
+    slurm = snap.get("slurm") or {}
+    if slurm.get("wanted"):
+        states: dict[str, int] = {}
+        for job in slurm.get("jobs") or []:
+            states[str(job.get("state"))] = states.get(str(job.get("state")), 0) + 1
+        line.append("  slurm ", style="grey62")
+        line.append(", ".join(f"{n} {st}" for st, n in states.items()) or "no jobs",
+                    style="bold red" if slurm.get("alert") else "bold")
     free = _num(snap.get("disk_free_gb"))
     if free is not None:
         line.append("  disk ", style="grey62")
@@ -262,6 +271,18 @@ def _rates(snap: dict[str, Any], width: int) -> RenderableType:
         "",
         Text("ready → committed", style="grey50"),
     )
+    picks = snap.get("picks") or {}
+    if picks.get("movies"):
+        reasons = picks.get("skip_reasons") or {}
+        why = ", ".join(f"{n} {r}" for r, n in reasons.items())
+        empty = picks.get("movies_without_particles") or 0
+        grid.add_row(
+            "picks",
+            Text.assemble((fmt_int(picks.get("picks")), "bold"), " read, ", (fmt_int(picks.get("particles")), "bold"),
+                          " particles, ", (fmt_int(picks.get("skipped")), "bold"), " skipped"),
+            "skipped",
+            Text.assemble(why or "–", (f"  {empty} movie(s) without particles", "yellow") if empty else ""),
+        )
     return grid
 
 
@@ -285,18 +306,23 @@ def _movie_name(movie: Any, width: int = 0) -> str:
 def _recent(snap: dict[str, Any], width: int, rows: int) -> RenderableType:
     recent = list(snap.get("recent") or [])[-rows:][::-1] if rows > 0 else []
     table = Table(box=None, padding=(0, 1), show_edge=False, pad_edge=False, header_style="grey62", expand=False)
-    name_w = max(12, width - 62)
+    with_picks = width >= 100  # a narrow terminal keeps the movie names readable instead
+    name_w = max(12, width - (69 if with_picks else 62))
     table.add_column("movie", no_wrap=True, overflow="ellipsis", max_width=name_w)
     table.add_column("particles", justify="right", no_wrap=True)
+    if with_picks:
+        table.add_column("picks", justify="right", no_wrap=True)
     table.add_column("motion Å", justify="right", no_wrap=True)
     table.add_column("early Å", justify="right", no_wrap=True)
     table.add_column("local Å", justify="right", no_wrap=True)
     table.add_column("gain", justify="right", no_wrap=True)
     table.add_column("time", justify="right", no_wrap=True)
     for r in recent:
+        picks = [fmt_int(r.get("picks"))] if with_picks else []
         table.add_row(
             _movie_name(r.get("movie"), name_w),
-            fmt_int(r.get("particles")),
+            Text(fmt_int(r.get("particles")), style="yellow" if r.get("particles") == 0 else ""),
+            *picks,
             Text(fmt_float(r.get("motion_total_A"), 1), style=grade(r.get("motion_total_A"), MOTION_TOTAL_A)),
             Text(fmt_float(r.get("motion_early_A"), 1), style=grade(r.get("motion_early_A"), MOTION_EARLY_A)),
             Text(fmt_float(r.get("local_mean_A"), 2), style=grade(r.get("local_mean_A"), LOCAL_MEAN_A)),
@@ -349,8 +375,10 @@ def _workers(snap: dict[str, Any], width: int) -> RenderableType:
     table.add_column("done", justify="right", no_wrap=True)
     table.add_column("s/movie", justify="right", no_wrap=True)
     table.add_column("GPU mem", justify="right", no_wrap=True)
+    slurm_jobs = {str(j.get("worker")): j for j in (snap.get("slurm") or {}).get("jobs") or [] if j.get("worker")}
     for w in snap.get("workers") or []:
         mem = _num(w.get("gpu_mem_mb"))
+        job_of = slurm_jobs.get(str(w.get("name")))
         movie = w.get("movie")
         state = str(w.get("state") or "")
         job = _num(w.get("job_seconds"))
@@ -360,12 +388,20 @@ def _workers(snap: dict[str, Any], width: int) -> RenderableType:
             label = Text.assemble((_movie_name(movie, name_w - len(since)), "bold blue"), (since, "grey62"))
         table.add_row(
             str(w.get("name") or "?"),
-            _device(w),
+            _device(w) if job_of is None else f"{job_of.get('node') or '?'}:{_device(w)}",
             label,
             fmt_int(w.get("done")),
             fmt_float(w.get("mean_s"), 1),
             "–" if mem is None else f"{mem / 1024:.1f} GB",
         )
+    # Slurm jobs whose worker has not joined yet: pending (with Slurm's reason) or starting
+    for job in (snap.get("slurm") or {}).get("jobs") or []:
+        if job.get("worker"):
+            continue
+        why = f" ({job['reason']})" if job.get("reason") else ""
+        waited = f" {fmt_duration(job.get('waited_s'))}" if job.get("waited_s") is not None else ""
+        table.add_row(f"job {job.get('job_id')}", str(job.get("node") or "slurm"),
+                      Text(f"{job.get('state')}{why}{waited}", style="yellow"), "–", "–", "–")
     return Group(_section_rule("workers"), table)
 
 
@@ -433,7 +469,7 @@ def render(snapshot: dict[str, Any] | None, width: int, height: int) -> Renderab
         warn_block = _warnings(warn_lines, warn_rows)
         budget -= 1 + warn_rows
     # optional sections, least important last; side by side when wide enough
-    workers = _workers(snap, width) if snap.get("workers") else None
+    workers = _workers(snap, width) if snap.get("workers") or (snap.get("slurm") or {}).get("jobs") else None
     has_trend = any(_num(v) is not None for values in (snap.get("trend") or {}).values() for v in values or [])
     trend = _trend(snap, width if width < 130 else width // 2) if has_trend else None
     optional: list[RenderableType] = []

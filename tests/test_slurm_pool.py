@@ -1,0 +1,149 @@
+"""SlurmPool against a real single-node Slurm (tests/slurm_cluster.py): submit, watch, replace,
+back off, cancel; a dead session's jobs are cancelled by the next one. The jobs here run a plain
+Python sleeper (the pool's business is the jobs; test_slurm_session.py runs real lmc workers)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from streamer.config import SlurmConfig
+from streamer.errors import ConfigError
+from streamer.live import slurm
+from streamer.live.slurm import SlurmPool, job_name
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(300)", "worker"]
+
+
+def _until(cond, timeout: float, what: str, pool: SlurmPool | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        if pool is not None:
+            pool.tick(time.monotonic())
+        time.sleep(0.1)
+
+
+def _active(cluster, out: Path) -> list[str]:
+    res = subprocess.run(["squeue", "-h", f"--name={job_name(out)}", "-o", "%i"], capture_output=True, text=True,
+                         env=cluster.env, check=True)
+    return res.stdout.split()
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setattr(slurm, "POLL_S", 0.2)
+    monkeypatch.setattr(slurm, "BACKOFF_S", 0.2)
+
+
+def test_pool_keeps_n_jobs_replaces_a_cancelled_one_and_cancels_all_at_close(slurm_cluster, tmp_path, fast):
+    pool = SlurmPool(SlurmConfig(workers=2), tmp_path, SLEEPER)
+    pool.start()
+    assert len(pool.jobs) == 2
+    _until(lambda: all(j.state == "RUNNING" for j in pool.jobs.values()), 30, "both jobs running", pool)
+    rows = pool.snapshot([], time.monotonic())
+    assert {r["state"] for r in rows} == {"starting"}  # running, but no worker joined the pool
+    assert all(r["node"] == slurm_cluster.node for r in rows)
+    first = sorted(pool.jobs)
+    subprocess.run(["scancel", first[0]], env=slurm_cluster.env, check=True)
+    ended: list = []
+
+    def replaced() -> bool:
+        ended.extend(pool.tick(time.monotonic()))
+        return first[0] not in pool.jobs and len(pool.jobs) == 2
+
+    _until(replaced, 30, "a replacement job")
+    assert [e.job.job_id for e in ended] == [first[0]]
+    assert "CANCELLED" in ended[0].message
+    assert first[1] in pool.jobs
+    assert sorted(_active(slurm_cluster, tmp_path)) == sorted(pool.jobs)
+    pool.close()
+    assert _active(slurm_cluster, tmp_path) == []
+    assert pool.jobs == {}
+
+
+def test_a_dead_sessions_jobs_are_cancelled_by_the_next(slurm_cluster, tmp_path, fast):
+    old = subprocess.run(["sbatch", "--parsable", f"--job-name={job_name(tmp_path)}", f"--output={tmp_path}/old-%j.log",
+                          "--wrap", "sleep 300"], capture_output=True, text=True, env=slurm_cluster.env, check=True)
+    old_id = old.stdout.strip()
+    other = subprocess.run(["sbatch", "--parsable", "--job-name=not-lmc", f"--output={tmp_path}/other-%j.log",
+                            "--wrap", "sleep 300"], capture_output=True, text=True, env=slurm_cluster.env, check=True)
+    pool = SlurmPool(SlurmConfig(workers=1), tmp_path, SLEEPER)
+    try:
+        assert pool.start() == [old_id]
+        _until(lambda: old_id not in _active(slurm_cluster, tmp_path), 20, "the old job gone")
+        assert list(pool.jobs) == _active(slurm_cluster, tmp_path)
+        assert other.stdout.strip() in slurm_cluster.squeue()  # another user's/tool's job is left alone
+    finally:
+        pool.close()
+        subprocess.run(["scancel", other.stdout.strip()], env=slurm_cluster.env, check=False)
+
+
+def test_sbatch_refusing_the_first_job_is_one_clear_error(slurm_cluster, tmp_path):
+    pool = SlurmPool(SlurmConfig(workers=2, args="--partition=no-such-partition"), tmp_path, SLEEPER)
+    with pytest.raises(ConfigError, match=r"slurm: sbatch refused the worker job: invalid partition.*--partition=no-such"):
+        pool.start()
+    assert _active(slurm_cluster, tmp_path) == []
+
+
+def test_jobs_failing_at_once_back_off_and_raise_an_alert(slurm_cluster, tmp_path, fast):
+    pool = SlurmPool(SlurmConfig(workers=1), tmp_path, [sys.executable, "-c", "raise SystemExit(3)", "worker"])
+    pool.start()
+    ends: list[float] = []
+
+    def alerted() -> bool:
+        ends.extend(e.job.ended for e in pool.tick(time.monotonic()))
+        return bool(pool.alert)
+
+    try:
+        _until(alerted, 60, "the failing-jobs alert")
+    finally:
+        pool.close()
+    assert len(ends) >= slurm.ALERT_AFTER
+    assert "ended within" in pool.alert and "FAILED" in pool.alert and "exit 3:0" in pool.alert
+    assert "slurm-" in pool.alert and ".log" in pool.alert
+    assert pool.next_submit - ends[-1] >= 0.2 * 2 ** (slurm.ALERT_AFTER - 1) - 0.01  # the back-off doubled
+    assert _active(slurm_cluster, tmp_path) == []
+
+
+def test_the_job_script_template_wraps_the_worker_command(slurm_cluster, tmp_path, fast):
+    template = tmp_path / "job.sh"
+    marker = tmp_path / "marker"
+    template.write_text(f"#!/bin/bash\n#SBATCH --time=7\necho module-loaded > {marker}\n{{command}}\n")
+    pool = SlurmPool(SlurmConfig(workers=1, script=str(template)), tmp_path,
+                     [sys.executable, "-c", f"import sys; open('{marker}', 'a').write(' '.join(sys.argv[1:]))", "worker"])
+    assert "--name \"slurm-${SLURM_JOB_ID}\"" in pool.script
+    pool.start()
+    job_id = next(iter(pool.jobs))
+    _until(lambda: marker.exists() and "slurm-" in marker.read_text(), 30, "the job's command ran")
+    pool.close()
+    assert marker.read_text() == f"module-loaded\nworker --name slurm-{job_id} --threads 1"
+    assert pool._field(job_id, "TimeLimit") == "00:07:00"  # the template's #SBATCH lines count
+
+
+def test_a_template_without_the_command_is_refused(tmp_path):
+    template = tmp_path / "job.sh"
+    template.write_text("#!/bin/bash\nmodule load cuda\n")
+    with pytest.raises(ConfigError, match=r"job.sh: slurm.script has no \{command\}"):
+        SlurmPool(SlurmConfig(workers=1, script=str(template)), tmp_path, SLEEPER)
+
+
+def test_a_worker_whose_session_is_gone_exits_after_its_orphan_timeout(tmp_path):
+    """A batch job outliving a crashed session must free its node: `lmc worker --orphan-timeout`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "streamer.cli", "worker", "--connect", f"tcp://127.0.0.1:{port}",
+                          "--orphan-timeout", "2", "--heartbeat", "0.2", "--liveness", "2", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert 2.0 <= time.monotonic() - t0 < 30
+    assert "the session is gone" in res.stderr
