@@ -590,6 +590,7 @@ def process_movie(
     write_sidecars: bool = True,
     on_stage: Callable[[str], None] | None = None,
     binned_patches: bool | None = None,
+    render_plot: bool = False,
 ) -> MovieResult:
     """Process one movie end to end: the stages of the module docstring in order, each timed.
     Raises MovieError/PicksError/GainError.
@@ -598,7 +599,8 @@ def process_movie(
     kept between movies (a worker passes its own; None = a fresh one). ``preloaded``: the movie already
     decoded (its raw frames are released once the gain is applied). ``gain``: the gain multiplier
     (None = ``cfg.gain.file``). ``binned_patches``: see :func:`use_binned_patches`. ``on_stage(name)``:
-    see :class:`StageClock`.
+    see :class:`StageClock`. ``render_plot``: without ``write_sidecars``, render the diagnostic PNG
+    into ``result.plot_png`` (a worker writes no files; the session's writer writes it).
     """
     xp = xp or backend.get_xp(cfg.device)
     workspace = workspace if workspace is not None else Workspace()
@@ -620,5 +622,10 @@ def process_movie(
     result = movie_result(cfg, movie, est, extracted, clock.timings)
     if write_sidecars and cfg.out:
         write_sidecar_files(cfg, result, image, binning * est.frames.upsampling)
+        result.stats["seconds_sidecars"] = round(time.perf_counter() - clock.tick, 4)
+    elif render_plot and cfg.plots:  # a worker: the PNG goes to the session's writer with the result
+        from streamer.formats.plot import plot_png
+
+        result.plot_png = plot_png(image, binning * est.frames.upsampling, result)
         result.stats["seconds_sidecars"] = round(time.perf_counter() - clock.tick, 4)
     return result
