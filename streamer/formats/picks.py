@@ -466,6 +466,7 @@ def read_picks(
     h, w = int(frame_shape[0]), int(frame_shape[1])
     problems: list[str] = []
     notes: list[str] = []
+    _check_movie_apix(path, table, apix)
     scale = _scale(path, table, cfg, apix, notes)
     x, y = table.x, table.y
     if table.shapes is not None and table.shapes.size:
@@ -493,6 +494,16 @@ def read_picks(
     picks.problems = problems
     picks.notes = notes
     return picks
+
+
+def _check_movie_apix(path: str, table: _Table, apix: float | None) -> None:
+    """PicksError when the file's optics group records another movie pixel size than the movie's."""
+    if apix is None or table.movie_apix is None or not table.movie_apix.size:
+        return
+    recorded = float(table.movie_apix[0])
+    if abs(recorded - apix) > PIXEL_TOLERANCE * max(recorded, apix):
+        raise PicksError(f"{path}: rlnMicrographOriginalPixelSize = {recorded:g} Å/px but the movie's pixel size is "
+                         f"{apix:g} Å/px; these picks belong to other movies, or --apix is wrong")
 
 
 def _scale(path: str, table: _Table, cfg: PicksConfig, apix: float | None, notes: list[str]) -> np.ndarray:

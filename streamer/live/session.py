@@ -42,11 +42,12 @@ from streamer.live.logs import SessionLog
 from streamer.live.metrics import Metrics, StatusPublisher
 from streamer.live.signals import SignalHandlers, StopFlags
 from streamer.live.slurm import SlurmPool, dispatcher_bind, job_endpoint, worker_command, worker_name
-from streamer.live.watcher import Notice, Watcher, split_pattern
+from streamer.live.watcher import Notice, Watcher, match_parts, split_pattern
 from streamer.live.writer import Writer
 from streamer.output.accounting import folder_account, movie_line, no_particle_warning
 from streamer.output.ledger import Ledger
 from streamer.output.status import clean
+from streamer.physical import resolve_session
 
 log = logging.getLogger("lmc.session")
 
@@ -76,6 +77,23 @@ def remote_join_command(endpoint: str, keys: str | None) -> list[str] | None:
     if keys:
         cmd += ["--keys", os.path.abspath(keys)]
     return cmd
+
+
+def first_movie(spec: str) -> str | None:
+    """The first movie (sorted) that ``spec`` (a folder, file or glob) matches now, or None."""
+    from streamer.formats.movies import is_movie
+
+    root, pattern = split_pattern(spec)
+    if root.is_file():
+        return str(root)
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            rel = Path(path).relative_to(root).parts
+            if (match_parts(rel, pattern) if pattern is not None else True) and is_movie(path):
+                return path
+    return None
 
 
 def check_inputs(cfg: Config) -> None:
@@ -140,6 +158,8 @@ class Session:
     def _start(self) -> None:
         if self.once and not split_pattern(self.cfg.movies or ".")[0].exists():
             raise ConfigError(f"{self.cfg.movies}: no such file or folder")
+        # the pixel size and exposure, settled before the output folder's fingerprint is checked
+        self.cfg = resolve_session(self.cfg, first_movie(self.cfg.movies or "."))
         self.out.mkdir(parents=True, exist_ok=True)
         self.writer = Writer(self.out, self.cfg, self.new)
         self.writer.start()
