@@ -42,13 +42,14 @@ def fast(monkeypatch):
 
 
 def test_pool_keeps_n_jobs_replaces_a_cancelled_one_and_cancels_all_at_close(slurm_cluster, tmp_path, fast):
-    pool = SlurmPool(SlurmConfig(workers=2), tmp_path, SLEEPER)
+    pool = SlurmPool(SlurmConfig(workers=2, args="--gres=gpu:1"), tmp_path, SLEEPER)
     pool.start()
     assert len(pool.jobs) == 2
     _until(lambda: all(j.state == "RUNNING" for j in pool.jobs.values()), 30, "both jobs running", pool)
     rows = pool.snapshot([], time.monotonic())
     assert {r["state"] for r in rows} == {"starting"}  # running, but no worker joined the pool
     assert all(r["node"] == slurm_cluster.node for r in rows)
+    assert sorted(r["gpus"] for r in rows) == ["0", "1"]  # one of the node's two GPUs each
     first = sorted(pool.jobs)
     subprocess.run(["scancel", first[0]], env=slurm_cluster.env, check=True)
     ended: list = []
@@ -58,6 +59,8 @@ def test_pool_keeps_n_jobs_replaces_a_cancelled_one_and_cancels_all_at_close(slu
         return first[0] not in pool.jobs and len(pool.jobs) == 2
 
     _until(replaced, 30, "a replacement job")
+    _until(lambda: all(j.state == "RUNNING" for j in pool.jobs.values()), 30, "the replacement running", pool)
+    assert sorted(j.gpus for j in pool.jobs.values()) == ["0", "1"]  # the freed GPU went to the replacement
     assert [e.job.job_id for e in ended] == [first[0]]
     assert "CANCELLED" in ended[0].message
     assert first[1] in pool.jobs

@@ -36,7 +36,7 @@ def slurm_args(tmp: Path, *extra: str) -> list[str]:
     keys = tmp / "keys"
     if not keys.exists():
         create_keys(keys)
-    return ["--workers", "0", "--slurm-workers", "2", "--keys", str(keys), *extra]
+    return ["--workers", "0", "--slurm-workers", "2", "--keys", str(keys), *(extra or ("--slurm-args=--gres=gpu:1",))]
 
 
 def our_jobs(cluster, out: Path) -> list[str]:
@@ -120,6 +120,14 @@ def test_jobs_of_a_killed_session_are_cancelled_by_the_next_one(slurm_cluster, t
     proc = lmc([*session_args("watch", tmp_path, source, out, "--headless"), *slurm_args(tmp_path)], cwd=tmp_path)
     try:
         wait_for(lambda: len(ledger_state(out)[0]) == len(good), 60, proc)
+
+        def shown() -> list[dict]:
+            jobs = (status(out).get("slurm") or {}).get("jobs") or []
+            return jobs if all(j.get("worker") and j.get("gpus") for j in jobs) and len(jobs) == 2 else []
+
+        wait_for(lambda: bool(shown()), 30, proc)
+        assert sorted(j["gpus"] for j in shown()) == ["0", "1"]  # each job's GPU, as Slurm allocated it
+        assert {j["state"] for j in shown()} == {"running"} and {j["node"] for j in shown()} == {slurm_cluster.node}
         left = our_jobs(slurm_cluster, out)
         assert len(left) == 2
     finally:
