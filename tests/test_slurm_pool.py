@@ -108,7 +108,7 @@ def test_jobs_failing_at_once_back_off_and_raise_an_alert(slurm_cluster, tmp_pat
     finally:
         pool.close()
     assert len(ends) >= slurm.ALERT_AFTER
-    assert "ended within" in pool.alert and "FAILED" in pool.alert and "exit 3:0" in pool.alert
+    assert "in a row failed" in pool.alert and "FAILED" in pool.alert and "exit 3:0" in pool.alert
     assert "slurm-" in pool.alert and ".log" in pool.alert
     assert pool.next_submit - ends[-1] >= 0.2 * 2 ** (slurm.ALERT_AFTER - 1) - 0.01  # the back-off doubled
     assert _active(slurm_cluster, tmp_path) == []
@@ -150,3 +150,38 @@ def test_a_worker_whose_session_is_gone_exits_after_its_orphan_timeout(tmp_path)
     assert res.returncode == 0, res.stderr
     assert 2.0 <= time.monotonic() - t0 < 30
     assert "the session is gone" in res.stderr
+
+
+def test_a_running_job_whose_worker_never_joins_raises_an_alert(slurm_cluster, tmp_path, fast, monkeypatch):
+    """A node that cannot reach the head node (firewall, wrong --slurm-host): said, not silent."""
+    monkeypatch.setattr(slurm, "JOIN_WARN_S", 1.0)
+    pool = SlurmPool(SlurmConfig(workers=1), tmp_path, [*SLEEPER, "--connect", "tcp://head.example:5555"])
+    pool.start()
+    try:
+        _until(lambda: bool(pool.alert), 30, "the join alert", pool)
+    finally:
+        pool.close()
+    (job_id,) = [j for j in pool.alert.split() if j.isdigit()][:1]
+    assert pool.alert.startswith(f"slurm: job {job_id} has run on {slurm_cluster.node} for ")
+    assert "its worker has not joined: can that node reach tcp://head.example:5555?" in pool.alert
+
+
+def test_a_job_waiting_for_resources_is_shown_pending_with_the_reason(slurm_cluster, tmp_path, fast):
+    """Three one-GPU jobs on a two-GPU node: the third waits, shown as pending (Resources), not lost."""
+    pool = SlurmPool(SlurmConfig(workers=3, args="--gres=gpu:1"), tmp_path, SLEEPER)
+    pool.start()
+    try:
+        def settled() -> bool:
+            states = sorted(j.state for j in pool.jobs.values())
+            return states == ["PENDING", "RUNNING", "RUNNING"] and any(j.reason for j in pool.jobs.values())
+
+        _until(settled, 30, "two running, one pending", pool)
+        for _ in range(3):  # it stays pending: never counted as ended, never replaced
+            time.sleep(0.3)
+            assert pool.tick(time.monotonic()) == []
+        rows = {r["state"]: r for r in pool.snapshot([], time.monotonic())}
+        assert rows["pending"]["reason"] == "Resources" and rows["pending"]["waited_s"] > 0
+        assert len(pool.jobs) == 3 and pool.ended_count == 0
+    finally:
+        pool.close()
+    assert _active(slurm_cluster, tmp_path) == []

@@ -288,6 +288,8 @@ class Session:
             self.watcher.mark(job.movie, "failed", ev.reason)
             self.metrics.failed(job.movie, ev.reason)
             log.error("failed: %s", ev.reason if job.movie in ev.reason else f"{job.movie}: {ev.reason}")
+        elif ev.kind == "joined" and self.slurm is not None and ev.worker.startswith("slurm-"):
+            self.slurm.joined(ev.worker.removeprefix("slurm-"))
         elif ev.kind == "lost":
             self.metrics.warn(f"worker {ev.worker} lost: {ev.reason}")
 
