@@ -62,6 +62,7 @@ from streamer.sim.simulate import (
     hard_params,
     load_truth,
     movie_filename,
+    recommended_box,
     recommended_settings,
     simulate_session,
     truth_particles,
@@ -208,6 +209,10 @@ def run_regime(name: str, seeds: list[int], args: argparse.Namespace, sim_overri
                log: Any = sys.stderr) -> dict[str, Any]:
     """Simulate and score every movie of ``seeds`` for regime ``name``; returns :func:`summarise`."""
     over = {**REGIMES.get(name, {}), **(sim_overrides or {})}
+    # one extraction box for all seeds of a regime (the protein model, hence its recommended box, varies
+    # with the seed), so that their FRC rings pool
+    box = max(recommended_box(hard_params(seed=seed, movies=args.movies, **over)) for seed in seeds)
+    config_overrides = {"box": box, **args.overrides}
     scores: list[MovieScore] = []
     for seed in seeds:
         params = hard_params(seed=seed, movies=args.movies, **over)
@@ -217,14 +222,14 @@ def run_regime(name: str, seeds: list[int], args: argparse.Namespace, sim_overri
             t0 = time.perf_counter()
             simulate_session(root, params)
             t_sim = time.perf_counter() - t0
-            cfg = session_config(root, params, args.overrides)
+            cfg = session_config(root, params, config_overrides)
             for i in range(params.movies):
                 ms = score_movie(root, params, i, cfg, band)
                 scores.append(ms)
                 print(f"  {name} seed {seed} movie {i}: {ms.n} particles, guard {ms.choice}, simulated in "
                       f"{t_sim:.0f} s, estimated in {ms.seconds:.1f} s", file=log)
     out = summarise(scores)
-    out.update(regime=name, seeds=list(seeds), band_A=list(frc_band(hard_params(**over).apix, args.band_low)))
+    out.update(regime=name, seeds=list(seeds), box=box, band_A=list(frc_band(hard_params(**over).apix, args.band_low)))
     return out
 
 

@@ -2,6 +2,12 @@
 
 Every processing flag comes from the config schema (streamer/config.py), so flags and
 config.yaml keys share names; the frozen Config is built once here and passed down.
+
+Exit codes of ``lmc run`` and ``lmc watch`` (README "Exit codes"): 0 every movie done (or skipped
+for a stated reason, e.g. no picks); 1 some movies failed (listed; a rerun retries them); 2 usage
+or input error (bad flag or value, missing file, pixel size or exposure unknown or contradictory);
+3 aborted or stopped early (second Ctrl-C/SIGTERM, output disk error, workers dying, or ``lmc run``
+stopped before every movie was processed); 130 interrupted before the session started.
 """
 
 from __future__ import annotations
@@ -15,6 +21,23 @@ from typing import Any
 from streamer import config as config_mod
 from streamer.config import Config
 from streamer.errors import ConfigError, is_user_error
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ABORTED = 3
+EXIT_INTERRUPTED = 130
+
+
+def version() -> str:
+    """The installed lmc version (package metadata), or the source tree's when not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("lmc")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _cfg(ns: argparse.Namespace, **overrides: Any) -> Config:
@@ -31,8 +54,20 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     cfg = _cfg(ns)
     _need(cfg, "movies", "out")
-    summary = run_session(cfg, once=True, headless=True, new=ns.new)
-    return _print_summary(summary)
+    progress = None
+    if sys.stderr.isatty() and not ns.no_progress:
+        from streamer.ui.progress import RunProgress
+
+        progress = RunProgress()
+        progress.start()
+    try:
+        # on a terminal the bar replaces the log lines on stderr (they stay in OUT/logs/lmc.log)
+        summary = run_session(cfg, once=True, headless=progress is None, new=ns.new,
+                              on_state=progress.update if progress is not None else None, command="run")
+    finally:
+        if progress is not None:
+            progress.stop()
+    return _print_summary(summary, run=True)
 
 
 def cmd_watch(ns: argparse.Namespace) -> int:
@@ -52,7 +87,7 @@ def cmd_watch(ns: argparse.Namespace) -> int:
         if console is not None:
             console.start()
         summary = run_session(cfg, once=ns.once, headless=headless, new=ns.new, on_state=on_state,
-                              controls=console.controls if console is not None else None)
+                              controls=console.controls if console is not None else None, command="watch")
     finally:
         if console is not None:
             console.stop()
@@ -127,23 +162,43 @@ def _need(cfg: Config, *names: str) -> None:
         raise ConfigError("missing " + ", ".join("--" + n.replace("_", "-") for n in missing))
 
 
-def _print_summary(summary: dict[str, Any]) -> int:
+def _print_summary(summary: dict[str, Any], run: bool = False) -> int:
+    """Print the end-of-session summary (folder totals, this run's pick accounting, failures) and
+    return the exit code (module docstring)."""
+    from streamer.output.accounting import describe
+
     print(f"movies done: {summary.get('done', 0)}  failed: {summary.get('failed', 0)}  "
           f"skipped: {summary.get('skipped', 0)}  particles written: {summary.get('particles', 0)}")
+    for label, key in (("picks this run", "picks"), ("picks in the folder", "picks_folder")):
+        acc = summary.get(key) or {}
+        if acc.get("movies"):
+            print(f"{label}: {describe(int(acc['picks']), int(acc['particles']), acc.get('skip_reasons') or {})}")
+            if acc.get("movies_without_particles"):
+                print(f"  warning: {acc['movies_without_particles']} movie(s) yielded no particle")
     for movie, reason in summary.get("failures", []):
         # reasons from the readers already start with the file's path
         print(f"  failed: {reason}" if str(reason).startswith(str(movie)) else f"  failed: {movie}: {reason}")
     if summary.get("out"):
         print(f"output: {summary['out']}")
-    return 1 if summary.get("aborted") else 0
+    if summary.get("aborted"):
+        print(f"aborted: {summary.get('reason') or 'stopped'}", file=sys.stderr)
+        return EXIT_ABORTED
+    if run and summary.get("stopped_early"):
+        print(f"stopped before every movie was processed: {summary.get('reason') or 'quit requested'}",
+              file=sys.stderr)
+        return EXIT_ABORTED
+    return EXIT_FAILED if summary.get("failed") else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmc", description="Live per-particle motion correction for cryo-EM")
+    parser.add_argument("--version", action="version", version=f"lmc {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="process every movie that has picks, then exit with a summary")
+    p = sub.add_parser("run", help="process every movie that has picks, then exit with a summary (exit 0 all done, "
+                       "1 some failed, 2 usage error, 3 aborted)")
     _add_session_flags(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal: plain log lines")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("watch", help="watch folders during a session and process movies as they arrive")
@@ -212,13 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         return ns.func(ns)
     except ConfigError as exc:
         print(f"lmc: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # one clear line for user-facing errors; tracebacks stay in the log
         if is_user_error(exc):
             print(f"lmc: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         raise
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from streamer.pipeline import process_movie
 from streamer.sim import score
-from streamer.sim.simulate import hard_params, load_truth, movie_filename, simulate_session
+from streamer.sim.simulate import hard_params, load_truth, movie_filename, recommended_box, simulate_session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality as bq
@@ -104,5 +104,8 @@ def test_heldout_seeds_are_apart_and_only_scored_on_request() -> None:
     with pytest.raises(SystemExit):
         bq.main(["--regimes", "no-such-regime"])
     args = argparse.Namespace(movies=1, band_low=30.0, overrides={"local.enabled": False})
-    r = bq.run_regime("default", [7], args, sim_overrides=TINY)
-    assert r["fraction_vs_lmc_ff"] == pytest.approx(0.0) and r["choices"] == ["off"]
+    # two seeds: two protein models, one box for both (their FRC rings pool)
+    r = bq.run_regime("default", [7, 8], args, sim_overrides={**TINY, "frames": 8, "particles": 8})
+    boxes = {recommended_box(hard_params(seed=s, **TINY)) for s in (7, 8)}
+    assert len(boxes) == 2 and r["box"] == max(boxes)
+    assert r["fraction_vs_lmc_ff"] == pytest.approx(0.0) and r["choices"] == ["off", "off"]

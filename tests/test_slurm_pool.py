@@ -143,9 +143,12 @@ def test_a_worker_whose_session_is_gone_exits_after_its_orphan_timeout(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
+    from streamer.live.keys import create_keys
+
+    create_keys(tmp_path / "keys")  # every worker needs keys (there is no unauthenticated dispatcher)
     t0 = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "streamer.cli", "worker", "--connect", f"tcp://127.0.0.1:{port}",
-                          "--orphan-timeout", "2", "--heartbeat", "0.2", "--liveness", "2", "--device", "cpu"],
+                          "--keys", str(tmp_path / "keys"), "--orphan-timeout", "2", "--heartbeat", "0.2", "--liveness", "2", "--device", "cpu"],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert 2.0 <= time.monotonic() - t0 < 30

@@ -10,7 +10,6 @@ the same folder cancels; after every session no job of it is left in squeue.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -158,10 +157,15 @@ def test_a_bad_partition_stops_the_session_with_one_line(slurm_cluster, tmp_path
     assert our_jobs(slurm_cluster, out) == []
 
 
-def test_slurm_workers_need_keys(tmp_path: Path, source: Path) -> None:
-    populate(tmp_path, source, movie_names(source)[:1])
-    res = subprocess.run([sys.executable, "-m", "streamer.cli", *session_args("run", tmp_path, source, tmp_path / "out"),
+def test_jobs_use_the_output_folders_own_keys_by_default(slurm_cluster, tmp_path: Path, source: Path) -> None:
+    good = populate(tmp_path, source, movie_names(source)[:2])
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "streamer.cli", *session_args("run", tmp_path, source, out),
                           "--workers", "0", "--slurm-workers", "1"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "PATH": os.environ.get("PATH", "")})
-    assert res.returncode == 2
-    assert "slurm.workers: Slurm jobs join over the network, which needs CURVE keys" in res.stderr
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    check_output(out, good)
+    script = (out / "logs" / "slurm-job.sh").read_text()
+    assert f"--keys {out / 'keys'} --name \"slurm-${{SLURM_JOB_ID}}\"" in script
+    assert oct((out / "keys").stat().st_mode & 0o777) == "0o700"
+    assert our_jobs(slurm_cluster, out) == []

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from streamer.output.accounting import PickAccount, no_particle_warning
 from streamer.output.status import enrich_snapshot, write_status
 
 log = logging.getLogger("lmc.session")
@@ -38,6 +39,7 @@ class Metrics:
         self.commits: deque[list[int]] = deque()
         self.counts = {"done": 0, "failed": 0, "skipped": 0, "particles": 0}
         self.recent: deque[dict[str, Any]] = deque(maxlen=KEEP)
+        self.picks = PickAccount()  # every pick of this run: a particle or a skip with its reason
         self.warnings: deque[str] = deque(maxlen=KEEP)
         self.errors: deque[dict[str, Any]] = deque(maxlen=KEEP)
 
@@ -59,6 +61,8 @@ class Metrics:
         self.recent.append({
             "movie": movie,
             "particles": n,
+            "picks": stats.get("n_picks"),
+            "skipped": stats.get("n_skipped"),
             "motion_total_A": stats.get("motion_total_A"),
             "motion_early_A": stats.get("motion_early_A"),
             "local_mean_A": stats.get("local_mean_A"),
@@ -70,6 +74,10 @@ class Metrics:
         })
         for w in stats.get("warnings") or []:
             self.warnings.append(f"{Path(movie).name}: {w}")
+        self.picks.add(stats)
+        empty = no_particle_warning(Path(movie).name, stats)
+        if empty is not None:
+            self.warnings.append(empty)
 
     def failed(self, movie: str, reason: str) -> None:
         self.counts["failed"] += 1

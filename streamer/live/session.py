@@ -35,15 +35,21 @@ from pathlib import Path
 from typing import Any
 
 from streamer.config import Config
-from streamer.errors import ConfigError
+from streamer.errors import ConfigError, UserError, one_line
+from streamer.formats.columns import ColumnSet
+from streamer.formats.picks import pick_summary
 from streamer.live.dispatcher import Dispatcher, Event, Job, is_loopback
+from streamer.live.jobspec import MAX_FRAME_BYTES, job_spec
+from streamer.live.keys import session_keys
 from streamer.live.local_workers import LocalWorkers, plan_workers
 from streamer.live.logs import SessionLog
 from streamer.live.metrics import Metrics, StatusPublisher
+from streamer.live.protocol import ResultSpec
 from streamer.live.signals import SignalHandlers, StopFlags
 from streamer.live.slurm import SlurmPool, dispatcher_bind, job_endpoint, worker_command, worker_name
 from streamer.live.watcher import Notice, Watcher, split_pattern
 from streamer.live.writer import Writer
+from streamer.output.accounting import folder_account, movie_line, no_particle_warning
 from streamer.output.ledger import Ledger
 from streamer.output.status import clean
 
@@ -103,9 +109,11 @@ class Session:
         on_state: Callable[[dict[str, Any]], None] | None = None,
         controls: Any = None,
         worker_handler: str | None = None,
+        command: str = "watch",
     ) -> None:
         check_inputs(cfg)
         self.cfg = cfg
+        self.command = command
         self.once = once
         self.headless = headless
         self.new = new
@@ -129,6 +137,7 @@ class Session:
         self.submitted = 0
         self.metrics = Metrics()
         self.totals: dict[str, int] = {}  # the output folder's, as the writer last reported them
+        self.columns: ColumnSet | None = None  # the folder's columns (fixed by this session from a pick file)
         self.publisher = StatusPublisher(on_state)
         self._signals = SignalHandlers(self.stop)
         self._log = SessionLog()
@@ -146,7 +155,10 @@ class Session:
             msg = f"{asked} holds other processing parameters; writing to {self.out} instead (--new)"
             log.warning("%s", msg)
             self.metrics.warn(msg)
-        cfg = self.job_cfg = config_for_workers(self.cfg, self.out)
+        # no peer joins without a key, loopback included: the folder's own keys unless --keys is given
+        keys = os.path.abspath(self.cfg.keys) if self.cfg.keys else str(session_keys(self.out))
+        cfg = self.job_cfg = dataclasses.replace(config_for_workers(self.cfg, self.out), keys=keys)
+        self.columns = self.writer.columns
         self.totals = dict(self.writer.totals)
         log.info("session starting: movies %s, picks %s, out %s (%d movies already done)", cfg.movies,
                  cfg.picks.dir, self.out, self.totals.get("done", 0))
@@ -173,14 +185,11 @@ class Session:
 
     def _start_dispatcher(self, cfg: Config) -> None:
         bind = cfg.bind
-        if cfg.slurm.workers:  # jobs on other nodes must reach the dispatcher
-            if not cfg.keys:
-                raise ConfigError("slurm.workers: Slurm jobs join over the network, which needs CURVE keys on storage "
-                                  "the nodes share (`lmc keys /shared/lmc-keys`, then --keys /shared/lmc-keys)")
+        if cfg.slurm.workers:  # jobs on other nodes must reach the dispatcher (CURVE keys: always, see _start)
             bind = dispatcher_bind(cfg.bind)
         self.dispatcher = Dispatcher(
-            bind, config=cfg.to_dict(), keys=cfg.keys, heartbeat=cfg.heartbeat, liveness=cfg.liveness,
-            max_attempts=cfg.max_attempts, float16=cfg.float16,
+            bind, config=cfg.to_dict(), keys=cfg.keys, max_frame_bytes=MAX_FRAME_BYTES, heartbeat=cfg.heartbeat,
+            liveness=cfg.liveness, max_attempts=cfg.max_attempts, float16=cfg.float16,
         )
         endpoint = self.endpoint = self.dispatcher.start()
         host, port = endpoint.rsplit(":", 1)
@@ -260,9 +269,25 @@ class Session:
             return
         for e in self.watcher.ready(free, exclude=set(self.inflight)):
             picks = e.picks.path if e.picks is not None else None
-            job = self.dispatcher.submit(e.path, picks, meta={"ready_at": e.ready_at or time.monotonic()})
+            spec = self._spec(e)
+            if spec is None:
+                continue
+            job = self.dispatcher.submit(e.path, picks, meta={"ready_at": e.ready_at or time.monotonic()}, spec=spec)
             self.inflight[e.path] = job
             self.submitted += 1
+
+    def _spec(self, e: Any) -> ResultSpec | None:
+        """What this movie's result must be (``jobspec``), read by the session itself; the first movie
+        fixes the folder's columns from its pick file. A movie that cannot run fails here, at once."""
+        assert self.writer is not None
+        try:
+            if self.columns is None:
+                self.columns = ColumnSet.of(pick_summary(e.picks)[1])
+                self.writer.put("declare", self.columns)
+            return job_spec(self.cfg, e.path, e.picks, self.columns)
+        except (UserError, OSError) as exc:  # unreadable picks/movie, an unwritable name, a too-large job
+            self._fail(e.path, one_line(exc))
+            return None
 
     def _unsubmit(self, job: Job) -> None:
         self.inflight.pop(job.movie, None)
@@ -282,16 +307,19 @@ class Session:
         elif ev.kind == "result" and job is not None and ev.result is not None:
             self._commit(job, ev)
         elif ev.kind in ("failed", "poison") and job is not None:
-            assert self.writer is not None
             self.inflight.pop(job.movie, None)
-            self.writer.put("failed", job.movie, ev.reason)
-            self.watcher.mark(job.movie, "failed", ev.reason)
-            self.metrics.failed(job.movie, ev.reason)
-            log.error("failed: %s", ev.reason if job.movie in ev.reason else f"{job.movie}: {ev.reason}")
+            self._fail(job.movie, ev.reason)
         elif ev.kind == "joined" and self.slurm is not None and ev.worker.startswith("slurm-"):
             self.slurm.joined(ev.worker.removeprefix("slurm-"))
         elif ev.kind == "lost":
             self.metrics.warn(f"worker {ev.worker} lost: {ev.reason}")
+
+    def _fail(self, movie: str, reason: str) -> None:
+        assert self.writer is not None and self.watcher is not None
+        self.writer.put("failed", movie, reason)
+        self.watcher.mark(movie, "failed", reason)
+        self.metrics.failed(movie, reason)
+        log.error("failed: %s", reason if movie in reason else f"{movie}: {reason}")
 
     def _commit(self, job: Job, ev: Event) -> None:
         assert self.writer is not None and ev.result is not None
@@ -328,7 +356,13 @@ class Session:
         latency = now - float(job.meta.get("ready_at", now))
         self.metrics.committed(job.movie, result.n, result.stats or {}, latency, now,
                                now - job.started if job.started else None, worker)
-        log.info("done: %s (%d particles, %.2f s after ready)", job.movie, result.n, latency)
+        stats = result.stats or {}
+        log.info("done: %s (%s; %.2f s after ready)", job.movie, movie_line(stats), latency)
+        for note in stats.get("notes") or []:
+            log.info("%s", note)
+        empty = no_particle_warning(job.movie, stats)
+        if empty is not None:
+            log.warning("%s", empty)
 
     def _notice(self, n: Notice) -> None:
         assert self.writer is not None
@@ -384,7 +418,9 @@ class Session:
         """The session state for the console and ``status.json``.
 
         Keys: ``version``, ``time`` (epoch), ``phase`` (starting|running|draining|finished|aborted),
-        ``session`` {movies, picks, out, started, uptime_s, endpoint, pid, host, once},
+        ``session`` {movies, picks, out, started, uptime_s, endpoint, pid, host, once, command ("run" or
+        "watch": the command that made the folder's session)}, ``picks`` (this run's pick accounting:
+        movies, picks, particles, skipped, skip_reasons {reason: n}, movies_without_particles),
         ``counts`` {state: n} over every watcher state, ``particles``, ``stacks``, ``totals`` (the
         output folder's done/failed/skipped/particles/stacks), ``this_session`` (the same, this run),
         ``rates`` {movies_per_hour, movies_per_hour_recent, particles_per_s, particles_per_s_recent,
@@ -417,7 +453,9 @@ class Session:
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "once": self.once,
+                "command": self.command,
             },
+            "picks": m.picks.as_dict(),
             "counts": counts,
             "particles": self.totals.get("particles", 0),
             "stacks": self.totals.get("stacks", 0),
@@ -468,14 +506,17 @@ class Session:
                 if opened:  # never write status.json into a folder we refused to open
                     self._publish(time.monotonic(), force=True)
         log.info("session %s: %s", self.phase, self.metrics.counts)
+        log.info("picks this run: %s", self.metrics.picks.line())
         self._log.detach()
 
     def summary(self) -> dict[str, Any]:
         """What ``lmc run`` / ``lmc watch`` print at the end (folder totals + this run)."""
         failures = []
+        folder_picks: dict[str, Any] = {}
         try:
             led = Ledger(self.out / "ledger.sqlite", readonly=True)
             failures = [(m, r) for m, r in led.failed()]
+            folder_picks = folder_account(r.stats for r in led.rows(with_payload=False)).as_dict()
             led.close()
         except Exception as exc:
             log.debug("ledger unreadable for the summary: %s", exc)
@@ -488,8 +529,12 @@ class Session:
             "stacks": self.totals.get("stacks", 0),
             "this_session": dict(self.metrics.counts),
             "failures": failures,
+            "picks": self.metrics.picks.as_dict(),
+            "picks_folder": folder_picks,
+            "command": self.command,
             "out": str(self.out),
             "aborted": self.stop.abort,
+            "stopped_early": self.stop.drain and bool(self.watcher is not None and self.watcher.pending()),
             "reason": self.stop.reason,
             "elapsed_s": round(time.monotonic() - self.started, 2),
             "latency_median_s": median,
@@ -506,12 +551,14 @@ def run_session(
     controls: Any = None,
     *,
     worker_handler: str | None = None,
+    command: str = "watch",
 ) -> dict[str, Any]:
     """Run ``lmc watch`` (``once``: ``lmc run``) until done, drained or aborted; returns the summary.
 
     ``on_state(snapshot)`` is called about once a second (see :meth:`Session.snapshot`);
     ``controls`` (``paused``, ``quit_requested`` attributes) is polled. ``worker_handler``
-    (``module:function``) replaces the pipeline in local workers (tests only).
+    (``module:function``) replaces the pipeline in local workers (tests only). ``command``: "run" or
+    "watch", recorded in ``status.json`` so ``lmc status`` says which command made the folder.
     """
     return Session(cfg, once=once, headless=headless, new=new, on_state=on_state, controls=controls,
-                   worker_handler=worker_handler).run()
+                   worker_handler=worker_handler, command=command).run()

@@ -178,6 +178,7 @@ class SlurmPool:
         if shutil.which("sbatch", path=(self.env or os.environ).get("PATH")) is None:
             raise ConfigError("slurm.workers is set but sbatch is not on PATH (run lmc on a Slurm submit host)")
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        (self.log_dir / "slurm-job.sh").write_text(self.script)  # what every job runs, for whoever debugs it
         stale = [j for j, state, *_ in self._squeue() if state in ACTIVE and j not in self.jobs]
         if stale:
             self._cancel(stale)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from streamer.errors import UserError
+from streamer.output.accounting import describe
 
 STATUS_NAME = "status.json"
 STALE_AFTER_S = 20.0  # a running session rewrites the file every few seconds
@@ -184,7 +185,8 @@ def render_status(snap: dict[str, Any], now: float | None = None) -> str:
     state = phase
     if phase in ("running", "draining", "starting") and age > STALE_AFTER_S:
         state = f"{phase}?  (not updated for {_dur(age)}: the session may have stopped or crashed)"
-    lines.append(f"lmc watch  {state}   updated {_dur(age)} ago   up {_dur(session.get('uptime_s'))}")
+    command = f"lmc {session.get('command') or 'watch'}" + (" --once" if session.get("once") and session.get("command") != "run" else "")
+    lines.append(f"{command}  {state}   updated {_dur(age)} ago   up {_dur(session.get('uptime_s'))}")
     for key in ("movies", "picks", "out"):
         lines.append(f"  {key:<7}{session.get(key) or '-'}")
     if snap.get("paused"):
@@ -197,6 +199,11 @@ def render_status(snap: dict[str, Any], now: float | None = None) -> str:
         f"folder totals: {totals.get('done', '-')} done, {totals.get('failed', '-')} failed, "
         f"{totals.get('skipped', '-')} skipped"
     )
+    picks = snap.get("picks") or {}
+    if picks:
+        lines.append("picks    " + describe(int(picks.get("picks") or 0), int(picks.get("particles") or 0),
+                                             picks.get("skip_reasons") or {})
+                     + f" (this run, {picks.get('movies', 0)} movies; {picks.get('movies_without_particles', 0)} without particles)")
     lines.append(
         f"rates    {_fmt(rates.get('movies_per_hour'), 0)} movies/h (recent {_fmt(rates.get('movies_per_hour_recent'), 0)}), "
         f"{_fmt(rates.get('particles_per_s'))} particles/s; latency ready->committed "
@@ -223,7 +230,8 @@ def render_status(snap: dict[str, Any], now: float | None = None) -> str:
         lines.append("recent (newest last)")
         for r in recent[-10:]:
             lines.append(
-                f"  {Path(str(r.get('movie'))).name:<40} {_fmt(r.get('particles')):>6} particles  "
+                f"  {Path(str(r.get('movie'))).name:<40} {_fmt(r.get('particles')):>6} particles "
+                f"of {_fmt(r.get('picks'))} picks  "
                 f"motion {_fmt(r.get('motion_total_A'))} Å  local {_fmt(r.get('local_mean_A'), 2)} Å  "
                 f"quality {_fmt(r.get('quality_gain'), 4)}  "
                 f"{_dur(r.get('seconds'))}"

@@ -271,6 +271,18 @@ def _rates(snap: dict[str, Any], width: int) -> RenderableType:
         "",
         Text("ready → committed", style="grey50"),
     )
+    picks = snap.get("picks") or {}
+    if picks.get("movies"):
+        reasons = picks.get("skip_reasons") or {}
+        why = ", ".join(f"{n} {r}" for r, n in reasons.items())
+        empty = picks.get("movies_without_particles") or 0
+        grid.add_row(
+            "picks",
+            Text.assemble((fmt_int(picks.get("picks")), "bold"), " read, ", (fmt_int(picks.get("particles")), "bold"),
+                          " particles, ", (fmt_int(picks.get("skipped")), "bold"), " skipped"),
+            "skipped",
+            Text.assemble(why or "–", (f"  {empty} movie(s) without particles", "yellow") if empty else ""),
+        )
     return grid
 
 
@@ -294,18 +306,23 @@ def _movie_name(movie: Any, width: int = 0) -> str:
 def _recent(snap: dict[str, Any], width: int, rows: int) -> RenderableType:
     recent = list(snap.get("recent") or [])[-rows:][::-1] if rows > 0 else []
     table = Table(box=None, padding=(0, 1), show_edge=False, pad_edge=False, header_style="grey62", expand=False)
-    name_w = max(12, width - 62)
+    with_picks = width >= 100  # a narrow terminal keeps the movie names readable instead
+    name_w = max(12, width - (69 if with_picks else 62))
     table.add_column("movie", no_wrap=True, overflow="ellipsis", max_width=name_w)
     table.add_column("particles", justify="right", no_wrap=True)
+    if with_picks:
+        table.add_column("picks", justify="right", no_wrap=True)
     table.add_column("motion Å", justify="right", no_wrap=True)
     table.add_column("early Å", justify="right", no_wrap=True)
     table.add_column("local Å", justify="right", no_wrap=True)
     table.add_column("gain", justify="right", no_wrap=True)
     table.add_column("time", justify="right", no_wrap=True)
     for r in recent:
+        picks = [fmt_int(r.get("picks"))] if with_picks else []
         table.add_row(
             _movie_name(r.get("movie"), name_w),
-            fmt_int(r.get("particles")),
+            Text(fmt_int(r.get("particles")), style="yellow" if r.get("particles") == 0 else ""),
+            *picks,
             Text(fmt_float(r.get("motion_total_A"), 1), style=grade(r.get("motion_total_A"), MOTION_TOTAL_A)),
             Text(fmt_float(r.get("motion_early_A"), 1), style=grade(r.get("motion_early_A"), MOTION_EARLY_A)),
             Text(fmt_float(r.get("local_mean_A"), 2), style=grade(r.get("local_mean_A"), LOCAL_MEAN_A)),
