@@ -188,3 +188,29 @@ def test_a_job_waiting_for_resources_is_shown_pending_with_the_reason(slurm_clus
     finally:
         pool.close()
     assert _active(slurm_cluster, tmp_path) == []
+
+
+def test_a_requeued_job_stays_one_of_the_n_and_its_worker_is_reported_gone(slurm_cluster, tmp_path, fast):
+    """Preemption with requeue (here `scontrol requeue`): the job is pending again, not replaced."""
+    pool = SlurmPool(SlurmConfig(workers=1), tmp_path, SLEEPER)
+    pool.start()
+    try:
+        (job_id,) = pool.jobs
+        _until(lambda: pool.jobs[job_id].state == "RUNNING", 30, "the job running", pool)
+        subprocess.run(["scontrol", "requeue", job_id], env=slurm_cluster.env, check=True)
+        events: list = []
+
+        def requeued() -> bool:
+            events.extend(pool.tick(time.monotonic()))
+            return bool(events)
+
+        _until(requeued, 30, "the requeue noticed")
+        assert [(e.job.job_id, e.requeued, e.quick) for e in events] == [(job_id, True, False)]
+        assert "went back to the queue" in events[0].message
+        assert list(pool.jobs) == [job_id] and pool.jobs[job_id].state == "PENDING"
+        assert pool.jobs[job_id].started is None and pool.ended_count == 0
+        (row,) = pool.snapshot([], time.monotonic())
+        assert row["state"] == "pending" and row["reason"] == "BeginTime"
+    finally:
+        pool.close()
+    assert _active(slurm_cluster, tmp_path) == []

@@ -18,6 +18,9 @@ Life of a job, as :meth:`SlurmPool.tick` sees it (every ``POLL_S`` seconds, ``sq
 PENDING (shown with Slurm's reason; counts towards the N wanted, it is not lost work) ->
 RUNNING (node and GPUs read once from ``scontrol show job -d``) -> an end state (COMPLETED,
 FAILED, TIMEOUT, PREEMPTED, CANCELLED, NODE_FAIL, OUT_OF_MEMORY, ... or gone from ``squeue``).
+A running job that Slurm puts back in the queue (preemption with requeue, ``scontrol requeue``)
+stays one of the N, pending again; its worker is gone, so it is reported like an ended job
+(``Ended.requeued``) for the session to drop that worker at once.
 An ended job is replaced after a back-off that doubles with each job in a row that failed:
 ended within ``QUICK_S`` seconds of being submitted, or without its worker ever joining the
 session (``BACKOFF_S`` up to ``MAX_BACKOFF_S``); after ``ALERT_AFTER`` such jobs in a row the
@@ -63,6 +66,7 @@ COMMAND_TIMEOUT_S = 30.0
 ORPHAN_TIMEOUT_S = 300.0  # a job's worker exits after this long without its session (crash, no restart)
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
           "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+REQUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}  # after RUNNING: back in the queue
 DEFAULT_SCRIPT = "#!/bin/bash\n# an lmc worker job (lmc submits, replaces and cancels these itself)\nexec {command}\n"
 
 
@@ -103,11 +107,12 @@ class SlurmJob:
 @dataclass
 class Ended:
     """A job that ended; ``quick``: it failed (ended within ``QUICK_S`` of its submission, or its
-    worker never joined)."""
+    worker never joined); ``requeued``: it did not end but went back to the queue (its worker is gone)."""
 
     job: SlurmJob
     message: str
     quick: bool
+    requeued: bool = False
 
 
 @dataclass
@@ -208,6 +213,8 @@ class SlurmPool:
         for job in list(self.jobs.values()):
             row = rows.get(job.job_id)
             state, reason, node = (row[1], row[2], row[3]) if row else ("GONE", "", job.node)
+            if job.started is not None and state in REQUEUED:
+                ended.append(self._requeued(job, state, reason))
             if state == "RUNNING" and job.started is None:
                 job.started = now
                 job.node = node
@@ -228,6 +235,13 @@ class SlurmPool:
         if not draining:
             self._replace(now)
         return ended
+
+    def _requeued(self, job: SlurmJob, state: str, reason: str) -> Ended:
+        msg = (f"slurm job {job.job_id} on {job.node} went back to the queue ({state}, {reason}: preempted or "
+               f"requeued); it stays one of the {self.cfg.workers} jobs and waits to run again")
+        log.warning("%s", msg)
+        job.started, job.joined, job.warned, job.gpus = None, False, False, ""
+        return Ended(job, msg, quick=False, requeued=True)
 
     def _ended(self, job: SlurmJob, now: float) -> Ended:
         del self.jobs[job.job_id]
