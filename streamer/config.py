@@ -105,7 +105,7 @@ class LocalConfig:
 @dataclass(frozen=True)
 class SlurmConfig:
     workers: int = _f(0, "worker jobs to keep alive under Slurm (sbatch); 0 = none. With slurm.workers > 0, workers = 0 means no local workers", processing=False)
-    args: str = _f("", "extra sbatch arguments for every worker job, e.g. \"--partition=gpu --gres=gpu:1 --time=12:00:00\"", processing=False)
+    args: str = _f("", "extra sbatch arguments for every worker job, e.g. --slurm-args=\"--partition=gpu --gres=gpu:1 --time=12:00:00\"", processing=False)
     script: str | None = _f(None, "job script template (modules, containers): a file whose {command} is replaced by the worker command line", processing=False)
     host: str = _f("", "address Slurm jobs use to reach this machine (the head node); empty = this machine's fully qualified name", processing=False)
 
