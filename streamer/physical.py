@@ -22,13 +22,10 @@ required; lmc never assumes it (it sets the exposure weighting and the motion pr
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from streamer.config import Config
 from streamer.errors import ConfigError, MovieError
-
-log = logging.getLogger("lmc.physical")
 
 TOLERANCE = 0.01
 GIVEN = "--apix / config.yaml"
@@ -80,7 +77,7 @@ def require_exposure(cfg: Config) -> None:
 
 def resolve_session(cfg: Config, movie: str | None) -> Config:
     """The session's pixel size from ``cfg``, the first movie found (``movie``) and its pick file,
-    and the exposure check; logs both with their sources."""
+    and the exposure check (``describe`` says both, for the log)."""
     require_exposure(cfg)
     source = None
     if movie is not None and cfg.picks.dir:
@@ -92,10 +89,13 @@ def resolve_session(cfg: Config, movie: str | None) -> Config:
             source = None  # an unreadable pick file is reported with its movie
     where = f"{cfg.movies}" + (f" (first movie {Path(movie).name})" if movie else " (no movie found yet)")
     found = pixel_size_sources(cfg, movie, source)
-    cfg = settle_pixel_size(cfg, found, where + (f" or {source.path}" if source is not None else ""))
-    log.info("pixel size %g Å/px from %s", cfg.apix, cfg.apix_source)
-    log.info("exposure %g e/Å² per frame (given), pre-exposure %g e/Å²", cfg.dose_per_frame, cfg.pre_exposure)
-    return cfg
+    return settle_pixel_size(cfg, found, where + (f" or {source.path}" if source is not None else ""))
+
+
+def describe(cfg: Config) -> list[str]:
+    """The log lines that say the settled pixel size and exposure with their sources."""
+    return [f"pixel size {cfg.apix:g} Å/px from {cfg.apix_source or GIVEN}",
+            f"exposure {cfg.dose_per_frame:g} e/Å² per frame (given), pre-exposure {cfg.pre_exposure:g} e/Å²"]
 
 
 def for_movie(cfg: Config, movie: str, header_apix: float | None) -> Config:

@@ -85,9 +85,9 @@ def test_pick_file_optics_is_a_source_and_is_checked(tmp_path: Path) -> None:
     found = pixel_size_sources(cfg, None, src)
     assert found == [(pytest.approx(0.83), f"rlnMicrographOriginalPixelSize in {src.path}")]
     assert settle_pixel_size(cfg, found, "x").apix == pytest.approx(0.83)
-    with pytest.raises(ConfigError, match="pixel sizes disagree: 1 Å/px from --apix / config.yaml but 0.83"):
+    with pytest.raises(ConfigError, match=r"pixel sizes disagree: 1 Å/px from --apix / config\.yaml but 0\.83"):
         settle_pixel_size(cfg, pixel_size_sources(cfg.with_(apix=1.0), None, src), "x")
-    with pytest.raises(PicksError, match="rlnMicrographOriginalPixelSize = 0.83 Å/px but the movie's pixel size is 1"):
+    with pytest.raises(PicksError, match=r"rlnMicrographOriginalPixelSize = 0\.83 Å/px but the movie's pixel size is 1"):
         read_picks(src, cfg.picks, (4092, 5760), apix=1.0)
 
 

@@ -52,6 +52,7 @@ from streamer.live.writer import Writer
 from streamer.output.accounting import folder_account, movie_line, no_particle_warning
 from streamer.output.ledger import Ledger
 from streamer.output.status import clean
+from streamer.physical import describe as describe_physical
 from streamer.physical import resolve_session
 
 log = logging.getLogger("lmc.session")
@@ -171,6 +172,8 @@ class Session:
         self.writer.start()
         asked, self.out = self.out, self.writer.out
         self._log.attach(self.out, to_stderr=self.headless)
+        for line in describe_physical(self.cfg):
+            log.info("%s", line)
         if self.out != asked:
             msg = f"{asked} holds other processing parameters; writing to {self.out} instead (--new)"
             log.warning("%s", msg)
