@@ -57,6 +57,8 @@ class MovieResult:
     local_max_A, quality_gain, n_picks, n_particles, n_skipped, frames, eer_leftover,
     seconds_* per stage, warnings (list of str).
     ``micrograph_shape``: (h, w) in movie pixels at upsampling 1.
+    ``plot_png``: the diagnostic plot rendered by a worker, written by the session's writer (workers
+    write no files), or None.
     """
 
     movie: str
@@ -71,6 +73,7 @@ class MovieResult:
     micrograph_shape: tuple[int, int]
     apix: float
     stats: dict[str, Any] = field(default_factory=dict)
+    plot_png: bytes | None = None
 
     @property
     def n(self) -> int:

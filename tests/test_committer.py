@@ -15,6 +15,7 @@ import starfile
 from cryosparc.dataset import Dataset
 
 from streamer.config import Config
+from streamer.formats.picks import movie_stem
 from streamer.output.committer import Committer, FingerprintMismatch, OutputLocked
 from streamer.types import MovieResult
 
@@ -152,11 +153,15 @@ def test_empty_movie_and_column_mismatch(tmp_path, caplog):
         assert c.is_done(movie_name(0)) and not (out / "particles.star").exists()
         c.commit(make_result(1))
         r = make_result(2, 3)
-        del r.columns["rlnDefocusAngle"]
-        r.columns["rlnCtfFigureOfMerit"] = np.ones(3)
-        c.commit(r)
+        r.columns["rlnCtfFigureOfMerit"] = np.ones(3)  # a column the folder does not carry: refused
+        with pytest.raises(ValueError, match="rlnCtfFigureOfMerit is not one of this output folder's columns"):
+            c.commit(r)
+        assert not c.is_done(movie_name(2))
+        del r.columns["rlnCtfFigureOfMerit"], r.columns["rlnDefocusAngle"]  # its picks lack one: neutral value
+        with caplog.at_level("INFO"):
+            c.commit(r)
         assert c.totals()["particles"] == 10
-    assert "lacks column(s) rlnDefocusAngle" in caplog.text and "rlnCtfFigureOfMerit not in this" in caplog.text
+    assert "lack column(s) rlnDefocusAngle" in caplog.text
     star = starfile.read(out / "particles.star", always_dict=True)["particles"]
     assert list(star["rlnDefocusAngle"][7:]) == [0, 0, 0] and "rlnCtfFigureOfMerit" not in star.columns
     cs = Dataset.load(out / "particles.cs")
@@ -327,3 +332,24 @@ def test_no_per_movie_state_in_memory_and_done_checks_still_hold(tmp_path):
         c.commit(make_result(0, n=2))
         assert c.totals()["particles"] == 80 and len(c.done_movies()) == 41
     check_folder(out, {i: 2 for i in range(40)}, cfg)
+
+
+def test_writer_writes_side_files_cleans_their_temps_and_refuses_unwritable_names(tmp_path, caplog):
+    out = tmp_path / "out"
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
+    cfg = CFG.with_(plots=True)
+    with Committer(out, cfg) as c:
+        r = make_result(0)
+        r.plot_png = png
+        c.commit(r)
+        bad = make_result(1)
+        bad.movie = "raw/evil\nname.tif"  # would split its particles.star row
+        with pytest.raises(ValueError, match=r"movie name .*control character"):
+            c.commit(bad)
+    stem = movie_stem(movie_name(0))
+    assert (out / "plots" / f"{stem}.png").read_bytes() == png  # the worker's PNG, written by the writer
+    assert (out / "trajectories" / f"{stem}.star").exists()
+    (out / "plots" / f".{stem}.png.0123abcd.tmp").write_bytes(b"")  # a writer killed mid-replace
+    with caplog.at_level("INFO"), Committer(out, cfg):
+        pass
+    assert not list((out / "plots").glob(".*.tmp")) and "temp file left by an interrupted write" in caplog.text

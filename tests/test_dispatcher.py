@@ -18,6 +18,7 @@ import zmq
 
 from streamer.live import protocol
 from streamer.live.dispatcher import Dispatcher, DispatcherError, Event, is_loopback
+from streamer.live.keys import create_keys, setup_client
 from streamer.types import MovieResult
 
 HB = 0.2
@@ -51,16 +52,32 @@ def job_handler(job: dict) -> MovieResult:
     )
 
 
-def spawn_worker(endpoint: str, *extra: str) -> subprocess.Popen:
+def spawn_worker(endpoint: str | Dispatcher, *extra: str) -> subprocess.Popen:
+    """A real worker process; given the Dispatcher itself, it connects with that dispatcher's keys."""
+    if isinstance(endpoint, Dispatcher):
+        extra = ("--keys", str(endpoint.keys), *extra)
+        endpoint = endpoint.endpoint
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "streamer.live.worker", "--connect", endpoint, "--handler", "test_dispatcher:job_handler",
            "--heartbeat", str(HB), "--liveness", str(LIVENESS), "--device", "cpu", "--threads", "1", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def keyed_socket(d: Dispatcher, kind: int = zmq.DEALER) -> zmq.Socket:
+    """A raw socket holding the workers' key (an authenticated peer speaking the wire format by hand)."""
+    sock = zmq.Context.instance().socket(kind)
+    sock.linger = 0
+    setup_client(sock, d.keys)
+    sock.connect(d.endpoint)
+    return sock
+
+
 @pytest.fixture
-def dispatcher() -> Iterator[Dispatcher]:
-    d = Dispatcher("tcp://127.0.0.1:0", heartbeat=HB, liveness=LIVENESS, max_attempts=2, context=zmq.Context())
+def dispatcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dispatcher]:
+    keys = tmp_path_factory.mktemp("keys") / "keys"
+    create_keys(keys)
+    d = Dispatcher("tcp://127.0.0.1:0", keys=keys, heartbeat=HB, liveness=LIVENESS, max_attempts=2,
+                   context=zmq.Context())
     d.start()
     yield d
     d.close(stop_workers=False)
@@ -102,12 +119,13 @@ def test_loopback_rules() -> None:
     assert is_loopback("tcp://127.0.0.1:5555") and is_loopback("tcp://localhost:1") and is_loopback("tcp://[::1]:2")
     assert is_loopback("ipc:///tmp/x")
     assert not is_loopback("tcp://0.0.0.0:5555") and not is_loopback("tcp://*:5555") and not is_loopback("tcp://10.0.0.3:1")
-    with pytest.raises(DispatcherError, match="without CURVE keys"):
-        Dispatcher("tcp://0.0.0.0:0")
+    for bind in ("tcp://0.0.0.0:0", "tcp://127.0.0.1:0", "ipc:///tmp/lmc-x"):  # no bind without keys
+        with pytest.raises(DispatcherError, match="without CURVE keys"):
+            Dispatcher(bind)
 
 
 def test_jobs_spread_over_workers_each_result_once(dispatcher: Dispatcher, procs: list, tmp_path: Path) -> None:
-    procs += [spawn_worker(dispatcher.endpoint, "--name", f"w{i}") for i in range(2)]
+    procs += [spawn_worker(dispatcher, "--name", f"w{i}") for i in range(2)]
     run_until(dispatcher, lambda ev: len(kinds(ev, "joined")) == 2)
     jobs = [dispatcher.submit(movie(tmp_path, f"m{i}", n=i + 1, sleep=0.15, value=i)) for i in range(6)]
     events = run_until(dispatcher, lambda ev: len(kinds(ev, "result")) == 6)
@@ -126,7 +144,7 @@ def test_jobs_spread_over_workers_each_result_once(dispatcher: Dispatcher, procs
 
 
 def test_sigkilled_worker_job_redone_by_another(dispatcher: Dispatcher, procs: list, tmp_path: Path) -> None:
-    procs += [spawn_worker(dispatcher.endpoint) for _ in range(2)]
+    procs += [spawn_worker(dispatcher) for _ in range(2)]
     run_until(dispatcher, lambda ev: len(kinds(ev, "joined")) == 2)
     slow = dispatcher.submit(movie(tmp_path, "slow", n=3, sleep=1.5, value=7))
     events = run_until(dispatcher, lambda ev: bool(kinds(ev, "started")))
@@ -145,7 +163,7 @@ def test_sigkilled_worker_job_redone_by_another(dispatcher: Dispatcher, procs: l
 
 
 def test_reported_death_requeues_at_once_and_poison_is_set_aside(dispatcher: Dispatcher, procs: list, tmp_path: Path) -> None:
-    procs += [spawn_worker(dispatcher.endpoint) for _ in range(2)]
+    procs += [spawn_worker(dispatcher) for _ in range(2)]
     run_until(dispatcher, lambda ev: len(kinds(ev, "joined")) == 2)
     bad = dispatcher.submit(movie(tmp_path, "bad", crash=True))
     lost: list[Event] = []
@@ -164,7 +182,7 @@ def test_reported_death_requeues_at_once_and_poison_is_set_aside(dispatcher: Dis
 
 
 def test_error_is_reported_not_retried(dispatcher: Dispatcher, procs: list, tmp_path: Path) -> None:
-    procs.append(spawn_worker(dispatcher.endpoint))
+    procs.append(spawn_worker(dispatcher))
     run_until(dispatcher, lambda ev: bool(kinds(ev, "joined")))
     m = movie(tmp_path, "broken", **{"raise": "truncated: header says 40 frames, file holds 37"})
     dispatcher.submit(m)
@@ -177,7 +195,7 @@ def test_error_is_reported_not_retried(dispatcher: Dispatcher, procs: list, tmp_
 
 
 def test_silent_worker_is_replaced_and_its_late_result_dropped(dispatcher: Dispatcher, procs: list, tmp_path: Path) -> None:
-    procs += [spawn_worker(dispatcher.endpoint) for _ in range(2)]
+    procs += [spawn_worker(dispatcher) for _ in range(2)]
     run_until(dispatcher, lambda ev: len(kinds(ev, "joined")) == 2)
     job = dispatcher.submit(movie(tmp_path, "m", n=2, sleep=1.0, value=3))
     run_until(dispatcher, lambda ev: bool(kinds(ev, "started")))
@@ -196,13 +214,8 @@ def test_silent_worker_is_replaced_and_its_late_result_dropped(dispatcher: Dispa
 
 
 def test_garbage_is_logged_and_dropped(dispatcher: Dispatcher, procs: list, tmp_path: Path, caplog) -> None:
-    ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.DEALER)
-    raw.linger = 0
-    raw.connect(dispatcher.endpoint)
-    req = ctx.socket(zmq.REQ)
-    req.linger = 0
-    req.connect(dispatcher.endpoint)
+    raw = keyed_socket(dispatcher)
+    req = keyed_socket(dispatcher, zmq.REQ)
     try:
         raw.send_multipart([b"\x80\x04\x95 pickle?"])
         raw.send_multipart([json.dumps({"v": 1, "type": "result", "job_id": "x"}).encode()])
@@ -212,12 +225,12 @@ def test_garbage_is_logged_and_dropped(dispatcher: Dispatcher, procs: list, tmp_
         fake = protocol.encode("error", {"job_id": "nope", "movie": "m", "reason": "r", "user_error": True})
         raw.send_multipart(fake)
         t0 = time.monotonic()
-        while dispatcher.dropped < 4 and time.monotonic() - t0 < 5:
+        while dispatcher.dropped < 5 and time.monotonic() - t0 < 5:
             assert not [e for e in dispatcher.poll(0.05) if e.kind in ("result", "failed", "joined")]
-        assert dispatcher.dropped == 4 and not dispatcher.workers
+        assert dispatcher.dropped == 5 and not dispatcher.workers
         assert "malformed" in caplog.text
         # the dispatcher still works
-        procs.append(spawn_worker(dispatcher.endpoint))
+        procs.append(spawn_worker(dispatcher))
         dispatcher.submit(movie(tmp_path, "ok", n=1))
         assert kinds(run_until(dispatcher, lambda ev: bool(kinds(ev, "result"))), "result")
     finally:
@@ -226,7 +239,7 @@ def test_garbage_is_logged_and_dropped(dispatcher: Dispatcher, procs: list, tmp_
 
 
 def test_heartbeats_flow_while_a_long_job_runs(dispatcher: Dispatcher, procs: list, tmp_path: Path) -> None:
-    procs.append(spawn_worker(dispatcher.endpoint))
+    procs.append(spawn_worker(dispatcher))
     run_until(dispatcher, lambda ev: bool(kinds(ev, "joined")))
     dispatcher.submit(movie(tmp_path, "long", n=1, sleep=2 * HB * LIVENESS))  # twice the silence limit
     events = run_until(dispatcher, lambda ev: bool(kinds(ev, "result")))
@@ -234,7 +247,7 @@ def test_heartbeats_flow_while_a_long_job_runs(dispatcher: Dispatcher, procs: li
 
 
 def test_drain_cancels_prefetched_jobs_but_not_the_running_one(dispatcher: Dispatcher, procs: list, tmp_path: Path) -> None:
-    procs.append(spawn_worker(dispatcher.endpoint))
+    procs.append(spawn_worker(dispatcher))
     run_until(dispatcher, lambda ev: bool(kinds(ev, "joined")))
     first = dispatcher.submit(movie(tmp_path, "a", n=1, sleep=1.0))
     second = dispatcher.submit(movie(tmp_path, "b", n=1))
@@ -251,7 +264,7 @@ def test_drain_cancels_prefetched_jobs_but_not_the_running_one(dispatcher: Dispa
 def test_nothing_is_kept_per_finished_job(dispatcher: Dispatcher, procs: list, tmp_path: Path) -> None:
     """A long session must not grow the dispatcher: after 40 jobs (and a late duplicate), no container
     it holds has an entry per job; a late copy of a finished job's result is still dropped."""
-    procs.append(spawn_worker(dispatcher.endpoint, "--name", "w0"))
+    procs.append(spawn_worker(dispatcher, "--name", "w0"))
     run_until(dispatcher, lambda ev: len(kinds(ev, "joined")) == 1)
     jobs = [dispatcher.submit(movie(tmp_path, f"m{i}", n=1)) for i in range(40)]
     events = run_until(dispatcher, lambda ev: len(kinds(ev, "result")) == 40)
@@ -259,10 +272,8 @@ def test_nothing_is_kept_per_finished_job(dispatcher: Dispatcher, procs: list, t
     sized = {k: len(v) for k, v in vars(dispatcher).items() if isinstance(v, (dict, set, list, deque))}
     assert max(sized.values()) <= 1, sized  # the one worker; no per-job record outlives its job
     # a stale result for a finished job (e.g. from a worker thought lost) is dropped, not delivered twice
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger = 0
+    sock = keyed_socket(dispatcher)
     try:
-        sock.connect(dispatcher.endpoint)
         job = jobs[0]
         result = MovieResult(job.movie, np.zeros((1, 8, 8), np.float32), np.zeros(1), np.zeros(1), {}, [],
                              np.zeros((3, 2)), np.zeros((1, 3, 2)), np.zeros((1, 3, 2)), (64, 64), 1.0, {})

@@ -79,7 +79,7 @@ def test_remote_worker_with_key_works_and_others_are_refused(tmp_path: Path) -> 
         assert [e.worker for e in kinds(events, "joined")] == ["remote"]
         assert no_key.wait(timeout=10) == EXIT_REFUSED
         assert wrong_key.wait(timeout=10) == EXIT_REFUSED
-        assert b"disagree on CURVE keys" in no_key.stderr.read()
+        assert b"needs the session's CURVE keys" in no_key.stderr.read()
         assert b"refused this worker's key" in wrong_key.stderr.read()
         t0 = time.monotonic()
         while time.monotonic() - t0 < 0.5:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -24,7 +25,10 @@ import mrcfile
 import numpy as np
 import pytest
 import starfile
+import zmq
 
+from streamer.formats.picks import movie_stem
+from streamer.live import protocol
 from streamer.output.ledger import Ledger
 from streamer.sim.simulate import SimParams, simulate_session
 
@@ -143,13 +147,13 @@ def processed_counts(out: Path) -> Counter[str]:
 
 def children(pid: int) -> list[int]:
     kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for statf in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = statf.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
+            kids.append(int(statf.parent.name))
     return kids
 
 
@@ -248,6 +252,13 @@ def test_emulated_session_processes_each_good_movie_once(tmp_path: Path, source:
         assert emu.error is None
         wait_for(lambda: read_json(out / "status.json").get("counts", {}).get("done") == 4, 10, proc)
         status = read_json(out / "status.json")
+        # a local process without the folder's key tries to join the default (loopback) bind: refused, logged
+        intruder = zmq.Context.instance().socket(zmq.DEALER)
+        intruder.linger = 0
+        intruder.connect(status["session"]["endpoint"])
+        intruder.send_multipart(protocol.encode("ready", {"worker": {"wid": "evil", "name": "evil"}}))
+        wait_for(lambda: "refused a connection" in (out / "logs" / "lmc.log").read_text(), 10, proc)
+        intruder.close()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     finally:
@@ -271,6 +282,11 @@ def test_emulated_session_processes_each_good_movie_once(tmp_path: Path, source:
                           check=True).stdout
     assert "done 4" in text and "finished" in text and "incomplete 2" in text
     assert (out / "logs" / "lmc.log").read_text().count("done: ") == 4
+    # the folder's own CURVE keys, private; the local workers used them; the writer wrote the side files
+    assert stat.S_IMODE((out / "keys").stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (out / "keys").glob("*.key_secret"))
+    assert "evil" not in {w["name"] for w in final["workers"]}
+    assert {p.stem for p in (out / "trajectories").glob("*.star")} == {movie_stem(n) for n in names}
 
 
 def test_sigkill_worker_then_drain_then_restart(tmp_path: Path, source: Path) -> None:

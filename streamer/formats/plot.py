@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -64,6 +65,13 @@ def plot_trajectories(
     ``result.x``, ``result.y`` (n,) in movie px; ``result.traj_raw``/``traj_smooth`` (n, F, 2) in Å.
     The PNG is ``plot_size(micrograph.shape, width_px)`` pixels.
     """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.replacing(path) as fh:
+        _render(fh, micrograph, binning, result, scale, width_px)
+
+
+def _render(fh: Any, micrograph: np.ndarray, binning: float, result: MovieResult, scale: float, width_px: int) -> None:
     img = np.asarray(micrograph, dtype=np.float32)
     h, w = img.shape
     out_h, out_w = plot_size((h, w), width_px)
@@ -91,9 +99,19 @@ def plot_trajectories(
     ax.set_aspect("auto")
     ax.set_axis_off()
     fig.text(0.5, 1.0 - 0.5 * TITLE_PX / out_h, _title(result), ha="center", va="center", fontsize=9)
+    # zlib level 1: a third of the time of the default for an image of noise, and no larger
+    fig.savefig(fh, format="png", dpi=DPI, pil_kwargs={"compress_level": 1})
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.replacing(path) as fh:
-        # zlib level 1: a third of the time of the default for an image of noise, and no larger
-        fig.savefig(fh, format="png", dpi=DPI, pil_kwargs={"compress_level": 1})
+
+def plot_png(micrograph: np.ndarray, binning: float, result: MovieResult, scale: float = PLOT_SCALE,
+             width_px: int = 1000) -> bytes:
+    """The same PNG as ``plot_trajectories``, as bytes (a worker sends it to the session's writer)."""
+    import io
+
+    class _Sink(io.BytesIO):
+        def close(self) -> None:  # keep the bytes readable after savefig's close
+            pass
+
+    sink = _Sink()
+    _render(sink, micrograph, binning, result, scale, width_px)
+    return sink.getvalue()

@@ -9,10 +9,11 @@ rlnImageSize, rlnImageDimensionality and rlnCtfDataAreCtfPremultiplied = 0).
 The file is ``render_header(cfg, columns)`` followed by the ``render_rows(...)`` of every movie in
 commit order, so the writer can append rows without re-reading anything.
 
-Columns are fixed per output folder at the first movie with particles: the base columns
-(``BASE_COLUMNS``) then that movie's carried columns (``rlnDefocusU`` ...) in its order. Later movies
-lacking a carried column get a neutral value — ``0`` for numbers, ``None`` for text — and extra
-columns of later movies are dropped (the committer logs both). Coordinates are written as given
+Columns are fixed per output folder by the session (``streamer.formats.columns.ColumnSet``): the
+base columns (``BASE_COLUMNS``) then the carried RELION ones (``rlnDefocusU`` ...; carried
+``cs:`` fields go to the .cs only). A movie whose pick file lacks a carried column gets a neutral
+value — ``0`` for numbers, ``None`` for text. Text values are quoted as STAR requires and refused
+where no reader could read them back (``columns.star_quote``). Coordinates are written as given
 (movie pixels at the physical detector grid, the picks' convention); ``rlnImageName`` is
 ``index@stacks/particles_NNNNN.mrcs`` with a 1-based index, relative to the STAR file's folder.
 """
@@ -24,8 +25,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from streamer.config import Config
+from streamer.formats.columns import BASE, ColumnSet, kind_of, star_quote
 
-BASE_COLUMNS = ["rlnImageName", "rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY", "rlnOpticsGroup"]
+BASE_COLUMNS = [label for label, _ in BASE]
 OPTICS_GROUP = 1
 MISSING = {"f": "0", "i": "0", "s": "None"}
 VERSION_LINE = "# version 50001"  # RELION 5 (CURRENT_MDT_VERSION)
@@ -36,17 +38,12 @@ OPTICS_LABELS = (
 )
 
 
-def column_kind(values: np.ndarray) -> str:
-    """'i' integer/bool, 'f' floating, 's' text — decides formatting and the neutral value."""
-    kind = np.asarray(values).dtype.kind
-    return "i" if kind in "iub" else "f" if kind == "f" else "s"
+column_kind = kind_of  # 'i' integer/bool, 'f' floating, 's' text: decides formatting and the neutral value
 
 
 def choose_columns(carried: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
     """``[(label, kind), ...]``: the base columns then the carried ones (base labels among them ignored)."""
-    base = [("rlnImageName", "s"), ("rlnMicrographName", "s"), ("rlnCoordinateX", "f"), ("rlnCoordinateY", "f"),
-            ("rlnOpticsGroup", "i")]
-    return base + [(k, column_kind(v)) for k, v in carried.items() if k not in BASE_COLUMNS and k.startswith("rln")]
+    return ColumnSet.of({k: kind_of(v) for k, v in carried.items()}).star_columns()
 
 
 def column_mismatch(columns: Sequence[tuple[str, str]], carried: Mapping[str, np.ndarray]) -> tuple[list[str], list[str]]:
@@ -57,13 +54,7 @@ def column_mismatch(columns: Sequence[tuple[str, str]], carried: Mapping[str, np
     return missing, extra
 
 
-def _quote(s: str) -> str:
-    return f'"{s}"' if (not s or any(ch.isspace() for ch in s)) else s
-
-
-def quote_value(s: str) -> str:
-    """A STAR text value, quoted when empty or holding whitespace."""
-    return _quote(s)
+quote_value = star_quote  # a STAR text value, quoted as RELION and starfile need (or ColumnError)
 
 
 def _fmt_column(values: np.ndarray, kind: str) -> list[str]:
@@ -72,7 +63,7 @@ def _fmt_column(values: np.ndarray, kind: str) -> list[str]:
         return [str(v) for v in values.astype(np.int64).tolist()]
     if kind == "f":
         return [f"{v:.9g}" for v in values.astype(np.float64).tolist()]
-    return [_quote(str(v)) for v in values.tolist()]
+    return [star_quote(str(v)) for v in values.tolist()]
 
 
 def optics_values(cfg: Config) -> list[tuple[str, str]]:
@@ -126,8 +117,8 @@ def render_rows(
     if n == 0:
         return ""
     fixed = {
-        "rlnImageName": list(names),
-        "rlnMicrographName": [_quote(micrograph)] * n,
+        "rlnImageName": [star_quote(s) for s in names],
+        "rlnMicrographName": [star_quote(micrograph)] * n,
         "rlnCoordinateX": _fmt_column(x, "f"),
         "rlnCoordinateY": _fmt_column(y, "f"),
         "rlnOpticsGroup": [str(OPTICS_GROUP)] * n,

@@ -4,8 +4,15 @@ Each worker holds at most ``1 + prefetch`` jobs and runs them in order, so the h
 the job it is running. Both sides send a heartbeat every ``heartbeat`` seconds; a worker silent for
 ``heartbeat * liveness`` seconds (or reported dead by the session) is dropped and its jobs go back
 to the front of the queue. The job it was running counts one attempt; a job that has cost
-``max_attempts`` workers is set aside as a poison job. Results are accepted from whichever worker
-delivers first; later copies of a finished job are dropped, so each job yields one result.
+``max_attempts`` workers is set aside as a poison job. Each job yields one result.
+
+Trust (README "Security"): the socket is always a CURVE server (``keys``, loopback binds included);
+a ZAP handler admits only the public keys in ``keys/authorized`` and logs every refused handshake.
+Job ids are unguessable (``secrets.token_hex``). A result or error is accepted only from the
+worker the job was handed to: the same ROUTER identity (one connection) and the same
+authenticated CURVE key it registered with; anything else is dropped and logged. With a
+``ResultSpec`` (``submit(spec=...)``) a result is also refused when larger than the job allows or
+when its content is not what the session expects (box, pick count, columns, finite numbers).
 
 Not thread-safe: one thread owns the dispatcher (ZeroMQ sockets are single-threaded).
 """
@@ -13,11 +20,10 @@ Not thread-safe: one thread owns the dispatcher (ZeroMQ sockets are single-threa
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import logging
+import secrets
 import socket
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +72,7 @@ class Job:
     worker: bytes | None = None
     assigned: float | None = None
     started: float | None = None
+    spec: protocol.ResultSpec | None = None
 
 
 @dataclass
@@ -86,6 +93,7 @@ class WorkerInfo:
     failed: int = 0
     busy_seconds: float = 0.0
     gpu_mem_mb: float | None = None
+    user_id: str = ""  # the CURVE public key (Z85) the ZAP handler authenticated
 
     def snapshot(self, jobs: dict[str, Job], now: float) -> dict[str, Any]:
         head = jobs.get(self.jobs[0]) if self.jobs else None
@@ -130,8 +138,9 @@ class Dispatcher:
     """Hands out jobs over a ROUTER socket; see the module docstring.
 
     ``config``: the processing configuration (``Config.to_dict()``) sent with every job so remote
-    workers use the session's parameters. ``keys``: folder from ``lmc keys`` (CURVE); required
-    unless ``bind`` is a loopback address.
+    workers use the session's parameters. ``keys``: folder from ``lmc keys`` or
+    ``keys.session_keys`` (CURVE), required on every bind. ``max_frame_bytes``: the socket refuses
+    any single message frame larger than this (a per-job limit applies on top, see ``ResultSpec``).
     """
 
     def __init__(
@@ -140,6 +149,7 @@ class Dispatcher:
         *,
         config: dict[str, Any] | None = None,
         keys: str | Path | None = None,
+        max_frame_bytes: int = 1 << 31,
         heartbeat: float = 1.0,
         liveness: int = 5,
         max_attempts: int = 3,
@@ -147,14 +157,15 @@ class Dispatcher:
         float16: bool = False,
         context: zmq.Context | None = None,
     ) -> None:
-        if not is_loopback(bind) and not keys:
+        if not keys:
             raise DispatcherError(
-                f"bind {bind}: refusing to listen beyond this machine without CURVE keys "
-                "(create them with `lmc keys DIR` and pass --keys DIR)"
+                f"bind {bind}: refusing to listen without CURVE keys, on any address "
+                "(the session makes its own in OUT/keys; or create them with `lmc keys DIR` and pass --keys DIR)"
             )
         self.bind_address = bind
         self.config = config or {}
         self.keys = keys
+        self.max_frame_bytes = int(max_frame_bytes)
         self.heartbeat = float(heartbeat)
         self.liveness = int(liveness)
         self.max_attempts = int(max_attempts)
@@ -170,8 +181,9 @@ class Dispatcher:
         self.jobs: dict[str, Job] = {}
         self.workers: dict[bytes, WorkerInfo] = {}
         self.dropped = 0
-        self._ids = itertools.count(1)
-        self._prefix = uuid.uuid4().hex[:8]
+        self.refused: dict[str, int] = {}  # refused handshakes by reason (also logged)
+        self._refused_logged: dict[str, tuple[float, int]] = {}
+        self._monitor: zmq.Socket | None = None
         self._next_heartbeat = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -179,11 +191,14 @@ class Dispatcher:
         """Bind and return the actual endpoint (with the port chosen when binding port 0)."""
         sock = self.ctx.socket(zmq.ROUTER)
         sock.linger = 0
-        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 33)
-        if self.keys:
-            from streamer.live.keys import setup_server
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
+        from streamer.live.keys import setup_server
 
-            self.auth = setup_server(self.ctx, sock, self.keys)
+        self.auth = setup_server(self.ctx, sock, self.keys, on_refused=self._refused)
+        # handshakes that fail before ZAP is asked (no CURVE at all, wrong server key) show up here
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        )
         bind = self.bind_address
         try:
             if bind.startswith("tcp://") and bind.rsplit(":", 1)[-1] == "0":
@@ -193,13 +208,56 @@ class Dispatcher:
                 sock.bind(bind)
                 self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError as exc:
+            self._close_monitor(sock)
             sock.close()
             if self.auth is not None:
                 self.auth.stop()
             raise DispatcherError(f"bind {bind}: {exc}") from None
         self.sock = sock
-        log.info("dispatcher listening on %s%s", self.endpoint, " (CURVE)" if self.keys else "")
+        log.info("dispatcher listening on %s (CURVE, keys %s)", self.endpoint, self.keys)
         return self.endpoint
+
+    def _refused(self, what: str) -> None:
+        """Log a refused handshake: the first of each kind at once, repeats (a peer retrying every
+        0.1 s) at most once a minute with their count. ``refused``: {what: count} (bounded)."""
+        now = time.monotonic()
+        count = self.refused.get(what, 0) + 1
+        if what not in self.refused and len(self.refused) >= 50:
+            self.refused.pop(next(iter(self.refused)))
+        self.refused[what] = count
+        last = self._refused_logged.get(what)
+        if last is None or now - last[0] >= 60:
+            since = count - last[1] if last is not None else 1
+            log.warning("refused a connection on %s: %s%s", self.endpoint or self.bind_address, what,
+                        f" ({since} times in the last minute)" if since > 1 else "")
+            if len(self._refused_logged) >= 50:
+                self._refused_logged.pop(next(iter(self._refused_logged)))
+            self._refused_logged[what] = (now, count)
+
+    def _close_monitor(self, sock: zmq.Socket) -> None:
+        if self._monitor is None:
+            return
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
+        self._monitor = None
+
+    def _read_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor is not None:
+            try:
+                evt = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            name = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "security handshake failed: protocol error (a peer "
+                    "without CURVE, or without this session's server key)", zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    "security handshake failed: key not authorized", zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                    "security handshake failed (a peer without CURVE, or without this session's server key)"
+                    }.get(evt["event"], f"security handshake failed (event {evt['event']})")
+            self._refused(name)
 
     def close(self, stop_workers: bool = True) -> None:
         if self.sock is None:
@@ -207,6 +265,7 @@ class Dispatcher:
         if stop_workers:
             for ident in list(self.workers):
                 self._send(ident, "stop")
+        self._close_monitor(self.sock)
         self.sock.close(linger=200 if stop_workers else 0)
         self.sock = None
         if self.auth is not None:
@@ -214,9 +273,11 @@ class Dispatcher:
             self.auth = None
 
     # -- jobs -----------------------------------------------------------------------------------
-    def submit(self, movie: str, picks: str | None = None, meta: dict[str, Any] | None = None) -> Job:
-        """Queue a movie (after any requeued jobs); it goes out on the next :meth:`poll`."""
-        job = Job(f"{self._prefix}-{next(self._ids)}", movie, picks, dict(meta or {}), time.monotonic())
+    def submit(self, movie: str, picks: str | None = None, meta: dict[str, Any] | None = None,
+               spec: protocol.ResultSpec | None = None) -> Job:
+        """Queue a movie (after any requeued jobs); it goes out on the next :meth:`poll`. ``spec``: what
+        its result must be (else it is refused, see the module docstring)."""
+        job = Job(secrets.token_hex(16), movie, picks, dict(meta or {}), time.monotonic(), spec=spec)
         self.jobs[job.job_id] = job
         self.queue.append(job.job_id)
         return job
@@ -254,6 +315,7 @@ class Dispatcher:
         """Wait up to ``timeout`` s for messages; handle them, heartbeats, liveness and assignment."""
         assert self.sock is not None, "start() first"
         events: list[Event] = []
+        self._read_monitor()
         deadline = time.monotonic() + timeout
         while True:
             wait = max(deadline - time.monotonic(), 0.0)
@@ -300,6 +362,12 @@ class Dispatcher:
 
     def _handle(self, frames: list[Any], events: list[Event]) -> None:
         ident = bytes(frames[0].bytes if hasattr(frames[0], "bytes") else frames[0])
+        user = _user_id(frames[1]) if len(frames) > 1 else ""
+        w = self.workers.get(ident)
+        if w is not None and user != w.user_id:  # cannot happen on one CURVE connection; refuse if it does
+            self.dropped += 1
+            log.warning("dropped a message from worker %s: its CURVE key changed", w.name)
+            return
         try:
             msg = protocol.decode(frames[1:], allowed=protocol.WORKER_TYPES)
         except protocol.ProtocolError as exc:
@@ -307,13 +375,14 @@ class Dispatcher:
             log.warning("dropped a malformed message from peer %s: %s", ident.hex()[:12], exc)
             return
         now = time.monotonic()
-        w = self.workers.get(ident)
         if msg.type == "ready":
-            self._register(ident, msg.header["worker"], now, events)
+            self._register(ident, msg.header["worker"], now, events, user)
             return
         if w is None:
             if msg.type in ("result", "error"):
-                self._finish_message(None, msg, events)
+                self.dropped += 1
+                log.warning("dropped a %s for job %s from a peer that is not a registered worker",
+                            msg.type, str(msg.header["job_id"])[:40])
             if msg.type != "bye":
                 self._send(ident, "reset")
             return
@@ -327,7 +396,7 @@ class Dispatcher:
                 job.started = time.monotonic()
                 events.append(Event("started", job=job, worker=w.name))
         elif msg.type in ("result", "error"):
-            self._finish_message(w, msg, events)
+            self._finish_message(w, msg, events, protocol.message_bytes(frames[1:]))
         elif msg.type == "cancelled":
             jid = msg.header["job_id"]
             job = self.jobs.get(jid)
@@ -338,7 +407,7 @@ class Dispatcher:
         elif msg.type == "bye":
             self._lose(ident, "worker left", events, count_attempt=False)
 
-    def _register(self, ident: bytes, info: dict[str, Any], now: float, events: list[Event]) -> None:
+    def _register(self, ident: bytes, info: dict[str, Any], now: float, events: list[Event], user: str) -> None:
         try:
             wid = str(info["wid"])
             name = str(info.get("name") or wid[:8])
@@ -365,47 +434,51 @@ class Dispatcher:
             gpu=gpu,
             joined=now,
             last_seen=now,
+            user_id=user,
         )
         self.workers[ident] = w
         self._send(ident, "heartbeat")
         events.append(Event("joined", worker=name))
         log.info("worker %s joined (%s, pid %s on %s)", name, w.device if w.gpu is None else f"gpu {w.gpu}", pid, w.host)
 
-    def _finish_message(self, w: WorkerInfo | None, msg: protocol.Message, events: list[Event]) -> None:
+    def _finish_message(self, w: WorkerInfo, msg: protocol.Message, events: list[Event], size: int) -> None:
         jid = msg.header["job_id"]
-        if w is not None and jid in w.jobs:
-            w.jobs.remove(jid)
         job = self.jobs.get(jid)
-        if job is None:
-            log.info("dropped a duplicate %s for job %s (%s)", msg.type, jid, msg.header.get("movie"))
+        if job is None or job.worker != w.ident or jid not in w.jobs:
+            # a finished job's late copy, or a job this worker was never given: never accepted
+            self.dropped += 1
+            log.warning("dropped a %s from worker %s for job %s: %s", msg.type, w.name, str(jid)[:40],
+                        "not a job of this worker" if job is not None else "no such open job")
             return
+        w.jobs.remove(jid)
         if job.movie != msg.header["movie"]:
             self.dropped += 1
             log.warning("dropped a %s for job %s: movie %s does not match %s", msg.type, jid, msg.header["movie"], job.movie)
+            self._release(job, "result for another movie", events, count_attempt=True)
             return
         if msg.type == "result":
             try:
-                result = protocol.decode_result(msg)
+                if job.spec is not None and size > job.spec.max_bytes:
+                    raise protocol.ProtocolError(f"result of {size} bytes exceeds this job's limit of {job.spec.max_bytes}")
+                result = protocol.decode_result(msg, job.spec)
             except protocol.ProtocolError as exc:
                 self.dropped += 1
-                log.warning("dropped a malformed result for %s: %s", job.movie, exc)
+                log.warning("refused the result of worker %s for %s: %s", w.name, job.movie, exc)
                 # the job is still owed a result: give it to another worker (counts as an attempt)
-                self._release(job, f"malformed result: {exc}", events, count_attempt=True)
+                self._release(job, f"result refused: {exc}", events, count_attempt=True)
                 return
-            event = Event("result", job=job, result=result, worker=w.name if w else "")
-            if w is not None:
-                w.done += 1
+            event = Event("result", job=job, result=result, worker=w.name)
+            w.done += 1
         else:
             event = Event(
                 "failed",
                 job=job,
                 reason=msg.header["reason"],
-                worker=w.name if w else "",
+                worker=w.name,
                 user_error=bool(msg.header["user_error"]),
             )
-            if w is not None:
-                w.failed += 1
-        if w is not None and job.started is not None:
+            w.failed += 1
+        if job.started is not None:
             w.busy_seconds += time.monotonic() - job.started
         self._forget(job)
         events.append(event)
@@ -473,3 +546,11 @@ class Dispatcher:
             header = {"job_id": jid, "movie": job.movie, "picks": job.picks, "config": self.config,
                       "float16": self.float16}
             self._send(w.ident, "job", header)
+
+
+def _user_id(frame: Any) -> str:
+    """The User-Id the ZAP handler gave this connection (the client's Z85 public key), or ""."""
+    try:
+        return str(frame.get("User-Id") or "")
+    except (AttributeError, zmq.ZMQError):
+        return ""

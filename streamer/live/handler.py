@@ -27,7 +27,8 @@ def job_config(remote: dict[str, Any], local: Config | None = None) -> Config:
     """The session's processing configuration with this machine's compute settings."""
     from streamer.config import from_dict
 
-    data = {k: v for k, v in remote.items() if k not in COMPUTE_FIELDS}
+    # no output folder: a worker writes no files (its plot travels with the result to the writer)
+    data = {k: v for k, v in remote.items() if k not in COMPUTE_FIELDS and k != "out"}
     cfg = from_dict(data)
     local = local or Config()
     return cfg.with_(**{k: getattr(local, k) for k in COMPUTE_FIELDS})
@@ -105,7 +106,8 @@ class PipelineHandler:
         if future is not None:
             preloaded = future.result()  # a MovieError raised while decoding surfaces here
             self.prefetch_hits += 1
-        return process_movie(cfg, job["movie"], job.get("picks"), xp=self._xp, workspace=self.workspace, preloaded=preloaded)
+        return process_movie(cfg, job["movie"], job.get("picks"), xp=self._xp, workspace=self.workspace,
+                             preloaded=preloaded, write_sidecars=False, render_plot=True)
 
 
 def pipeline_handler(local: Config | None = None) -> Handler:

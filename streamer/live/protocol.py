@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from streamer.formats.columns import _CONTROL_RE, ColumnError, ColumnSet, check_finite
 from streamer.types import MovieResult
 
 VERSION = 1
@@ -179,10 +180,41 @@ def _decode_array(spec: Any, buf: memoryview) -> tuple[str, np.ndarray]:
 # -- MovieResult <-> message ------------------------------------------------------------------
 
 _COL = "col/"
+PLOT = "plot_png"
+MAX_PLOT_BYTES = 32 << 20  # the diagnostic PNG (about 1000 px wide: a few MB at most)
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def result_limit(n_picks: int, out_box: int, frames: int, n_columns: int) -> int:
+    """The most bytes a result for this job can take: its particles (float32), coordinates, carried
+    columns (8 bytes each, text bounded by the header limit), trajectories (raw + smooth, float64),
+    full-frame shifts, the diagnostic PNG and the JSON header."""
+    n, f = max(int(n_picks), 0), max(int(frames), 1)
+    per_particle = 4 * out_box * out_box + 2 * 8 + 8 * n_columns + 2 * f * 2 * 8
+    return n * per_particle + f * 2 * 8 + MAX_PLOT_BYTES + MAX_HEADER_BYTES
+
+
+@dataclass(frozen=True)
+class ResultSpec:
+    """What the session expects of one job's result; anything else is refused.
+
+    ``out_box``: particle box; ``n_picks``: rows of the job's pick file (particles + skips must equal
+    it); ``frames``: the most frames the movie can give; ``apix``: the session's pixel size (None: not checked);
+    ``columns``: the folder's ColumnSet and ``expected``: the carried labels this job must deliver
+    (exactly); ``max_bytes``: the message size limit (``result_limit``)."""
+
+    out_box: int
+    n_picks: int
+    frames: int
+    apix: float | None
+    columns: ColumnSet
+    expected: dict[str, str]
+    max_bytes: int
 
 
 def encode_result(job_id: str, result: MovieResult, float16: bool = False) -> list[Any]:
-    """A ``result`` message; particles travel as float16 when ``float16`` (half the bytes)."""
+    """A ``result`` message; particles travel as float16 when ``float16`` (half the bytes). The plot
+    (``result.plot_png``) travels as a uint8 array: the session's writer writes it."""
     arrays: dict[str, np.ndarray] = {
         "particles": np.asarray(result.particles, dtype=np.float16 if float16 else np.float32),
         "x": np.asarray(result.x, dtype=np.float64),
@@ -198,6 +230,8 @@ def encode_result(job_id: str, result: MovieResult, float16: bool = False) -> li
             text_columns[label] = [str(v) for v in col.tolist()]
         else:
             arrays[_COL + label] = col
+    if result.plot_png is not None:
+        arrays[PLOT] = np.frombuffer(result.plot_png, dtype=np.uint8)
     meta = {
         "micrograph_shape": [int(v) for v in result.micrograph_shape],
         "apix": float(result.apix),
@@ -208,8 +242,9 @@ def encode_result(job_id: str, result: MovieResult, float16: bool = False) -> li
     return encode("result", {"job_id": job_id, "movie": result.movie, "result": meta}, arrays)
 
 
-def decode_result(msg: Message) -> MovieResult:
-    """Rebuild the MovieResult of a decoded ``result`` message, checking its shapes agree."""
+def decode_result(msg: Message, spec: ResultSpec | None = None) -> MovieResult:
+    """Rebuild the MovieResult of a decoded ``result`` message, checking its shapes agree and, with
+    ``spec``, its content against what the session expects (ProtocolError says what is wrong)."""
     if msg.type != "result":
         raise ProtocolError(f"expected a result message, got {msg.type!r}")
     meta = msg.header["result"]
@@ -235,6 +270,8 @@ def decode_result(msg: Message) -> MovieResult:
     for key, col in a.items():
         if key.startswith(_COL):
             columns[key[len(_COL):]] = col
+        elif key not in _RESULT_ARRAYS:
+            raise ProtocolError(f"result: unexpected array {key!r}")
     text = meta.get("text_columns") or {}
     if not isinstance(text, dict):
         raise ProtocolError("result: text_columns is not an object")
@@ -259,7 +296,16 @@ def decode_result(msg: Message) -> MovieResult:
     stats = meta.get("stats") or {}
     if not isinstance(stats, dict):
         raise ProtocolError("result: stats is not an object")
-    return MovieResult(
+    bad = _bad_string([stats, skipped])
+    if bad is not None:
+        raise ProtocolError(f"result: text {bad[:60]!r} holds a control character")
+    plot = a.get(PLOT)
+    if plot is not None:
+        if plot.ndim != 1 or plot.dtype != np.uint8 or plot.nbytes > MAX_PLOT_BYTES or bytes(plot[:8]) != _PNG_MAGIC:
+            raise ProtocolError("result: plot_png is not a PNG image within the size limit")
+    if spec is not None:
+        _check_spec(spec, p, a, columns, skipped, shape, float(apix), msg.header["movie"])
+    result = MovieResult(
         movie=msg.header["movie"],
         particles=p.astype(np.float32),
         x=a["x"].copy(),
@@ -273,3 +319,50 @@ def decode_result(msg: Message) -> MovieResult:
         apix=float(apix),
         stats=stats,
     )
+    if plot is not None:
+        result.plot_png = plot.tobytes()
+    return result
+
+
+_RESULT_ARRAYS = frozenset({"particles", "x", "y", "frame_shifts", "traj_raw", "traj_smooth", PLOT})
+
+
+def _bad_string(obj: Any, depth: int = 0) -> str | None:
+    """The first string in a JSON-like ``obj`` holding a control character (or too deeply nested)."""
+    if depth > 8:
+        return "(nested too deeply)"
+    if isinstance(obj, str):
+        return obj if _CONTROL_RE.search(obj) else None
+    items = obj.items() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for item in items:
+        for part in (item if isinstance(obj, dict) else (item,)):
+            bad = _bad_string(part, depth + 1)
+            if bad is not None:
+                return bad
+    return None
+
+
+def message_bytes(frames: list[Any]) -> int:
+    return sum(_buffer(f).nbytes for f in frames)
+
+
+def _check_spec(spec: ResultSpec, p: np.ndarray, a: dict[str, np.ndarray], columns: dict[str, np.ndarray],
+                skipped: list[tuple[float, float, str]], shape: list[int], apix: float, movie: str) -> None:
+    n = p.shape[0]
+    if p.shape[1] != spec.out_box:
+        raise ProtocolError(f"result: particle box {p.shape[1]}, the session extracts {spec.out_box}")
+    if n + len(skipped) != spec.n_picks:
+        raise ProtocolError(f"result: {n} particles + {len(skipped)} skipped picks, the pick file has {spec.n_picks}")
+    if a["frame_shifts"].shape[0] > spec.frames:
+        raise ProtocolError(f"result: {a['frame_shifts'].shape[0]} frames, the movie has at most {spec.frames}")
+    if spec.apix is not None and abs(apix - spec.apix) > 1e-6 * spec.apix:
+        raise ProtocolError(f"result: pixel size {apix}, the session's is {spec.apix}")
+    try:
+        check_finite({k: a[k] for k in ("particles", "x", "y", "frame_shifts", "traj_raw", "traj_smooth")}, "result")
+        spec.columns.check(columns, spec.expected, n, f"result for {movie}")
+    except ColumnError as exc:
+        raise ProtocolError(str(exc)) from None
+    h, w = shape
+    x, y = a["x"], a["y"]
+    if n and (x.min() < 0 or y.min() < 0 or x.max() >= w or y.max() >= h):
+        raise ProtocolError(f"result: a particle centre lies outside the {w}x{h} micrograph")

@@ -35,11 +35,16 @@ from pathlib import Path
 from typing import Any
 
 from streamer.config import Config
-from streamer.errors import ConfigError
+from streamer.errors import ConfigError, UserError, one_line
+from streamer.formats.columns import ColumnSet
+from streamer.formats.picks import pick_summary
 from streamer.live.dispatcher import Dispatcher, Event, Job, is_loopback
+from streamer.live.jobspec import MAX_FRAME_BYTES, job_spec
+from streamer.live.keys import session_keys
 from streamer.live.local_workers import LocalWorkers, plan_workers
 from streamer.live.logs import SessionLog
 from streamer.live.metrics import Metrics, StatusPublisher
+from streamer.live.protocol import ResultSpec
 from streamer.live.signals import SignalHandlers, StopFlags
 from streamer.live.slurm import SlurmPool, dispatcher_bind, job_endpoint, worker_command, worker_name
 from streamer.live.watcher import Notice, Watcher, split_pattern
@@ -132,6 +137,7 @@ class Session:
         self.submitted = 0
         self.metrics = Metrics()
         self.totals: dict[str, int] = {}  # the output folder's, as the writer last reported them
+        self.columns: ColumnSet | None = None  # the folder's columns (fixed by this session from a pick file)
         self.publisher = StatusPublisher(on_state)
         self._signals = SignalHandlers(self.stop)
         self._log = SessionLog()
@@ -149,7 +155,10 @@ class Session:
             msg = f"{asked} holds other processing parameters; writing to {self.out} instead (--new)"
             log.warning("%s", msg)
             self.metrics.warn(msg)
-        cfg = self.job_cfg = config_for_workers(self.cfg, self.out)
+        # no peer joins without a key, loopback included: the folder's own keys unless --keys is given
+        keys = os.path.abspath(self.cfg.keys) if self.cfg.keys else str(session_keys(self.out))
+        cfg = self.job_cfg = dataclasses.replace(config_for_workers(self.cfg, self.out), keys=keys)
+        self.columns = self.writer.columns
         self.totals = dict(self.writer.totals)
         log.info("session starting: movies %s, picks %s, out %s (%d movies already done)", cfg.movies,
                  cfg.picks.dir, self.out, self.totals.get("done", 0))
@@ -176,14 +185,11 @@ class Session:
 
     def _start_dispatcher(self, cfg: Config) -> None:
         bind = cfg.bind
-        if cfg.slurm.workers:  # jobs on other nodes must reach the dispatcher
-            if not cfg.keys:
-                raise ConfigError("slurm.workers: Slurm jobs join over the network, which needs CURVE keys on storage "
-                                  "the nodes share (`lmc keys /shared/lmc-keys`, then --keys /shared/lmc-keys)")
+        if cfg.slurm.workers:  # jobs on other nodes must reach the dispatcher (CURVE keys: always, see _start)
             bind = dispatcher_bind(cfg.bind)
         self.dispatcher = Dispatcher(
-            bind, config=cfg.to_dict(), keys=cfg.keys, heartbeat=cfg.heartbeat, liveness=cfg.liveness,
-            max_attempts=cfg.max_attempts, float16=cfg.float16,
+            bind, config=cfg.to_dict(), keys=cfg.keys, max_frame_bytes=MAX_FRAME_BYTES, heartbeat=cfg.heartbeat,
+            liveness=cfg.liveness, max_attempts=cfg.max_attempts, float16=cfg.float16,
         )
         endpoint = self.endpoint = self.dispatcher.start()
         host, port = endpoint.rsplit(":", 1)
@@ -263,9 +269,25 @@ class Session:
             return
         for e in self.watcher.ready(free, exclude=set(self.inflight)):
             picks = e.picks.path if e.picks is not None else None
-            job = self.dispatcher.submit(e.path, picks, meta={"ready_at": e.ready_at or time.monotonic()})
+            spec = self._spec(e)
+            if spec is None:
+                continue
+            job = self.dispatcher.submit(e.path, picks, meta={"ready_at": e.ready_at or time.monotonic()}, spec=spec)
             self.inflight[e.path] = job
             self.submitted += 1
+
+    def _spec(self, e: Any) -> ResultSpec | None:
+        """What this movie's result must be (``jobspec``), read by the session itself; the first movie
+        fixes the folder's columns from its pick file. A movie that cannot run fails here, at once."""
+        assert self.writer is not None
+        try:
+            if self.columns is None:
+                self.columns = ColumnSet.of(pick_summary(e.picks)[1])
+                self.writer.put("declare", self.columns)
+            return job_spec(self.cfg, e.path, e.picks, self.columns)
+        except (UserError, OSError) as exc:  # unreadable picks/movie, an unwritable name, a too-large job
+            self._fail(e.path, one_line(exc))
+            return None
 
     def _unsubmit(self, job: Job) -> None:
         self.inflight.pop(job.movie, None)
@@ -285,14 +307,19 @@ class Session:
         elif ev.kind == "result" and job is not None and ev.result is not None:
             self._commit(job, ev)
         elif ev.kind in ("failed", "poison") and job is not None:
-            assert self.writer is not None
             self.inflight.pop(job.movie, None)
-            self.writer.put("failed", job.movie, ev.reason)
-            self.watcher.mark(job.movie, "failed", ev.reason)
-            self.metrics.failed(job.movie, ev.reason)
-            log.error("failed: %s", ev.reason if job.movie in ev.reason else f"{job.movie}: {ev.reason}")
+            self._fail(job.movie, ev.reason)
+        elif ev.kind == "joined" and self.slurm is not None and ev.worker.startswith("slurm-"):
+            self.slurm.joined(ev.worker.removeprefix("slurm-"))
         elif ev.kind == "lost":
             self.metrics.warn(f"worker {ev.worker} lost: {ev.reason}")
+
+    def _fail(self, movie: str, reason: str) -> None:
+        assert self.writer is not None and self.watcher is not None
+        self.writer.put("failed", movie, reason)
+        self.watcher.mark(movie, "failed", reason)
+        self.metrics.failed(movie, reason)
+        log.error("failed: %s", reason if movie in reason else f"{movie}: {reason}")
 
     def _commit(self, job: Job, ev: Event) -> None:
         assert self.writer is not None and ev.result is not None

@@ -325,6 +325,10 @@ def worker_main(
     cfg = cfg or Config()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
+    if not (keys or cfg.keys):
+        log.error("%s: a worker needs the session's CURVE keys: --keys OUT/keys (every dispatcher requires them)",
+                  connect)
+        return EXIT_REFUSED
     device, gpu_id = _device_for(cfg, gpu)
     if cfg.threads:
         from gpu.backend import set_threads

@@ -58,6 +58,7 @@ class Writer:
         self.commits_pending = 0
         self.totals: dict[str, int] = {}
         self.done_movies: set[str] = set()
+        self.columns: Any = None  # the folder's ColumnSet (None until the session declares one)
         self.skip_rest = False
         self.opened = False
         self._ready = threading.Event()
@@ -73,7 +74,8 @@ class Writer:
 
     def put(self, kind: str, target: Any, payload: Any = None) -> None:
         """Queue ``commit`` (target a Job, payload its MovieResult), ``failed`` / ``skipped`` (target a
-        movie path, payload the reason) or ``forget`` (a movie path: process it again)."""
+        movie path, payload the reason), ``forget`` (a movie path: process it again) or ``declare`` (a
+        ColumnSet: the folder's columns)."""
         self.pending += 1
         if kind == "commit":
             self.commits_pending += 1
@@ -103,6 +105,7 @@ class Writer:
             committer, self.out = open_output(self.out, self.cfg, self.new)
             self.done_movies = committer.done_movies()
             self.totals = committer.totals()
+            self.columns = committer.columns
         except BaseException as exc:
             self._error = exc
             self._ready.set()
@@ -127,6 +130,9 @@ class Writer:
                         self.results.put(("ok", target))
                     elif kind == "forget":
                         committer.forget(target)
+                        self.results.put(("ok", target))
+                    elif kind == "declare":  # the folder's columns, fixed by the session
+                        committer.declare_columns(target)
                         self.results.put(("ok", target))
                 except CommitError as exc:
                     self.results.put(("commit_error", target, str(exc)))

@@ -46,6 +46,7 @@ import numpy as np
 from streamer.config import Config, processing_dict
 from streamer.errors import OutputError
 from streamer.formats import atomic, csfile, mrcstack, relion_motion, relion_star
+from streamer.formats.columns import ColumnError, ColumnSet, check_finite, check_text
 from streamer.output.ledger import FingerprintMismatch, Ledger, LedgerError
 from streamer.types import MovieResult
 
@@ -86,11 +87,17 @@ class OutputLocked(OutputError):
 
 
 def folder_format(ledger: Ledger) -> tuple[list[tuple[str, str]] | None, np.dtype | None]:
-    """The folder's STAR columns and .cs record dtype (None until the first movie with particles)."""
+    """The folder's STAR columns and .cs record dtype (None until declared / the first movie with particles)."""
     cols = ledger.get_meta("star_columns")
     dt = ledger.get_meta("cs_dtype")
     return ([tuple(c) for c in json.loads(cols)] if cols else None,
             np.lib.format.descr_to_dtype(ast.literal_eval(dt)) if dt else None)
+
+
+def folder_columns(ledger: Ledger) -> ColumnSet | None:
+    """The folder's ColumnSet, or None before the session declared one."""
+    cols = ledger.get_meta("star_columns")
+    return ColumnSet.from_json(cols) if cols else None
 
 
 def stack_name(number: int) -> str:
@@ -137,7 +144,8 @@ class Committer:
         cfg = self.cfg
         self._import_sig = int(cfg.fingerprint(), 16) & 0xFFFF_FFFF_FFFF_FFFF
         self._sign = 1.0 if cfg.invert_contrast else -1.0
-        self._columns, self._cs_dtype = folder_format(self.ledger)
+        self._cs_dtype = folder_format(self.ledger)[1]
+        self._columns = folder_columns(self.ledger)
         self._recover()
         # no in-memory set of done movies: the ledger's indexed lookup answers, so memory does not grow
         self._stacks = self.ledger.stacks()
@@ -178,6 +186,10 @@ class Committer:
                 path.unlink()
         for tmp in (self.out / f".{STAR_NAME}.tmp", self.out / f".{CS_NAME}.tmp"):
             tmp.unlink(missing_ok=True)
+        for sub in ("plots", "trajectories", "motion"):  # side files being replaced when the process died
+            for tmp in (self.out / sub).glob(".*.tmp"):
+                log.info("%s: removing a temp file left by an interrupted write", tmp)
+                tmp.unlink(missing_ok=True)
 
     # -- queries ----------------------------------------------------------------------
     def done_movies(self) -> set[str]:
@@ -197,6 +209,30 @@ class Committer:
         return self.ledger.totals()
 
     # -- writing ----------------------------------------------------------------------
+    @property
+    def columns(self) -> ColumnSet | None:
+        """The folder's columns (fixed by the session: ``declare_columns``)."""
+        return self._columns
+
+    def declare_columns(self, columns: ColumnSet) -> ColumnSet:
+        """Fix the folder's columns if they are not yet; returns the folder's (possibly older) set."""
+        if self._columns is None:
+            self.ledger.set_meta("star_columns", columns.to_json())
+            self._columns = columns
+            log.info("%s: particles.star columns fixed: %s", self.out,
+                     ", ".join(label for label, _ in columns.star_columns()))
+        elif columns != self._columns:
+            log.info("%s: keeps its columns (%s); not %s", self.out, ", ".join(self._columns.labels) or "-",
+                     ", ".join(columns.labels) or "-")
+        return self._columns
+
+    def _carried_kinds(self) -> dict[str, np.ndarray]:
+        """The folder's carried columns as empty arrays of their kinds (the .cs dtype follows the
+        session's column set, not whichever movie came first)."""
+        types = {"f": np.float64, "i": np.int64, "s": object}
+        cols = self._columns.carried if self._columns is not None else ()
+        return {label: np.zeros(0, dtype=types[kind]) for label, kind in cols}
+
     def _check(self, r: MovieResult) -> None:
         b = self.cfg.out_box
         p = r.particles
@@ -208,6 +244,11 @@ class Committer:
                 raise ValueError(f"{r.movie}: {name} has shape {np.shape(arr)}, expected ({n},) like the particles")
         if len(r.micrograph_shape) != 2 or min(r.micrograph_shape) <= 0:
             raise ValueError(f"{r.movie}: micrograph_shape {r.micrograph_shape} is not (h, w) > 0")
+        # what goes into particles.star / .cs: names and numbers a reader takes back unchanged
+        check_text(r.movie, "movie name")
+        check_finite({"particles": p, "x": r.x, "y": r.y}, r.movie)
+        if self._columns is not None:
+            self._columns.check(r.columns, None, n, r.movie)
 
     def _plan(self, n: int) -> list[tuple[str, int, int]]:
         """Split n particles into ``(stack name, offset in the movie, count)`` chunks at stack_size."""
@@ -252,21 +293,21 @@ class Committer:
         if self.ledger.is_done(movie):
             log.info("%s: already committed; result ignored", movie)
             return
-        self._check(result)
+        if self._columns is None and result.n:
+            # direct use without a session (tools, tests): the first movie's columns, validated as usual
+            self.declare_columns(ColumnSet.of({k: relion_star.column_kind(v) for k, v in result.columns.items()}))
+        try:
+            self._check(result)
+        except ColumnError as exc:
+            raise ValueError(str(exc)) from None
         n = result.n
-        columns = self._columns
+        columns = self._columns.star_columns() if self._columns is not None else None
         cs_dtype = self._cs_dtype
         meta: dict[str, str] = {}
-        if n and columns is None:
-            columns = relion_star.choose_columns(result.columns)
-            meta["star_columns"] = json.dumps(columns)
         if columns is not None:
-            missing, extra = relion_star.column_mismatch(columns, result.columns)
-            if missing:
-                log.warning("%s: lacks column(s) %s; written as neutral values (0 / None)", movie, ", ".join(missing))
-            if extra:
-                log.warning("%s: column(s) %s not in this folder's STAR (set by the first movie); dropped",
-                            movie, ", ".join(extra))
+            missing, _ = relion_star.column_mismatch(columns, result.columns)
+            if missing and n:
+                log.info("%s: its picks lack column(s) %s; written as neutral values (0 / None)", movie, ", ".join(missing))
         chunks = self._plan(n)
         touched: list[str] = []
         where = self.out / "stacks"  # what is being written, for the error message
@@ -297,7 +338,7 @@ class Committer:
                 star_rows = relion_star.render_rows(columns, relion_star.image_names(absolute), movie, result.x,
                                                     result.y, result.columns)
                 want = csfile.fit_dtype(cs_dtype, max(len(s.encode()) for s, _, _ in rel), len(movie.encode()),
-                                        ctf=any(c == "rlnDefocusU" for c, _ in columns), carried=result.columns)
+                                        ctf=any(c == "rlnDefocusU" for c, _ in columns), carried=self._carried_kinds())
                 if want != cs_dtype:
                     cs_dtype = want
                     meta["cs_dtype"] = repr(np.lib.format.dtype_to_descr(cs_dtype))
@@ -323,12 +364,28 @@ class Committer:
                     ) from exc
                 raise
         self._stacks.update(counts)
-        self._columns, self._cs_dtype = columns, cs_dtype
+        self._cs_dtype = cs_dtype
         _crash_point("after_ledger")
+        self._write_side_files(result)
         try:
             self.snapshot()
         except OSError as exc:
             log.warning("%s: snapshot not updated (%s); retried at the next commit", self.out, exc)
+
+    def _write_side_files(self, result: MovieResult) -> None:
+        """trajectories/<stem>.star and motion/<stem>.star from the result, and the worker's plot PNG, each replaced
+        atomically; outside the commit (a failure here loses no particle: logged, redone on a redo)."""
+        from streamer.formats.picks import movie_stem
+        from streamer.formats.trajectories import write_trajectories
+
+        stem = movie_stem(result.movie)
+        try:
+            write_trajectories(self.out / "trajectories" / f"{stem}.star", result)
+            relion_motion.write_motion_star(self.cfg, result, self.out)
+            if result.plot_png is not None and self.cfg.plots:
+                atomic.write_bytes(self.out / "plots" / f"{stem}.png", result.plot_png)
+        except OSError as exc:
+            log.warning("%s: side files of %s not written (%s)", self.out, result.movie, exc)
 
     def mark_failed(self, movie: str, reason: str, stats: dict[str, Any] | None = None) -> None:
         """Record that a movie failed (retried by a later run); ignored for a movie already done."""
@@ -453,7 +510,7 @@ class _Snapshots:
             last = self.ledger.last_done_id()
             # read after `last`: the dtype is then at least as wide as any row up to `last` needs
             columns, dtype = folder_format(self.ledger)
-            if columns is None:
+            if columns is None or dtype is None:  # nothing to show before the first particles
                 return False
             wrote = False
             for kind in ("star", "cs"):
