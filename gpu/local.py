@@ -1,28 +1,51 @@
 """Per-particle ("local") trajectories on top of the full-frame motion, without a 3-D reference.
 
-Model (one movie, all particles at once). The local residual of particle p in frame t is::
+Model (one movie, all particles at once). Particle p sits in frame t at ``x_p + s_t + d_{p,t}``
+(px, (dx, dy); ``s``: the motion stage's full-frame estimate, :mod:`gpu.motion`), with::
 
-    d_{p,t} = Σ_m Ψ_{p,m} c_{m,t}  +  e_{p,t}                        (px, (dx, dy))
-              shared smooth field      small per-particle residual
+    d_{p,t} = c_t  +  Σ_m Ψ_{p,m} f_{m,t}  +  e_{p,t}
+              common   shared smooth field     small per-particle residual
 
-* ``Ψ`` (P, R) spans a Gaussian process over the micrograph: ``Ψ Ψᵀ ≈ K`` with
-  ``K_ij = exp(-|x_i - x_j|² / (2 ℓ²))`` (``kernel="gaussian"``, the default: smooth, low rank)
-  or RELION's ``exp(-|x_i - x_j| / ℓ)`` (``kernel="exponential"``, Zivanov et al. 2019; rougher:
-  ~10 % larger trajectory error on simulated sessions); ``ℓ`` = ``correlation_length`` (Å). Top
-  eigenvectors of K: every field mode is constrained by many particles.
-* Time: every scalar process y (a field mode ``c_m`` or a residual ``e_p``, per axis) gets
+* ``c`` (F, 2): a correction of the full-frame trajectory common to every particle, fitted jointly
+  from all particles and the background. Where the background carries little signal the motion
+  estimate ``s`` is off by 0.5-1 Å in the first and last frames, an error no per-particle term can
+  see (it is common to all); ``s + c`` is the improved full-frame trajectory and ``s`` only the
+  starting point. Prior: the motion stage's trajectory prior (``P``, in exposure units,
+  :func:`gpu.motion.trajectory_prior`) on the *total* ``s + c``, plus the background's own share
+  of the motion stage's evidence as a quadratic around ``s``::
+
+      -log p(c) = ½ Σ_axis (s + c)ᵀ P (s + c) − β [ (P s)ᵀ c − ½ cᵀ L c ]
+
+  ``L``: the full-frame likelihood's curvature (:meth:`gpu.motion.FrameMotion.data_precision`),
+  whose gradient at ``s`` is ``P s`` (``s`` is the motion stage's MAP). ``β``: the fraction of the
+  frame outside every particle's alignment box (:func:`background_share`): the rest of the motion
+  stage's evidence came from the particles' own pixels, which enter in full through their
+  likelihood, and counting it twice would also count its noise twice (``s`` followed that noise,
+  and the particles' likelihood then agrees with ``s``: on simulated sessions β = 1 left 0.31 Å of
+  common error where β from the area left 0.2 Å). β = 1 would be the Laplace approximation of the
+  motion stage's posterior; β = 0 the particles and the prior alone.
+* ``Ψ`` (P, R) spans a Gaussian process over the micrograph: ``Ψ Ψᵀ ≈ J K J`` with
+  ``K_ij = exp(-|x_i - x_j|² / (2 ℓ²))`` (``kernel="gaussian"``: smooth, low rank) or RELION's
+  ``exp(-|x_i - x_j| / ℓ)`` (``kernel="exponential"``, Zivanov et al. 2019, IUCrJ 6:5; rougher),
+  ``ℓ`` = ``correlation_length`` (Å), centred by ``J = I - 11ᵀ/P`` so that every field mode sums to
+  zero over the particles: the field is what differs between particles, the common term what they
+  share (without the common term, K is used uncentred). Top eigenvectors: every field mode is
+  constrained by many particles.
+* Time: every scalar process y (a field mode ``f_m`` or a residual ``e_p``, per axis) gets
   RELION's velocity prior — its velocity in each frame is an independent N(0, σ²) draw, σ in
   Å per e/Å² (frame displacement std = σ·dose_per_frame/apix px) — plus an acceleration prior
   (velocity change per frame std = σ_a·dose_per_frame, σ_a in Å per (e/Å²)²). Field modes use
   ``sigma_field`` scaled by ``N0 / (N + N0)`` at exposure N (``burst_exposure`` N0: beam-induced
-  motion is fastest in the first few e/Å², docs/physics.md#realistic-motion; on simulated sessions it lowered the
-  trajectory RMSE by ~17 % against a stationary prior), residuals ``sigma_velocity``. The particles'
-  velocities thus have the prior covariance ``σ_f² K + σ_e² I``: a GP whose independent part is
-  strongly shrunk (docs/physics.md#per-particle-alignment: independent per-particle fits fit noise at realistic SNR).
-* Parameters are the whitened velocity increments ``z`` (prior ½|z|²); d is their cumulative sum,
-  made **zero-mean over all frames** of the movie: the particle stays centred where it appears in
-  the full-frame-corrected micrograph (where it was picked), and the gauge freedom of the
-  cross-correlation objective (a constant shift of all frames) is fixed.
+  motion is fastest in the first few e/Å², docs/physics.md#realistic-motion), residuals
+  ``sigma_velocity``: the particles' velocities have the prior covariance ``σ_f² K + σ_e² I``, a
+  GP whose independent part is strongly shrunk (independent per-particle fits follow the noise at
+  realistic SNR; docs/physics.md#per-particle-alignment).
+* Gauge: ``c`` and every ``d_p`` are **zero-mean over all frames** of the movie. The likelihood sees
+  only differences between frames, so a constant is free; zero mean keeps each particle centred
+  where it appears in the full-frame-corrected micrograph (where it was picked), and ``s + c``
+  is ``s`` re-centred on the particles' common track (``s_ref = 0`` no longer holds exactly).
+* Parameters: the whitened velocity increments ``z`` of the field and residuals (prior ½|z|²) and
+  the common term's increments in px; positions are their cumulative sums, made zero-mean.
 
 Objective: ``J(z) = -log L(d(z)) + prior(z)`` with the calibrated likelihood of
 :mod:`gpu.local_model` (nats), so hyper-parameters in physical units need no λ per data set and
@@ -36,18 +59,21 @@ in ~10 evaluations instead of ~130.
 
 Guard (cross-validation in time): the model is also fitted to the even alignment frames alone and
 to the odd ones alone; each fit is scored on the frames it did not see, per particle (held-out
-log-likelihood gain over the full-frame alignment d = 0). :func:`guard_choice` then takes the
-simplest of {full-frame, field, field + residual} whose summed gain over the next simpler one
-exceeds ``GUARD_Z`` standard errors; when neither beats full-frame the movie falls back to
-full-frame motion (``smooth = 0``). Without local motion a field fitted to noise scores
-*negative* on held-out frames, so the fallback is the expected outcome there. The same held-out
-scores give the per-movie quality signal (:func:`gpu.quality.heldout_signal`).
-``auto_smoothing`` additionally picks ``sigma_field`` among ×{0.5, 1, 2} by the held-out score.
+log-likelihood gain over the motion stage's ``s``, d = 0). :func:`guard_choice` then takes the
+simplest of {full-frame (``c`` alone), field, field + residual} whose summed gain over the next
+simpler one exceeds ``GUARD_Z`` standard errors; when neither beats the full-frame candidate the
+movie falls back to the improved full-frame trajectory ``s + c`` (``smooth = 0``). Without local
+motion a field fitted to noise scores *negative* on held-out frames, so the fallback is the
+expected outcome there. ``c`` itself is not guarded: it is the joint posterior of a common
+shift, not a more complex model, and its held-out score is biased low (held-out frames see ``c``
+interpolated from their neighbours, while ``s`` was fitted to them). The same held-out scores give
+the per-movie quality signal (:func:`gpu.quality.heldout_signal`). ``auto_smoothing``
+additionally picks ``sigma_field`` among ×{0.5, 1, 2} by the held-out score.
 
-Outputs (px, local residual only; total trajectory = s_t + d): ``smooth`` — the model's MAP
-trajectories after the guard (used for extraction); ``raw`` — per-frame estimates: each frame's
-own best shift against the sum of the other frames aligned by ``smooth`` (a few damped Newton
-steps on its cross-correlation), noisy, for display.
+Outputs (px): ``common`` (F, 2) — ``c``; ``smooth`` (P, F, 2) — the model's MAP field (+ residual)
+after the guard, on top of ``s + c`` (extraction follows ``s + c + smooth``); ``raw`` — per-frame
+estimates: each frame's own best shift against the sum of the other frames aligned by
+``c + smooth`` (a few damped Newton steps on its cross-correlation), noisy, for display.
 """
 
 from __future__ import annotations
@@ -72,28 +98,58 @@ from gpu.local_model import (
     self_term,
     shift_phases,
 )
+from gpu.motion import FrameMotion
 from gpu.quality import heldout_frc, heldout_signal
 
-# Defaults, physical units. On simulated sessions (benchmarks/quality.py) the trajectory error
-# varied by < 10 % for sigma_field 1-4, burst 2.5-5 e/Å², correlation length 1000-2000 Å, and
-# was lowest for a residual sigma_velocity of 0.05 Å per e/Å² (0.2 fitted noise).
-SIGMA_FIELD = 2.0  # Å per e/Å² at zero exposure: prior std of the shared field's velocity
-KERNEL = "gaussian"
-BURST_EXPOSURE = 2.5  # e/Å²: the field's velocity prior std decays as N0 / (N + N0)
 MAX_ITER = 300
 GUARD_Z = 0.5  # standard errors of held-out gain a more complex candidate must win by
 
 
+@dataclass(frozen=True)
+class LocalParams:
+    """The per-particle model's parameters, all explicit (their defaults and help live in one place,
+    ``streamer.config.LocalConfig``, which builds this object). Units: Å, e/Å².
+
+    ``band_low``/``band_high``: alignment band (Å); ``bfactor``: extra B-factor on the likelihood
+    weights (Å²); ``sigma_field``: prior std of the field's velocity at zero exposure (Å per e/Å²);
+    ``burst_exposure``: ``N0`` of its decay ``N0 / (N + N0)``; ``sigma_velocity``: residual velocity
+    prior (Å per e/Å²); ``sigma_acceleration``: acceleration prior (Å per (e/Å²)²);
+    ``correlation_length``: the field's kernel length (Å); ``kernel``: gaussian | exponential;
+    ``auto_smoothing``: pick ``sigma_field`` among ×{0.5, 1, 2} by the held-out score;
+    ``first_frame``/``last_frame``: alignment frames (-1 = last); ``guard``: the held-out guard;
+    ``common``: fit the common correction ``c_t`` jointly (needs the full-frame posterior).
+    """
+
+    band_low: float
+    band_high: float
+    bfactor: float
+    sigma_field: float
+    burst_exposure: float
+    sigma_velocity: float
+    sigma_acceleration: float
+    correlation_length: float
+    kernel: str
+    auto_smoothing: bool
+    first_frame: int
+    last_frame: int
+    guard: bool
+    common: bool
+
+
 @dataclass
 class LocalResult:
-    """``raw``, ``smooth``: (P, F, 2) local residual shifts (px, zero-mean over frames); ``info``: diagnostics.
+    """``raw``, ``smooth``: (P, F, 2) local shifts (px, zero-mean over frames) on top of the improved
+    full-frame trajectory ``s + common``; ``common``: (F, 2) px, zero-mean over frames; ``info``:
+    diagnostics.
 
     ``candidates``: the guard's options by name ("full-frame", "field", "field+residual"), each
-    (P, F, 2) px, from the fit to all alignment frames (for diagnostics and benchmarks).
+    (P, F, 2) px on top of ``s + common``, from the fit to all alignment frames (for diagnostics
+    and benchmarks).
     """
 
     raw: Any
     smooth: Any
+    common: Any
     info: dict[str, Any] = field(default_factory=dict)
     candidates: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -105,14 +161,17 @@ def spatial_basis(
     positions: np.ndarray,
     apix: float,
     correlation_length: float,
-    kernel: str = KERNEL,
+    kernel: str,
+    centred: bool = False,
     rel_tol: float = 1e-3,
     max_exact: int = 2000,
 ) -> np.ndarray:
     """(P, R) float64 ``Ψ`` with ``Ψ Ψᵀ ≈ K`` (module docstring); R = eigenvalues above ``rel_tol·λ_max``.
 
     ``positions``: (P, 2) px; ``correlation_length``: Å. Above ``max_exact`` particles a Nyström
-    approximation on an evenly spaced subset of ``max_exact`` particles is used.
+    approximation on an evenly spaced subset of ``max_exact`` particles is used. ``centred``: the
+    basis of the centred kernel ``J K J`` (``J = I - 11ᵀ/P``): every mode sums to zero over the
+    particles, so the field holds no common shift (that is the common term's, module docstring).
     """
     pos = np.asarray(positions, dtype=np.float64) * apix / correlation_length
     if pos.ndim != 2 or pos.shape[1] != 2:
@@ -132,10 +191,14 @@ def spatial_basis(
     lam, vec = np.linalg.eigh(k(sub, sub))
     keep = lam > rel_tol * lam[-1]
     lam, vec = lam[keep], vec[:, keep]
-    if len(sub) == len(pos):
-        return vec * np.sqrt(lam)
-    # Nyström: Ψ = K_{x,s} V Λ^{-1/2}
-    return k(pos, sub) @ vec / np.sqrt(lam)
+    # Nyström beyond max_exact: Ψ = K_{x,s} V Λ^{-1/2}
+    psi = vec * np.sqrt(lam) if len(sub) == len(pos) else k(pos, sub) @ vec / np.sqrt(lam)
+    if not centred:
+        return psi
+    # J Ψ (J Ψ)ᵀ = J K J; its SVD gives orthogonal modes, dropping the (near-)constant one(s)
+    u, sv, _ = np.linalg.svd(psi - psi.mean(axis=0, keepdims=True), full_matrices=False)
+    keep = sv > np.sqrt(rel_tol) * sv[0] if len(sv) and sv[0] > 0 else np.zeros(len(sv), bool)
+    return u[:, keep] * sv[keep]
 
 
 # -- trajectory model ----------------------------------------------------------------------------
@@ -144,12 +207,15 @@ def spatial_basis(
 class TrajectoryModel:
     """Whitened parameters ``z`` <-> local shifts ``d`` (P, F, 2) px; Gaussian prior ``½|z|²`` (+ acceleration).
 
-    ``z`` packs ``zf`` (R, F-1, 2) field-mode increments and ``ze`` (P, F-1, 2) residual
-    increments (when ``residual``).
+    ``z`` packs ``zf`` (R, F-1, 2) field-mode increments, ``ze`` (P, F-1, 2) residual increments
+    (when ``residual``) and ``zc`` (F-1, 2) common increments (px, when ``common`` is given).
     Increment scales (px per frame): ``s = σ · dose_per_frame / apix · h(N)``, with
     ``h(N) = N0 / (N + N0)`` for the field when ``burst_exposure`` N0 > 0 (beam-induced motion is
     fastest early, docs/physics.md#realistic-motion) and 1 otherwise; N is the exposure between the two frames. The
     acceleration prior is ``½ ρ² Σ_j (z_j - z_{j-1})²`` with ``ρ = σ / (σ_a · dose_per_frame)``.
+    ``common``: the full-frame posterior (:class:`gpu.motion.FrameMotion`); the common term
+    ``c = C zc`` (C: zero-mean cumulative sum) then has the prior of the module docstring with
+    ``β`` = ``background_share``.
     """
 
     def __init__(
@@ -164,6 +230,8 @@ class TrajectoryModel:
         residual: bool = True,
         burst_exposure: float = 0.0,
         pre_exposure: float = 0.0,
+        common: FrameMotion | None = None,
+        background_share: float = 0.0,
     ) -> None:
         self.psi = np.asarray(psi, dtype=np.float64)
         self.P, self.R = self.psi.shape
@@ -177,16 +245,30 @@ class TrajectoryModel:
         self.rho_e = sigma_velocity / (sigma_acceleration * dose_per_frame)
         self.nf = self.R * (self.F - 1) * 2
         self.ne = self.P * (self.F - 1) * 2 if self.residual else 0
+        self.pi_c = None
+        if common is not None:
+            if common.shifts.shape[0] != self.F:
+                raise ValueError(f"TrajectoryModel: full-frame posterior of {common.shifts.shape[0]} frames for {self.F}")
+            f = self.F
+            self.pi_p = np.zeros((2 * f, 2 * f))
+            self.pi_p[:f, :f] = common.prior
+            self.pi_p[f:, f:] = common.prior
+            self.pi_b = background_share * common.data_precision()
+            self.pi_c = self.pi_p + self.pi_b
+            self.offset = (common.shifts - common.shifts.mean(axis=0)).T.ravel()  # s, zero-mean, x then y
+            self.lin = -background_share * (self.pi_p @ self.offset)
+        self.nc = (self.F - 1) * 2 if self.pi_c is not None else 0
 
     @property
     def size(self) -> int:
-        return self.nf + self.ne
+        return self.nf + self.ne + self.nc
 
-    def split(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Views (zf, ze or None) into ``z``."""
+    def split(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Views (zf, ze or None, zc or None) into ``z``."""
         zf = z[: self.nf].reshape(self.R, self.F - 1, 2)
-        ze = z[self.nf :].reshape(self.P, self.F - 1, 2) if self.ne else None
-        return zf, ze
+        ze = z[self.nf : self.nf + self.ne].reshape(self.P, self.F - 1, 2) if self.ne else None
+        zc = z[self.nf + self.ne :].reshape(1, self.F - 1, 2) if self.nc else None
+        return zf, ze, zc
 
     @staticmethod
     def _integrate(z: np.ndarray, scale: Any) -> np.ndarray:
@@ -201,16 +283,17 @@ class TrajectoryModel:
         rev = np.cumsum(g[:, ::-1], axis=1)[:, ::-1]
         return rev[:, 1:] * scale
 
-    def parts(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(field, residual), each (P, F, 2) px."""
-        zf, ze = self.split(z)
+    def parts(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(common (F, 2), field (P, F, 2), residual (P, F, 2)), px."""
+        zf, ze, zc = self.split(z)
         fld = np.einsum("pm,mtk->ptk", self.psi, self._integrate(zf, self.s_f))
         res = self._integrate(ze, self.s_e) if ze is not None else np.zeros_like(fld)
-        return fld, res
+        com = self._integrate(zc, 1.0)[0] if zc is not None else np.zeros((self.F, 2))
+        return com, fld, res
 
     def trajectories(self, z: np.ndarray) -> np.ndarray:
-        fld, res = self.parts(z)
-        return fld + res
+        com, fld, res = self.parts(z)
+        return com[None] + fld + res
 
     def adjoint(self, gd: np.ndarray) -> np.ndarray:
         """Gradient w.r.t. z of a function of d, given its gradient ``gd`` (P, F, 2)."""
@@ -218,6 +301,8 @@ class TrajectoryModel:
         out = [self._integrate_adjoint(gc, self.s_f).ravel()]
         if self.ne:
             out.append(self._integrate_adjoint(gd, self.s_e).ravel())
+        if self.nc:
+            out.append(self._integrate_adjoint(gd.sum(axis=0, keepdims=True), 1.0).ravel())
         return np.concatenate(out)
 
     def _integration_matrix(self) -> np.ndarray:
@@ -231,8 +316,10 @@ class TrajectoryModel:
         Per residual block (particle p) and per field block (mode m), per axis, the (F-1)² matrix
         ``M = I + ρ² DᵀD + Sᵀ Cᵀ diag(h̄) C S``: the prior (whitening + acceleration, D = first
         difference) plus the data term through the integration C with the increment scales S; h̄ =
-        ``h_p`` for a residual and ``Σ_p Ψ_pm² h_p`` for a field mode (couplings between blocks are
-        left out). ``h``: -∂² log L/∂d² per particle and frame (0 for frames without data).
+        ``h_p`` for a residual and ``Σ_p Ψ_pm² h_p`` for a field mode. The common block is
+        ``Cᵀ (Π̄ + diag(Σ_p h_p)) C`` with ``Π̄`` the mean of ``Π``'s x and y blocks (couplings
+        between blocks and axes are left out). ``h``: -∂² log L/∂d² per particle and frame (0 for
+        frames without data).
         """
         c = self._integration_matrix()
         n = self.F - 1
@@ -244,14 +331,20 @@ class TrajectoryModel:
         if self.ne:
             cs_e = c * self.s_e
             blocks.append(np.eye(n) + self.rho_e**2 * dtd + np.einsum("tj,bt,tk->bjk", cs_e, h, cs_e))
-        return BlockPreconditioner(np.concatenate(blocks), self.nf + self.ne)
+        if self.nc:
+            f = self.F
+            pi = 0.5 * (self.pi_c[:f, :f] + self.pi_c[f:, f:]) + np.diag(h.sum(axis=0))
+            m = c.T @ pi @ c
+            blocks.append((m + 1e-9 * np.trace(m) / n * np.eye(n))[None])
+        return BlockPreconditioner(np.concatenate(blocks), self.size)
 
     def prior(self, z: np.ndarray) -> tuple[float, np.ndarray]:
-        """``½|z|² + ½ρ² Σ (Δz)²`` (acceleration on the field and residual increments) and its gradient."""
-        value = 0.5 * float(z @ z)
+        """``½|z_f,e|² + ½ρ² Σ (Δz)²`` (acceleration on the field and residual increments) plus the
+        common term's ``½ vec(c)ᵀ Π vec(c)``, and the gradient."""
+        zf, ze, zc = self.split(z)
+        value = 0.5 * float(z[: self.nf + self.ne] @ z[: self.nf + self.ne])
         grad = z.copy()
-        zf, ze = self.split(z)
-        gf, ge = self.split(grad)
+        gf, ge, gcm = self.split(grad)
         for zz, gg, rho in ((zf, gf, self.rho_f), (ze, ge, self.rho_e)):
             if zz is None or zz.shape[1] < 2:
                 continue
@@ -259,6 +352,14 @@ class TrajectoryModel:
             value += 0.5 * rho**2 * float((dz**2).sum())
             gg[:, 1:] += rho**2 * dz
             gg[:, :-1] -= rho**2 * dz
+        if zc is not None:
+            com = self._integrate(zc, 1.0)[0].T.ravel()  # (F, 2) -> x block, then y block
+            tot = com + self.offset
+            pp = self.pi_p @ tot
+            pb = self.pi_b @ com
+            value += 0.5 * float(tot @ pp) + float(self.lin @ com) + 0.5 * float(com @ pb)
+            pc = pp + pb + self.lin
+            gcm[...] = self._integrate_adjoint(pc.reshape(2, self.F).T[None], 1.0)
         return value, grad
 
 
@@ -423,6 +524,24 @@ def _newton_step(sums: Any, damping: float, max_step: float, xp: Any) -> Any:
 # -- entry point -----------------------------------------------------------------------------
 
 
+def background_share(positions: np.ndarray, box: int, frame_shape: tuple[int, int], cell: int = 8) -> float:
+    """Fraction of the frame ``(h, w)`` outside every ``box``² alignment box around ``positions`` (P, 2) px.
+
+    The share of the motion stage's evidence the common term takes as the background's own
+    (module docstring): the rest of that evidence came from the particles, which enter in full
+    through their own likelihood. Rasterised on ``cell``-px cells.
+    """
+    h, w = frame_shape
+    ny, nx = -(-h // cell), -(-w // cell)
+    covered = np.zeros((ny, nx), dtype=bool)
+    half = box / 2.0
+    for x, y in np.asarray(positions, dtype=np.float64).reshape(-1, 2):
+        x0, x1 = int(max(0, (x - half) // cell)), int(min(nx, -(-(x + half) // cell)))
+        y0, y1 = int(max(0, (y - half) // cell)), int(min(ny, -(-(y + half) // cell)))
+        covered[y0:y1, x0:x1] = True
+    return float(1.0 - covered.mean())
+
+
 def _frame_folds(n: int) -> tuple[np.ndarray, np.ndarray]:
     idx = np.arange(n)
     return idx[0::2], idx[1::2]
@@ -446,19 +565,25 @@ class CrossValidation:
 
 
 def cross_validate(spec: BandSpectra, model: TrajectoryModel, max_iter: int = MAX_ITER) -> CrossValidation:
-    """Fit on the even alignment frames and score on the odd ones, and vice versa (module docstring)."""
+    """Fit on the even alignment frames and score on the odd ones, and vice versa (module docstring).
+
+    Candidates: "full-frame" (the common term alone: the improved full-frame trajectory; d = 0
+    without it), "field" (common + field) and "field+residual"; gains are over d = 0, the motion
+    stage's estimate.
+    """
     even, odd = _frame_folds(len(spec.frames))
     zeros = np.zeros((model.P, model.F, 2))
-    names = ("field", "field+residual") if model.residual else ("field",)
-    gains = {name: np.zeros(model.P) for name in ("full-frame", *names)}
+    names = ("full-frame", "field", "field+residual") if model.residual else ("full-frame", "field")
+    gains = {name: np.zeros(model.P) for name in names}
     base_total = np.zeros(model.P)
     folds: list[dict[str, np.ndarray]] = []
     params: list[np.ndarray] = []
     for train, test in ((even, odd), (odd, even)):
         z, _ = fit(spec.subset(train), model, max_iter)
         params.append(z)
-        fld, res = model.parts(z)
-        traj = {"full-frame": zeros, "field": fld, "field+residual": fld + res}
+        com, fld, res = model.parts(z)
+        full = np.broadcast_to(com[None], zeros.shape)
+        traj = {"full-frame": full, "field": full + fld, "field+residual": full + fld + res}
         folds.append(traj)
         held = spec.subset(test)
         base = backend.to_numpy(per_particle_term(held, zeros[:, held.frames]))
@@ -473,13 +598,15 @@ def cross_validate(spec: BandSpectra, model: TrajectoryModel, max_iter: int = MA
 def guard_choice(gains: dict[str, np.ndarray], z: float = GUARD_Z) -> str:
     """Simplest candidate whose held-out gain is significant: "full-frame", "field" or "field+residual".
 
-    ``gains``: per candidate, (P,) per-particle held-out gains over full-frame (:class:`CrossValidation`).
-
-    A candidate replaces the current choice only when the sum over particles of its per-particle
-    held-out gain difference exceeds ``z`` standard errors (``sqrt(P)·std`` of the differences).
+    ``gains``: per candidate, (P,) per-particle held-out gains (:class:`CrossValidation`). The start
+    is "full-frame" (the improved full-frame trajectory; its own gain is reported, not tested: the
+    common term is the joint posterior of the background and all particles, not a more complex
+    model). A candidate replaces the current choice only when the sum over particles of its
+    per-particle held-out gain difference exceeds ``z`` standard errors (``sqrt(P)·std`` of the
+    differences).
     """
     choice = "full-frame"
-    current = np.zeros_like(gains["field"])
+    current = gains.get("full-frame", np.zeros_like(gains["field"]))
     for name in ("field", "field+residual"):
         diff = gains[name] - current
         se = math.sqrt(len(diff)) * float(np.std(diff, ddof=1)) if len(diff) > 1 else 0.0
@@ -494,44 +621,41 @@ def estimate_local(
     positions: Any,
     apix: float,
     dose_per_frame: float,
-    pre_exposure: float = 0.0,
-    kv: float = 300.0,
-    cfg: Any = None,
-    sigma_field: float = SIGMA_FIELD,
-    burst_exposure: float = BURST_EXPOSURE,
-    kernel: str = KERNEL,
-    auto_smoothing: bool = False,
+    pre_exposure: float,
+    kv: float,
+    params: LocalParams,
+    *,
+    motion: FrameMotion | None,
     quality: bool = True,
     max_iter: int = MAX_ITER,
     spectra: BandSpectra | None = None,
 ) -> LocalResult:
-    """Local residual trajectories of all particles of one movie (module docstring).
+    """Local trajectories of all particles of one movie (module docstring).
 
     ``patches``: (P, F, a, a) float32 cut at ``round(c)``; ``remainders``: (P, F, 2) ``c - round(c)``
-    px; ``positions``: (P, 2) px (x, y); ``cfg``: :class:`streamer.config.LocalConfig` (None =
-    defaults). ``sigma_field`` (Å per e/Å² at zero exposure), ``burst_exposure`` (e/Å²) and
-    ``kernel`` shape the field prior; ``auto_smoothing`` picks the field's ``sigma_field`` among
-    ×{0.5, 1, 2} by the held-out score; ``quality`` runs the cross-validation even when
-    ``cfg.guard`` is off (for the quality signal). ``spectra``: precomputed
-    :func:`gpu.local_model.prepare_spectra` output (``patches`` may then be None).
+    px; ``positions``: (P, 2) px (x, y); ``params``: :class:`LocalParams`; ``motion``: the motion
+    stage's :class:`gpu.motion.FrameMotion` (its posterior enters the common term; None, or
+    ``params.common`` off, or a prior of zero: no common term, and the field keeps its constant
+    mode); ``quality`` runs the cross-validation even when ``params.guard`` is off (for the quality
+    signal). ``spectra``: precomputed :func:`gpu.local_model.prepare_spectra` output (``patches``
+    may then be None).
 
-    Returns :class:`LocalResult`: ``raw``/``smooth`` (P, F, 2) px, NumPy, zero-mean over frames;
-    ``info``: ``fallback`` (bool), ``choice`` (full-frame | field | field+residual),
-    ``heldout_gain`` (nats per candidate), ``quality`` (held-out even/odd FRC of the applied
-    trajectories: frc_fullframe, frc_local, gain), ``quality_gain``, ``quality_best`` (the same for
-    the best candidate before the guard), objective values, iterations, ``sigma_field``, seconds.
+    Returns :class:`LocalResult`: ``common`` (F, 2) px, zero-mean over frames (add it to the
+    full-frame shifts: the improved full-frame trajectory); ``raw``/``smooth`` (P, F, 2) px, NumPy,
+    zero-mean over frames, on top of it; ``info``: ``fallback`` (bool: no local motion applied),
+    ``choice`` (full-frame | field | field+residual), ``heldout_gain`` (nats per candidate),
+    ``quality`` (held-out even/odd FRC of the applied trajectories: frc_fullframe, frc_local,
+    gain), ``quality_gain``, ``quality_best`` (the same for the best candidate before the guard),
+    objective values, iterations, ``sigma_field``, ``common_rms_px``, seconds.
     """
-    from streamer.config import LocalConfig
-
-    cfg = cfg or LocalConfig()
     t0 = time.perf_counter()
     positions = np.asarray(backend.to_numpy(positions), dtype=np.float64).reshape(-1, 2)
     if spectra is None:
         xp = backend.array_module(patches)
         spectra = prepare_spectra(
             patches, xp.asarray(remainders), apix, dose_per_frame, pre_exposure, kv,
-            band_low=cfg.band_low, band_high=cfg.band_high, bfactor=cfg.bfactor,
-            first_frame=cfg.first_frame, last_frame=cfg.last_frame,
+            band_low=params.band_low, band_high=params.band_high, bfactor=params.bfactor,
+            first_frame=params.first_frame, last_frame=params.last_frame,
         )
     p_count, n_frames = spectra.x.shape[0], spectra.n_frames
     if len(positions) != p_count:
@@ -541,21 +665,28 @@ def estimate_local(
     info: dict[str, Any] = {"particles": p_count, "frames": n_frames, "seconds_prepare": round(time.perf_counter() - t0, 3)}
     zeros = np.zeros((p_count, n_frames, 2))
     if p_count == 0:
-        return LocalResult(zeros, zeros.copy(), {**info, "fallback": True, "choice": "full-frame", "quality_gain": 0.0})
+        return LocalResult(zeros, zeros.copy(), np.zeros((n_frames, 2)),
+                           {**info, "fallback": True, "choice": "full-frame", "quality_gain": 0.0})
 
-    psi = spatial_basis(positions, apix, cfg.correlation_length, kernel=kernel)
+    common = motion if params.common and motion is not None and motion.prior.any() else None
+    psi = spatial_basis(positions, apix, params.correlation_length, params.kernel, centred=common is not None)
+    share = background_share(positions, spectra.box, common.frame_shape) if common is not None else 0.0
     info["rank"] = int(psi.shape[1])
+    info["common"] = common is not None
+    info["background_share"] = round(share, 3)
 
     def make_model(sf: float) -> TrajectoryModel:
         return TrajectoryModel(
-            psi, n_frames, apix, dose_per_frame, sf, cfg.sigma_velocity, cfg.sigma_acceleration,
-            burst_exposure=burst_exposure, pre_exposure=pre_exposure,
+            psi, n_frames, apix, dose_per_frame, sf, params.sigma_velocity, params.sigma_acceleration,
+            burst_exposure=params.burst_exposure, pre_exposure=pre_exposure, common=common,
+            background_share=share,
         )
 
     t1 = time.perf_counter()
-    validate = cfg.guard or quality or auto_smoothing
+    sigma_field = params.sigma_field
+    validate = params.guard or quality or params.auto_smoothing
     cv: dict[float, CrossValidation] = {}
-    if auto_smoothing:
+    if params.auto_smoothing:
         for sf in (0.5 * sigma_field, sigma_field, 2.0 * sigma_field):
             cv[sf] = cross_validate(spectra, make_model(sf), max_iter)
         sigma_field = max(cv, key=lambda sf: max(float(g.sum()) for g in cv[sf].gains.values()))
@@ -571,15 +702,16 @@ def estimate_local(
     z, fit_info = fit(spectra, model, max_iter, z0=z0)
     info.update(fit_info)
     info["seconds_fit"] = round(time.perf_counter() - t2, 3)
-    fld, res = model.parts(z)
+    com, fld, res = model.parts(z)
     candidates = {"full-frame": zeros, "field": fld, "field+residual": fld + res}
+    info["common_rms_px"] = round(float(np.sqrt((com**2).sum(-1).mean())), 4)
 
     choice = best = "field+residual" if model.residual else "field"
     if validate:
         val = cv[sigma_field]
-        info["heldout_gain"] = {k: round(float(v.sum()), 3) for k, v in val.gains.items() if k != "full-frame"}
+        info["heldout_gain"] = {k: round(float(v.sum()), 3) for k, v in val.gains.items()}
         best = max(("field", "field+residual"), key=lambda n: val.gains[n].sum())
-        if cfg.guard:
+        if params.guard:
             choice = guard_choice(val.gains)
         even, odd = _frame_folds(len(spectra.frames))
         for key, name in (("quality", choice), ("quality_best", best)):
@@ -595,6 +727,6 @@ def estimate_local(
     info["best"] = best
     info["fallback"] = choice == "full-frame"
     info["quality_gain"] = info["quality"]["gain"] if "quality" in info else float("nan")
-    raw = per_frame_shifts(spectra, smooth)
+    raw = per_frame_shifts(spectra, com[None] + smooth) - com[None]
     info["seconds"] = round(time.perf_counter() - t0, 3)
-    return LocalResult(raw=raw, smooth=smooth, info=info, candidates=candidates)
+    return LocalResult(raw=raw, smooth=smooth, common=com, info=info, candidates=candidates)

@@ -171,6 +171,19 @@ def soft_mask(box: int, xp: ModuleType = np, edge: float = 0.15) -> Any:
     return xp.asarray(m.astype(np.float32))
 
 
+def taper_efficiency(mask: np.ndarray) -> float:
+    """``ν = (Σ m²)² / (N Σ m⁴)`` of a real-space taper ``m`` of N pixels (0.56 for :func:`soft_mask`).
+
+    The Fourier coefficients of a tapered patch are correlated (neighbours share the transform of
+    the mask), so a likelihood that sums them as independent overcounts the evidence by ``1/ν``: the
+    variance of its score is ``1/ν`` times its curvature (the tapered periodogram's variance
+    inflation, Percival & Walden 1993, Spectral Analysis for Physical Applications, §6.4). The
+    weights are scaled by ``ν`` so the log-likelihood stays calibrated in nats.
+    """
+    m = np.asarray(mask, dtype=np.float64)
+    return float((m**2).sum() ** 2 / (m.size * (m**4).sum()))
+
+
 def _band_grid(box: int, n: int, xp: ModuleType) -> tuple[Any, Any, Any, Any]:
     """Row indices into the rfft output for ky = -n..n, and kx, ky (cycles/px), shell index."""
     iy = np.concatenate([np.arange(box - n, box), np.arange(0, n + 1)])
@@ -210,6 +223,7 @@ class _BandTransform:
         self.band = (self.kmag_a >= 1.0 / band_low) & (self.kmag_a <= 1.0 / band_high)
         self.mask = soft_mask(fb, xp).astype(self.rdtype)
         self.msum = float(self.mask.sum())
+        self.nu = taper_efficiency(backend.to_numpy(self.mask))
         q = dose_weights(xp.asarray(self.kmag_a), n_frames, dose_per_frame, pre_exposure, kv, normalize=False, xp=xp)
         self.q = q[frames].astype(self.rdtype)
 
@@ -239,6 +253,7 @@ class _BandTransform:
 
     def finish(self, x: Any, n_frames: int, apix: float, bfactor: float) -> BandSpectra:
         noise, signal, weight = _likelihood_weights(x, self.q, self.shell, self.band, self.xp)
+        weight = weight * self.nu
         if bfactor:
             weight = weight * np.exp(-bfactor * self.kmag_a**2 / 4.0)
         wdtype = np.float64 if self.rdtype == self.xp.float64 else np.float32

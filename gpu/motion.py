@@ -30,17 +30,38 @@ On weak data ``h / σ`` is small and the prior decides; on strong data the prior
 (noise-free input: the same sub-pixel result as without it, < 0.01 px).
 
 Prior, in Å and e/Å² so that it carries over between detectors, doses and pixel sizes
-(Zivanov et al. 2019; docs/physics.md#motion-priors), and independent of how finely the exposure ``e`` is fractionated:
+(docs/physics.md#motion-priors), and independent of how finely the exposure ``e`` is fractionated:
 ``-log p(s) = ½ smoothing ∫ (|ṡ|² / σ_v(e)² + |s̈|² / σ_a(e)²) de`` (dots: derivatives in exposure;
-summed over frames, :func:`trajectory_prior`) with ``σ(e) = σ_late + σ_burst exp(-e / 2 e/Å²)``:
-``σ_v`` = 0.5 + 10 exp(-e/2) Å per e/Å² and ``σ_a`` = 0.2 + 10 exp(-e/2) Å per (e/Å²)². The burst
-terms leave the beam-induced burst of the first 2-4 e/Å² free (first steps of 16-18 Å at 1 e/Å²
-per frame are followed as well as without a prior, measured on the simulator); the late terms
-suppress frame-to-frame noise where the motion is slow stage drift. Tuned on the simulator and benchmarks/engine_k3.py: twice
-these late σ's gave 10-15% larger errors on simulated movies; half of them < 5% smaller ones but
-smoothed away real frame-to-frame jitter on strong data (the K3 benchmark plants a drift rounded
-to whole pixels, ±0.35 Å: 0.076 px RMS error instead of 0.043 px without a prior; 0.048 px with
-these values). ``smoothing`` scales the prior's precision (σ / sqrt(smoothing)); 0 turns it off.
+summed over frames, :func:`trajectory_prior`), RELION polishing's velocity prior (Zivanov et al.
+2019, IUCrJ 6:5) extended by an acceleration term and made exposure-dependent. Beam-induced motion
+is fastest in the first few e/Å² and then decays towards slow stage drift (Brilot et al. 2012, JSB
+177:630; Zheng et al. 2017 MotionCor2, Nat Methods 14:331; Li et al. 2013, Nat Methods 10:584): a burst of amplitude
+``A`` with time constant ``τ`` has velocity ``(A/τ) e^{-e/τ}`` and acceleration ``(A/τ²) e^{-e/τ}``.
+Measured time constants range over ~1-6 e/Å² (up to 15 % of a 40 e/Å² exposure), so the prior's
+burst term is the *envelope* of these over ``τ ∈ [τ₁, τ₂]`` rather than one exponential:
+``σ_v(e) = σ_v,late + A max_τ e^{-e/τ}/τ`` (the maximum is ``1/(e·ℯ)`` at ``τ = e`` inside the
+range) and ``σ_a(e) = σ_a,late + A max_τ e^{-e/τ}/τ²`` (``4/(ℯ² e²)`` at ``τ = e/2``), with ``A`` = 20 Å,
+``τ ∈ [1, 6]`` e/Å², ``σ_v,late`` = 0.5 Å per e/Å², ``σ_a,late`` = 0.05 Å per (e/Å²)². A single
+``exp(-e/2)`` burst term (the previous prior) held a slow fast start (τ = 6 e/Å²: 1.5 Å per e/Å² at
+6 e/Å², where it allowed 1.0) back. The late terms suppress frame-to-frame noise where the motion
+is slow stage drift and relaxation, whose velocity changes little from frame to frame: with
+``σ_a,late`` = 0.2 the weak-signal trajectories wandered by ±0.3 Å around a smooth truth and the
+full-frame error was 0.33-0.47 Å RMS on simulated ice-only sessions (fast starts with τ = 4-15 %
+of the exposure), with 0.05 it was 0.28-0.39 Å. A drift planted with frame-to-frame jitter (e.g.
+rounded to whole pixels) is smoothed by up to the jitter's size.
+Edge frames: the prior is a sum over the steps and second differences that exist, so the first
+and last frames are tied to their one neighbour only (by one step and one second difference), with
+no boundary term pulling them towards zero or the mean: a smooth trajectory is extrapolated, not
+damped, at both ends (tested against a fast start, tests/test_motion_lowsnr.py). ``smoothing``
+scales the prior's precision (σ / sqrt(smoothing)); 0 turns it off.
+
+Posterior curvature (:class:`FrameMotion`): around the estimate, the log-posterior is approximately
+quadratic in a correction ``c`` of the trajectory: ``-½ Σ_axis cᵀ P c - ½ cᵀ L c`` with ``P`` the prior
+precision and ``L`` the data term's curvature. Each ``ℓ_t`` is frame ``t``'s log-likelihood against
+the others held fixed, so ``κ_t H_t`` (``H_t``: -Hessian of ``c_t``) is the diagonal block of the joint
+Hessian; the pair couplings are taken rank-one, ``L = diag(K) - K (Σ K)⁻¹ Kᵀ`` (``K_t = κ_t H_t``), which
+keeps the data blind to a common shift of all frames, as the correlations are. The per-particle
+stage (:mod:`gpu.local`) uses both to fit a common correction jointly with the particles.
 
 Search: the trajectory must first be found to within the peak's capture range (about a binned
 pixel after the B-factor). First iteration (and once more after an update above half a binned
@@ -80,10 +101,11 @@ _MAX_SHIFT_A = 150.0  # default search radius (module doc)
 _HEIGHT_ROUNDS = 1  # split-half rounds estimating h (more change nothing measurable on the simulator)
 _DENSE_MAX_PLUS = 1 << 22  # elements: _max_plus takes every j up to this size (32 MiB of float64)
 _NOISE_FLOOR = 1e-3  # noise power never below this fraction of a frame's power (noise-free input)
-# prior at smoothing = 1 (module doc): sigma(e) = late + burst * exp(-e / tau)
-_BURST_TAU = 2.0  # e/Å²
-_VEL_LATE, _VEL_BURST = 0.5, 10.0  # Å per e/Å²
-_ACC_LATE, _ACC_BURST = 0.2, 10.0  # Å per (e/Å²)²
+# prior at smoothing = 1 (module doc): sigma(e) = late + A * envelope over tau of the burst's rate
+_BURST_A = 20.0  # Å: largest beam-induced burst the prior leaves free
+_BURST_TAUS = (1.0, 6.0)  # e/Å²: range of the burst's time constant
+_VEL_LATE = 0.5  # Å per e/Å²
+_ACC_LATE = 0.05  # Å per (e/Å²)²
 
 
 @dataclass(frozen=True)
@@ -109,6 +131,44 @@ class BinnedMovie:
     def binned_apix(self) -> tuple[float, float]:
         """(y, x) pixel size of the binned frames, Å."""
         return self.apix * self.scale[0], self.apix * self.scale[1]
+
+
+@dataclass(frozen=True)
+class FrameMotion:
+    """The full-frame estimate and its posterior curvature (module doc), in movie px.
+
+    ``shifts``: ``(F, 2)`` float64 trajectory (``s_ref = 0``); ``prior``: ``(F, F)`` prior precision
+    ``P`` of one axis (1/px²; the same for x and y); ``curvature``: ``(F, 2, 2)`` ``K_t = κ_t H_t``, the
+    data's curvature per frame against the others (1/px², (x, y) order; zeros without detectable
+    signal or without a prior, when ``κ`` is not calibrated); ``frame_shape``: ``(h, w)`` movie px.
+    """
+
+    shifts: np.ndarray
+    prior: np.ndarray
+    curvature: np.ndarray
+    frame_shape: tuple[int, int]
+
+    def data_precision(self) -> np.ndarray:
+        """``(2F, 2F)`` ``L = diag(K) - K (Σ_t K_t)⁻¹ Kᵀ`` over ``c`` packed as ``(x_0..x_{F-1}, y_0..y_{F-1})``."""
+        n = self.curvature.shape[0]
+        blk = np.zeros((2 * n, 2 * n))
+        idx = np.arange(n)
+        for i in range(2):
+            for j in range(2):
+                blk[i * n + idx, j * n + idx] = self.curvature[:, i, j]
+        ones = np.zeros((2 * n, 2))
+        ones[:n, 0] = 1.0
+        ones[n:, 1] = 1.0
+        kc = blk @ ones  # (2F, 2): K_t stacked per axis
+        return blk - kc @ np.linalg.pinv(self.curvature.sum(axis=0)) @ kc.T
+
+    def precision(self) -> np.ndarray:
+        """``(2F, 2F)`` posterior precision of a correction ``c`` (x block, then y block): ``P ⊕ P + L``."""
+        n = self.prior.shape[0]
+        out = self.data_precision()
+        out[:n, :n] += self.prior
+        out[n:, n:] += self.prior
+        return out
 
 
 def bin_movie(
@@ -157,6 +217,15 @@ def correlation_weights(movie: BinnedMovie, bfactor: float) -> Any:
     return xp.asarray(wgt.astype(np.float32))
 
 
+def burst_envelope(e: np.ndarray, order: int) -> np.ndarray:
+    """``max_{τ ∈ [τ₁, τ₂]} e^{-e/τ} / τ^order`` (order 1: a burst's velocity per Å of amplitude,
+    order 2: its acceleration), exposure ``e`` in e/Å² (module doc). The maximum over ``τ`` is at
+    ``τ = e / order`` clipped to the range."""
+    e = np.asarray(e, dtype=np.float64)
+    tau = np.clip(e / order, *_BURST_TAUS)
+    return np.exp(-e / tau) / tau**order
+
+
 def trajectory_prior(
     n_frames: int, dose_per_frame: float = 1.0, pre_exposure: float = 0.0, smoothing: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -172,8 +241,8 @@ def trajectory_prior(
     """
     e = pre_exposure + dose_per_frame * (np.arange(n_frames) + 0.5)
     boundary = pre_exposure + dose_per_frame * np.arange(1, n_frames)
-    sv = _VEL_LATE + _VEL_BURST * np.exp(-boundary / _BURST_TAU)
-    sa = _ACC_LATE + _ACC_BURST * np.exp(-e[1:-1] / _BURST_TAU)
+    sv = _VEL_LATE + _BURST_A * burst_envelope(boundary, 1)
+    sa = _ACC_LATE + _BURST_A * burst_envelope(e[1:-1], 2)
     return smoothing / (dose_per_frame * sv**2), smoothing / (dose_per_frame**3 * sa**2)
 
 
@@ -535,7 +604,12 @@ def _refine(
     return d
 
 
-def estimate_frame_shifts(
+def estimate_frame_shifts(frames: Any, apix: float, *args: Any, **kwargs: Any) -> np.ndarray:
+    """Full-frame trajectory ``(F, 2)`` float64 (dx, dy) in movie px: :func:`estimate_frame_motion`'s ``shifts``."""
+    return estimate_frame_motion(frames, apix, *args, **kwargs).shifts
+
+
+def estimate_frame_motion(
     frames: Any,
     apix: float,
     max_resolution_A: float = 8.0,
@@ -549,8 +623,9 @@ def estimate_frame_shifts(
     pre_exposure: float = 0.0,
     smoothing: float = 1.0,
     max_shift_A: float = _MAX_SHIFT_A,
-) -> np.ndarray:
-    """Full-frame trajectory ``(F, 2)`` float64 (dx, dy) in movie px, host NumPy (module doc).
+) -> FrameMotion:
+    """Full-frame trajectory ``(F, 2)`` float64 (dx, dy) in movie px, host NumPy, with its prior and
+    posterior curvature (:class:`FrameMotion`, module doc).
 
     ``frames``: ``(F, h, w)`` float32 (NumPy or CuPy) or a :class:`BinnedMovie` from
     :func:`bin_movie` (reuse it for :func:`aligned_sum`; its binning then overrides ``apix`` and
@@ -573,7 +648,7 @@ def estimate_frame_shifts(
             f"(got {dose_per_frame}, {pre_exposure}, {smoothing})"
         )
     if n < 2:
-        return np.zeros((n, 2), dtype=np.float64)
+        return FrameMotion(np.zeros((n, 2)), np.zeros((n, n)), np.zeros((n, 2, 2)), movie.movie_shape)
     hc, wc = movie.shape
     sy, sx = movie.scale
     ay, ax = movie.binned_apix
@@ -613,7 +688,21 @@ def estimate_frame_shifts(
         search = searches < _MAX_SEARCHES and float(np.max(np.abs(delta - delta[ref]))) > _GLOBAL_AGAIN
         if change < tolerance_px:
             break
-    return s * scale
+    prior_px = prior_a * movie.apix**2
+    if not (regularised and height):
+        return FrameMotion(s * scale, prior_px, np.zeros((n, 2, 2)), movie.movie_shape)
+    noise_var = _cross_spectra(movie, xp.asarray(s), wgt, power, power_sq, p)
+    curv = _data_curvature(_peak_terms(p, np.zeros((n, 2)), trig, xp), height / noise_var, scale)
+    return FrameMotion(s * scale, prior_px, curv, movie.movie_shape)
+
+
+def _data_curvature(m: np.ndarray, kappa: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``(F, 2, 2)`` ``K_t = -κ_t ∇²c_t`` in 1/movie px² from :func:`_peak_terms` at the estimate, each
+    made positive semi-definite (a frame whose peak is not concave there carries no curvature)."""
+    hess = np.stack([np.stack([m[:, 0, 2], m[:, 1, 1]], -1), np.stack([m[:, 1, 1], m[:, 2, 0]], -1)], axis=1)
+    k = -kappa[:, None, None] * hess / np.outer(scale, scale)[None]
+    lam, vec = np.linalg.eigh(k)
+    return np.einsum("tij,tj,tkj->tik", vec, np.maximum(lam, 0.0), vec)
 
 
 def aligned_sum(

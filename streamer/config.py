@@ -19,11 +19,14 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from streamer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gpu.local import LocalParams
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, processing: bool = True) -> Any:
@@ -87,13 +90,20 @@ class LocalConfig:
     auto_smoothing: bool = _f(False, "choose sigma_field among x0.5/x1/x2 by the held-out score (slower)")
     first_frame: int = _f(0, "first frame used for alignment (0-based)")
     last_frame: int = _f(-1, "last frame used for alignment (inclusive); -1 = last")
-    guard: bool = _f(True, "fall back to full-frame motion for a movie where local motion is not supported by held-out frames")
+    guard: bool = _f(True, "fall back to the (improved) full-frame trajectory for a movie where local motion is not supported by held-out frames")
+    common: bool = _f(True, "correct the full-frame trajectory by a common term fitted jointly from all particles and the background")
+
+    def params(self) -> LocalParams:
+        """The per-particle model's parameters (gpu/local.py), every one from this section."""
+        from gpu.local import LocalParams
+
+        return LocalParams(**{f.name: getattr(self, f.name) for f in fields(LocalParams)})
 
 
 @dataclass(frozen=True)
 class SlurmConfig:
     workers: int = _f(0, "worker jobs to keep alive under Slurm (sbatch); 0 = none. With slurm.workers > 0, workers = 0 means no local workers", processing=False)
-    args: str = _f("", "extra sbatch arguments for every worker job, e.g. \"--partition=gpu --gres=gpu:1 --time=12:00:00\"", processing=False)
+    args: str = _f("", "extra sbatch arguments for every worker job, e.g. --slurm-args=\"--partition=gpu --gres=gpu:1 --time=12:00:00\"", processing=False)
     script: str | None = _f(None, "job script template (modules, containers): a file whose {command} is replaced by the worker command line", processing=False)
     host: str = _f("", "address Slurm jobs use to reach this machine (the head node); empty = this machine's fully qualified name", processing=False)
 

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from gpu import backend
+from gpu.motion import FrameMotion
 from streamer.config import Config, GainConfig
 from streamer.formats.movies import Movie
 from streamer.types import MovieResult, Picks
@@ -200,11 +201,14 @@ def correct_gain(
 
 @dataclass
 class FullFrame:
-    """``shifts_px``: (F, 2) float64 full-frame trajectory in frame pixels (gpu/__init__ conventions);
-    ``binned``: the motion stage's binned movie (reused for the micrograph); ``sums2``: the frames'
-    2x2 sums when the per-particle patches are cut from them, else None."""
+    """``shifts_px``: (F, 2) float64 full-frame trajectory in frame pixels (gpu/__init__ conventions),
+    the motion stage's estimate (the local stage corrects it by a common term, :class:`Estimate`);
+    ``posterior``: the same with its prior and curvature (``gpu.motion.FrameMotion``), for that
+    correction; ``binned``: the motion stage's binned movie (reused for the micrograph); ``sums2``:
+    the frames' 2x2 sums when the per-particle patches are cut from them, else None."""
 
     shifts_px: np.ndarray
+    posterior: FrameMotion
     binned: Any
     sums2: Any = None
 
@@ -227,10 +231,10 @@ def full_frame_motion(cfg: Config, frames: Frames, *, sums2: Any = None) -> Full
     ``sums2``: the frames' 2x2 sums (:func:`binned_sums`) when made for the per-particle patches: the
     motion stage's own first binning, when it is by 2, is the same mean.
     """
-    from gpu.motion import bin_movie, estimate_frame_shifts
+    from gpu.motion import bin_movie, estimate_frame_motion
 
     binned = bin_movie(frames.data, frames.apix, cfg.motion.max_resolution, sums2=sums2)
-    shifts_px = estimate_frame_shifts(
+    posterior = estimate_frame_motion(
         binned,
         frames.apix,
         max_resolution_A=cfg.motion.max_resolution,
@@ -243,7 +247,7 @@ def full_frame_motion(cfg: Config, frames: Frames, *, sums2: Any = None) -> Full
         smoothing=cfg.motion.smoothing,
         max_shift_A=cfg.motion.max_shift,
     )
-    return FullFrame(np.asarray(shifts_px, dtype=np.float64), binned, sums2)
+    return FullFrame(np.asarray(posterior.shifts, dtype=np.float64), posterior, binned, sums2)
 
 
 def binned_sums(frames: Frames, workspace: Workspace) -> Any:
@@ -298,10 +302,13 @@ def locate_picks(cfg: Config, movie: str, picks: Any, frames: Frames) -> Located
 
 @dataclass
 class LocalTrajectories:
-    """Per-particle trajectories on top of the full-frame one, frame px: ``raw``, ``smooth`` (n, F, 2)
-    (zeros for particles not estimated); ``info``: the fit's diagnostics (``gpu.local``);
-    ``n_outside``: particles too close to the edge for the alignment box (full-frame only)."""
+    """Per-particle trajectories, frame px: ``common`` (F, 2) the correction of the full-frame
+    trajectory fitted jointly from all particles (zero-mean over frames; zeros when local is off or
+    no particle could be aligned); ``raw``, ``smooth`` (n, F, 2) on top of the corrected full-frame
+    trajectory (zeros for particles not estimated); ``info``: the fit's diagnostics (``gpu.local``);
+    ``n_outside``: particles too close to the edge for the alignment box (corrected full-frame only)."""
 
+    common: np.ndarray
     raw: np.ndarray
     smooth: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
@@ -315,7 +322,8 @@ def local_trajectories(cfg: Config, frames: Frames, positions: np.ndarray, motio
     ``motion.sums2`` when set: a quarter of the gather), never all patches of a movie at once.
     """
     n_frames, h, w = frames.shape
-    out = LocalTrajectories(np.zeros((len(positions), n_frames, 2)), np.zeros((len(positions), n_frames, 2)))
+    out = LocalTrajectories(np.zeros((n_frames, 2)), np.zeros((len(positions), n_frames, 2)),
+                            np.zeros((len(positions), n_frames, 2)))
     if not cfg.local.enabled or len(positions) == 0:
         return out
     from gpu.extract import boxes_inside
@@ -353,13 +361,11 @@ def local_trajectories(cfg: Config, frames: Frames, positions: np.ndarray, motio
         dose_per_frame=cfg.dose_per_frame,
         pre_exposure=cfg.pre_exposure,
         kv=cfg.kv,
-        cfg=cfg.local,
-        sigma_field=cfg.local.sigma_field,
-        burst_exposure=cfg.local.burst_exposure,
-        kernel=cfg.local.kernel,
-        auto_smoothing=cfg.local.auto_smoothing,
+        params=cfg.local.params(),
+        motion=motion.posterior,
         spectra=spectra,
     )
+    out.common = np.asarray(backend.to_numpy(res.common), dtype=np.float64)
     out.raw[inside] = backend.to_numpy(res.raw)
     out.smooth[inside] = backend.to_numpy(res.smooth)
     out.info = dict(res.info)
@@ -438,8 +444,9 @@ class Estimate:
     notes: dict[str, Any]
 
     def fullframe_px(self) -> np.ndarray:
-        """(F, 2) the movie's full-frame trajectory (frame px)."""
-        return self.motion.shifts_px
+        """(F, 2) the movie's full-frame trajectory (frame px): the motion stage's estimate corrected by
+        the common term the local stage fitted from all particles (what the guard falls back to)."""
+        return self.motion.shifts_px + self.local.common
 
     def trajectories_px(self) -> np.ndarray:
         """(n, F, 2) the trajectory each particle is extracted along (frame px): full-frame + local."""

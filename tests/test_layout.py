@@ -50,14 +50,9 @@ def _graph() -> dict[str, set[str]]:
     return {name: _imports(name, path, known) for name, path in mods.items()}
 
 
-# issue 10 (local-model defaults) removes gpu.local's import of streamer.config.LocalConfig; delete the
-# entry here when it lands so the rule holds without exception
-PENDING = {"gpu.local": ["streamer.config"]}
-
-
 def test_gpu_imports_nothing_from_streamer() -> None:
     bad = {m: sorted(d for d in deps if d.startswith("streamer")) for m, deps in _graph().items() if m.startswith("gpu")}
-    bad = {m: d for m, d in bad.items() if d and d != PENDING.get(m)}
+    bad = {m: d for m, d in bad.items() if d}
     assert bad == {}
 
 

@@ -37,7 +37,7 @@ def spectra_and_model(seed: int = 0, dtype: object = None) -> tuple[object, Traj
     rng = np.random.default_rng(seed)
     patches, _, pos = moving_patches(rng)
     spec = prepare_spectra(patches, np.zeros((*patches.shape[:2], 2)), 1.0, 1.0, band_low=200.0, band_high=6.0, dtype=dtype)
-    psi = spatial_basis(pos, 1.0, 800.0)
+    psi = spatial_basis(pos, 1.0, 800.0, "gaussian")
     model = TrajectoryModel(psi, spec.n_frames, 1.0, 1.0, 2.0, 0.2, 0.5, burst_exposure=2.5)
     return spec, model
 

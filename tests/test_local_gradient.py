@@ -13,6 +13,7 @@ from gpu.backend import rfft2
 from gpu.dose import dose_weights
 from gpu.local import TrajectoryModel, objective, spatial_basis
 from gpu.local_model import BandSpectra, data_term, per_particle_term, prepare_spectra, soft_mask
+from gpu.motion import FrameMotion, prior_matrix, trajectory_prior
 from gpu.shift import fourier_shift
 
 
@@ -112,17 +113,26 @@ def test_likelihood_is_maximal_at_the_true_shifts() -> None:
     assert np.abs(g_true).max() < 2e-3 * np.abs(g_zero).max()
 
 
-def model_for(rng: np.random.Generator, p: int = 5, f: int = 7, residual: bool = True) -> TrajectoryModel:
+def model_for(rng: np.random.Generator, p: int = 5, f: int = 7, residual: bool = True, common: bool = False) -> TrajectoryModel:
     pos = rng.uniform(0, 1000, (p, 2))
-    psi = spatial_basis(pos, 1.0, 800.0)
-    return TrajectoryModel(psi, f, 1.3, 0.8, 1.5, 0.2, 0.7, residual=residual, burst_exposure=2.5, pre_exposure=1.0)
+    psi = spatial_basis(pos, 1.0, 800.0, "gaussian", centred=common)
+    motion = _posterior(rng, f) if common else None
+    return TrajectoryModel(psi, f, 1.3, 0.8, 1.5, 0.2, 0.7, residual=residual, burst_exposure=2.5, pre_exposure=1.0,
+                           common=motion, background_share=0.4)
+
+
+def _posterior(rng: np.random.Generator, f: int) -> FrameMotion:
+    """A full-frame posterior with a random trajectory, the physical prior and random SPD curvatures."""
+    a = rng.standard_normal((f, 2, 2))
+    return FrameMotion(rng.normal(0, 3.0, (f, 2)), prior_matrix(*trajectory_prior(f, 0.8, 1.0), f) * 1.3**2,
+                       np.einsum("tij,tkj->tik", a, a), (512, 512))
 
 
 def test_model_adjoint_is_the_transpose() -> None:
     """<adjoint(g), z> == <g, d(z)> for the linear map z -> d."""
     rng = np.random.default_rng(4)
-    for residual in (True, False):
-        m = model_for(rng, residual=residual)
+    for residual, common in ((True, False), (False, False), (True, True)):
+        m = model_for(rng, residual=residual, common=common)
         z = rng.standard_normal(m.size)
         g = rng.standard_normal((m.P, m.F, 2))
         assert float(m.adjoint(g) @ z) == pytest.approx(float((g * m.trajectories(z)).sum()), rel=1e-10)
@@ -130,15 +140,19 @@ def test_model_adjoint_is_the_transpose() -> None:
         np.testing.assert_allclose(d.mean(axis=1), 0.0, atol=1e-12)  # zero-mean gauge
 
 
-def test_prior_and_objective_gradients_match_finite_differences() -> None:
+@pytest.mark.parametrize("common", [False, True])
+def test_prior_and_objective_gradients_match_finite_differences(common: bool) -> None:
     rng = np.random.default_rng(5)
-    m = model_for(rng, p=3, f=5)
+    m = model_for(rng, p=3, f=5, common=common)
     z = rng.standard_normal(m.size)
     _, grad = m.prior(z)
     spec = random_spectra(rng, p=3, f=5)
     _, jgrad = objective(spec, m, z)
     h = 1e-6
-    for i in rng.choice(m.size, 12, replace=False):
+    idx = rng.choice(m.size - m.nc, 12, replace=False)
+    if common:  # every common increment too
+        idx = np.concatenate([idx, np.arange(m.size - m.nc, m.size)])
+    for i in idx:
         zp, zm = z.copy(), z.copy()
         zp[i] += h
         zm[i] -= h
@@ -161,12 +175,48 @@ def test_prior_scales_follow_physical_units() -> None:
 def test_spatial_basis_reproduces_the_kernel(kernel: str) -> None:
     rng = np.random.default_rng(6)
     pos = rng.uniform(0, 3000, (40, 2))
-    psi = spatial_basis(pos, 1.2, 1500.0, kernel=kernel, rel_tol=1e-9)
+    psi = spatial_basis(pos, 1.2, 1500.0, kernel, rel_tol=1e-9)
     r = np.hypot(*(pos[:, None, :] - pos[None, :, :]).transpose(2, 0, 1)) * 1.2 / 1500.0
     k = np.exp(-0.5 * r**2) if kernel == "gaussian" else np.exp(-r)
     np.testing.assert_allclose(psi @ psi.T, k, atol=1e-6)
     # the default truncation keeps far fewer modes for the smooth kernel
-    assert spatial_basis(pos, 1.2, 1500.0).shape[1] < 20
+    assert spatial_basis(pos, 1.2, 1500.0, "gaussian").shape[1] < 20
+    # centred: the basis of J K J (J = I - 11ᵀ/P), every mode summing to zero over the particles
+    psi_c = spatial_basis(pos, 1.2, 1500.0, kernel, centred=True, rel_tol=1e-9)
+    j = np.eye(len(pos)) - 1.0 / len(pos)
+    np.testing.assert_allclose(psi_c @ psi_c.T, j @ k @ j, atol=1e-5)
+    np.testing.assert_allclose(psi_c.sum(axis=0), 0.0, atol=1e-8)
+
+
+def test_common_prior_is_the_stated_quadratic_form() -> None:
+    """The common term's prior: ½ (s + c)ᵀ P (s + c) − β [(P s)ᵀ c − ½ cᵀ L c] (gpu/local.py), L from
+    the curvatures by the rank-one pair couplings (gpu/motion.py), written out independently."""
+    rng = np.random.default_rng(9)
+    f = 6
+    m = model_for(rng, p=4, f=f, common=True)
+    pos_rng = np.random.default_rng(9)  # the same posterior as model_for's, rebuilt
+    pos_rng.uniform(0, 1000, (4, 2))
+    fm = _posterior(pos_rng, f)
+    z = np.zeros(m.size)
+    z[m.size - m.nc :] = rng.standard_normal(m.nc)
+    com, _, _ = m.parts(z)
+    s = fm.shifts - fm.shifts.mean(axis=0)
+    p = fm.prior
+    k = fm.curvature
+    big_l = np.zeros((2 * f, 2 * f))
+    for t in range(f):
+        for u in range(f):
+            coupling = -k[t] @ np.linalg.inv(k.sum(axis=0)) @ k[u] + (k[t] if t == u else 0.0)
+            big_l[[t, f + t], [u, u]] = coupling[:, 0]
+            big_l[[t, f + t], [f + u, f + u]] = coupling[:, 1]
+    cv, sv = com.T.ravel(), s.T.ravel()
+    pp = np.kron(np.eye(2), p)
+    tot = cv + sv
+    expected = 0.5 * tot @ pp @ tot - 0.4 * ((pp @ sv) @ cv - 0.5 * cv @ big_l @ cv)
+    value, _ = m.prior(z)
+    assert value == pytest.approx(expected, rel=1e-9)
+    # L is blind to a common shift of all frames
+    np.testing.assert_allclose(fm.data_precision() @ np.repeat([1.0, -2.0], f), 0.0, atol=1e-9)
 
 
 @pytest.mark.gpu

@@ -39,14 +39,14 @@ def synthetic(rng: np.random.Generator, amplitude_px: float, p: int = 30, f: int
 def test_heldout_signal_sees_local_motion_and_its_absence() -> None:
     rng = np.random.default_rng(11)
     patches, rem, pos, d = synthetic(rng, amplitude_px=2.5)
-    moving = estimate_local(patches, rem, pos, APIX, 2.0, cfg=CFG)
+    moving = estimate_local(patches, rem, pos, APIX, 2.0, 0.0, 300.0, CFG.params(), motion=None)
     assert moving.info["choice"] != "full-frame"
     assert moving.info["quality_gain"] > 0.01 and moving.info["quality"]["z"] > 2
     err = lambda s: np.sqrt(((s - d) ** 2).sum(-1).mean())  # noqa: E731
     assert err(moving.smooth) < 0.5 * err(np.zeros_like(d))
 
     patches, rem, pos, _ = synthetic(rng, amplitude_px=0.0)
-    still = estimate_local(patches, rem, pos, APIX, 2.0, cfg=CFG)
+    still = estimate_local(patches, rem, pos, APIX, 2.0, 0.0, 300.0, CFG.params(), motion=None)
     assert still.info["quality_best"]["gain"] < 0.005
     if still.info["fallback"]:
         assert still.info["quality_gain"] == 0.0
@@ -58,7 +58,8 @@ def test_insample_evenodd_frc_is_biased_where_heldout_is_not() -> None:
     rng = np.random.default_rng(12)
     patches, rem, pos, _ = synthetic(rng, amplitude_px=0.0)
     spec = prepare_spectra(patches, rem, APIX, 2.0, band_low=CFG.band_low, band_high=CFG.band_high)
-    res = estimate_local(None, None, pos, APIX, 2.0, cfg=LocalConfig(**{**CFG.__dict__, "guard": False}), spectra=spec)
+    res = estimate_local(None, None, pos, APIX, 2.0, 0.0, 300.0, LocalConfig(**{**CFG.__dict__, "guard": False}).params(),
+                         motion=None, spectra=spec)
     best = res.info["best"]
     assert evenodd_gain(spec, res.candidates[best]) > 0
     assert res.info["heldout_gain"][best] < 0

@@ -10,7 +10,6 @@ the same folder cancels; after every session no job of it is left in squeue.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -36,7 +35,7 @@ def slurm_args(tmp: Path, *extra: str) -> list[str]:
     keys = tmp / "keys"
     if not keys.exists():
         create_keys(keys)
-    return ["--workers", "0", "--slurm-workers", "2", "--keys", str(keys), *extra]
+    return ["--workers", "0", "--slurm-workers", "2", "--keys", str(keys), *(extra or ("--slurm-args=--gres=gpu:1",))]
 
 
 def our_jobs(cluster, out: Path) -> list[str]:
@@ -120,6 +119,14 @@ def test_jobs_of_a_killed_session_are_cancelled_by_the_next_one(slurm_cluster, t
     proc = lmc([*session_args("watch", tmp_path, source, out, "--headless"), *slurm_args(tmp_path)], cwd=tmp_path)
     try:
         wait_for(lambda: len(ledger_state(out)[0]) == len(good), 60, proc)
+
+        def shown() -> list[dict]:
+            jobs = (status(out).get("slurm") or {}).get("jobs") or []
+            return jobs if all(j.get("worker") and j.get("gpus") for j in jobs) and len(jobs) == 2 else []
+
+        wait_for(lambda: bool(shown()), 30, proc)
+        assert sorted(j["gpus"] for j in shown()) == ["0", "1"]  # each job's GPU, as Slurm allocated it
+        assert {j["state"] for j in shown()} == {"running"} and {j["node"] for j in shown()} == {slurm_cluster.node}
         left = our_jobs(slurm_cluster, out)
         assert len(left) == 2
     finally:
@@ -150,10 +157,15 @@ def test_a_bad_partition_stops_the_session_with_one_line(slurm_cluster, tmp_path
     assert our_jobs(slurm_cluster, out) == []
 
 
-def test_slurm_workers_need_keys(tmp_path: Path, source: Path) -> None:
-    populate(tmp_path, source, movie_names(source)[:1])
-    res = subprocess.run([sys.executable, "-m", "streamer.cli", *session_args("run", tmp_path, source, tmp_path / "out"),
+def test_jobs_use_the_output_folders_own_keys_by_default(slurm_cluster, tmp_path: Path, source: Path) -> None:
+    good = populate(tmp_path, source, movie_names(source)[:2])
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "streamer.cli", *session_args("run", tmp_path, source, out),
                           "--workers", "0", "--slurm-workers", "1"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "PATH": os.environ.get("PATH", "")})
-    assert res.returncode == 2
-    assert "slurm.workers: Slurm jobs join over the network, which needs CURVE keys" in res.stderr
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    check_output(out, good)
+    script = (out / "logs" / "slurm-job.sh").read_text()
+    assert f"--keys {out / 'keys'} --name \"slurm-${{SLURM_JOB_ID}}\"" in script
+    assert oct((out / "keys").stat().st_mode & 0o777) == "0o700"
+    assert our_jobs(slurm_cluster, out) == []

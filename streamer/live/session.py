@@ -207,10 +207,7 @@ class Session:
 
     def _start_dispatcher(self, cfg: Config) -> None:
         bind = cfg.bind
-        if cfg.slurm.workers:  # jobs on other nodes must reach the dispatcher
-            if not cfg.keys:
-                raise ConfigError("slurm.workers: Slurm jobs join over the network, which needs CURVE keys on storage "
-                                  "the nodes share (`lmc keys /shared/lmc-keys`, then --keys /shared/lmc-keys)")
+        if cfg.slurm.workers:  # jobs on other nodes must reach the dispatcher (CURVE keys: always, see _start)
             bind = dispatcher_bind(cfg.bind)
         self.dispatcher = Dispatcher(
             bind, config=cfg.to_dict(), keys=cfg.keys, max_frame_bytes=MAX_FRAME_BYTES, heartbeat=cfg.heartbeat,
@@ -341,6 +338,8 @@ class Session:
         elif ev.kind in ("failed", "poison") and job is not None:
             self.inflight.pop(job.movie, None)
             self._fail(job.movie, ev.reason)
+        elif ev.kind == "joined" and self.slurm is not None and ev.worker.startswith("slurm-"):
+            self.slurm.joined(ev.worker.removeprefix("slurm-"))
         elif ev.kind == "lost":
             self.metrics.warn(f"worker {ev.worker} lost: {ev.reason}")
 
