@@ -237,3 +237,9 @@ def test_sbatch_refusing_a_replacement_backs_off_with_a_clear_error(slurm_cluste
         subprocess.run(["scontrol", "update", part, "State=UP"], env=slurm_cluster.env, check=False)
         pool.close()
     assert _active(slurm_cluster, tmp_path) == []
+
+
+def test_no_sbatch_on_the_path_is_one_clear_error(tmp_path):
+    pool = SlurmPool(SlurmConfig(workers=1), tmp_path, SLEEPER, env={"PATH": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"^slurm.workers is set but sbatch is not on PATH"):
+        pool.start()
