@@ -76,6 +76,9 @@ def test_run_with_two_slurm_workers_writes_every_particle_once(slurm_cluster, tm
     assert sorted(movies_done_by_jobs(out).values()) == [1] * len(good)
     assert "slurm: cancelled worker jobs" in log
     assert our_jobs(slurm_cluster, out) == []
+    shown = subprocess.run([sys.executable, "-m", "streamer.cli", "status", str(out)], capture_output=True, text=True,
+                           timeout=60)
+    assert "slurm    2 worker jobs wanted; all cancelled when the session ended" in shown.stdout
 
 
 def test_a_cancelled_job_is_replaced_and_nothing_is_lost_or_doubled(slurm_cluster, tmp_path: Path, source: Path) -> None:
