@@ -134,7 +134,7 @@ class Config:
     max_movies: int = _f(0, "only process this many movies; 0 = all", processing=False)
     # compute
     device: str = _f("auto", "auto|cpu|gpu: use CuPy when a GPU is present (auto) or always/never", ("auto", "cpu", "gpu"), processing=False)
-    workers: int = _f(0, "worker processes; 0 = one per GPU, or 1 on CPU", processing=False)
+    workers: int = _f(0, "local worker processes; 0 = one per GPU, or 1 on CPU (none when slurm.workers > 0)", processing=False)
     threads: int = _f(0, "CPU threads per worker (FFTs, decoding, chunked array work); 0 = all cores / workers", processing=False)
     gpus: str = _f("auto", "GPUs to use: auto, or a list like 0,1", processing=False)
     # live
