@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -79,6 +80,13 @@ def main() -> int:
     src = work / "src"
     simulate_session(src, SimParams(movies=ns.movies, frames=10, shape=(256, 256), particles=5, seed=11))
     create_keys(work / "keys")
+    try:
+        return _rounds(ns, work, src)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _rounds(ns: argparse.Namespace, work: Path, src: Path) -> int:
     starts = []
     rows: list[dict[str, float]] = []
     for r in range(ns.rounds):

@@ -137,7 +137,7 @@ class Config:
     max_movies: int = _f(0, "only process this many movies; 0 = all", processing=False)
     # compute
     device: str = _f("auto", "auto|cpu|gpu: use CuPy when a GPU is present (auto) or always/never", ("auto", "cpu", "gpu"), processing=False)
-    workers: int = _f(0, "worker processes; 0 = one per GPU, or 1 on CPU", processing=False)
+    workers: int = _f(0, "local worker processes; 0 = one per GPU, or 1 on CPU (none when slurm.workers > 0)", processing=False)
     threads: int = _f(0, "CPU threads per worker (FFTs, decoding, chunked array work); 0 = all cores / workers", processing=False)
     gpus: str = _f("auto", "GPUs to use: auto, or a list like 0,1", processing=False)
     # live
@@ -153,6 +153,7 @@ class Config:
     liveness: int = _f(5, "missed heartbeats before a worker is declared dead and its job requeued", processing=False)
     max_attempts: int = _f(3, "a movie whose job killed this many workers is set aside as failed", processing=False)
     reprocess_changed_picks: bool = _f(False, "reprocess a movie whose pick file changed after it was done", processing=False)
+    min_free_gb: float = _f(2.0, "pause dispatch while the output folder's disk has less free space than this (GB; 0 = never)", processing=False)
     # sections
     gain: GainConfig = field(default_factory=GainConfig)
     eer: EerConfig = field(default_factory=EerConfig)
@@ -265,6 +266,9 @@ def _coerce(name: str, value: Any, tp: type, choices: tuple | None) -> Any:
     return value
 
 
+MAX_BOX = 8192
+
+
 def _validate(cfg: Config) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -276,6 +280,9 @@ def _validate(cfg: Config) -> None:
     need(cfg.pre_exposure >= 0, "pre_exposure must be >= 0")
     need(50 <= cfg.kv <= 400, f"kv must be between 50 and 400 (got {cfg.kv})")
     need(cfg.box >= 16 and cfg.box % 2 == 0, f"box must be an even number >= 16 (got {cfg.box})")
+    # no detector is wider (K3 5760 x 4092; EER 4096 at upsampling 1); the session also checks each
+    # movie's own size and the machine's memory before the first job (streamer.live.jobspec)
+    need(cfg.box <= MAX_BOX, f"box must be at most {MAX_BOX} px, the size of the largest detector (got {cfg.box})")
     need(
         cfg.fcrop_box == 0 or (8 <= cfg.fcrop_box <= cfg.box and cfg.fcrop_box % 2 == 0),
         f"fcrop_box must be 0 or an even number between 8 and box={cfg.box} (got {cfg.fcrop_box})",

@@ -564,6 +564,7 @@ def skip_reasons(skipped: list[tuple[float, float, str]]) -> dict[str, int]:
 
 def write_sidecar_files(cfg: Config, result: MovieResult, micrograph: np.ndarray, binning_phys: float) -> None:
     """Stage "sidecars": trajectories/<stem>.star and plots/<stem>.png (idempotent, atomic replace)."""
+    from streamer.formats.atomic import side_name
     from streamer.formats.picks import movie_stem
     from streamer.formats.relion_motion import write_motion_star
     from streamer.formats.trajectories import write_trajectories
@@ -571,13 +572,13 @@ def write_sidecar_files(cfg: Config, result: MovieResult, micrograph: np.ndarray
     out = Path(cfg.out)
     stem = movie_stem(result.movie)
     (out / "trajectories").mkdir(parents=True, exist_ok=True)
-    write_trajectories(out / "trajectories" / f"{stem}.star", result)
+    write_trajectories(out / "trajectories" / side_name(out / "trajectories", stem, ".star"), result)
     write_motion_star(cfg, result, out)
     if cfg.plots:
         from streamer.formats.plot import plot_trajectories
 
         (out / "plots").mkdir(parents=True, exist_ok=True)
-        plot_trajectories(out / "plots" / f"{stem}.png", micrograph, binning_phys, result)
+        plot_trajectories(out / "plots" / side_name(out / "plots", stem, ".png"), micrograph, binning_phys, result)
 
 
 # -- the composition ---------------------------------------------------------------------------------

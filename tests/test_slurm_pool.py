@@ -214,3 +214,32 @@ def test_a_requeued_job_stays_one_of_the_n_and_its_worker_is_reported_gone(slurm
     finally:
         pool.close()
     assert _active(slurm_cluster, tmp_path) == []
+
+
+def test_sbatch_refusing_a_replacement_backs_off_with_a_clear_error(slurm_cluster, tmp_path, fast):
+    """The partition goes inactive mid-session: each refused replacement doubles the wait, and the
+    alert carries sbatch's reason; when the partition is back, the replacement goes in."""
+    pool = SlurmPool(SlurmConfig(workers=1), tmp_path, SLEEPER)
+    pool.start()
+    part = f"PartitionName={slurm_cluster.partition}"
+    try:
+        (first,) = pool.jobs
+        subprocess.run(["scontrol", "update", part, "State=INACTIVE"], env=slurm_cluster.env, check=True)
+        subprocess.run(["scancel", first], env=slurm_cluster.env, check=True)
+        _until(lambda: "sbatch refused" in pool.alert, 30, "the refusal alert", pool)
+        assert "inactive" in pool.alert.lower() and pool.jobs == {}
+        streak = pool.quick_in_row
+        _until(lambda: pool.quick_in_row > streak, 30, "a second refused try", pool)
+        subprocess.run(["scontrol", "update", part, "State=UP"], env=slurm_cluster.env, check=True)
+        _until(lambda: len(pool.jobs) == 1, 30, "the replacement submitted", pool)
+        assert first not in pool.jobs
+    finally:
+        subprocess.run(["scontrol", "update", part, "State=UP"], env=slurm_cluster.env, check=False)
+        pool.close()
+    assert _active(slurm_cluster, tmp_path) == []
+
+
+def test_no_sbatch_on_the_path_is_one_clear_error(tmp_path):
+    pool = SlurmPool(SlurmConfig(workers=1), tmp_path, SLEEPER, env={"PATH": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"^slurm.workers is set but sbatch is not on PATH"):
+        pool.start()

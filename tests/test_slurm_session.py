@@ -76,6 +76,9 @@ def test_run_with_two_slurm_workers_writes_every_particle_once(slurm_cluster, tm
     assert sorted(movies_done_by_jobs(out).values()) == [1] * len(good)
     assert "slurm: cancelled worker jobs" in log
     assert our_jobs(slurm_cluster, out) == []
+    shown = subprocess.run([sys.executable, "-m", "streamer.cli", "status", str(out)], capture_output=True, text=True,
+                           timeout=60)
+    assert "slurm    2 worker jobs wanted; all cancelled when the session ended" in shown.stdout
 
 
 def test_a_cancelled_job_is_replaced_and_nothing_is_lost_or_doubled(slurm_cluster, tmp_path: Path, source: Path) -> None:
@@ -141,6 +144,29 @@ def test_jobs_of_a_killed_session_are_cancelled_by_the_next_one(slurm_cluster, t
     assert f"cancelled 2 worker job(s) left by an earlier session on {out}: {', '.join(left)}" in log  # ...until the next
     check_output(out, good)
     assert sorted(movies_done_by_jobs(out).values()) == [1] * len(good)
+    assert our_jobs(slurm_cluster, out) == []
+
+
+def test_slurm_workers_alongside_a_local_worker(slurm_cluster, tmp_path: Path, source: Path) -> None:
+    (tmp_path / "movies").mkdir()
+    (tmp_path / "picks").mkdir()
+    out = tmp_path / "out"
+    proc = lmc([*session_args("watch", tmp_path, source, out, "--headless"), "--workers", "1", "--slurm-workers", "1"],
+               cwd=tmp_path)
+    try:
+        wait_for(lambda: len(status(out).get("workers") or []) == 2, 60, proc)  # the local one and the job's
+        good = populate(tmp_path, source, movie_names(source), copies=2)
+        wait_for(lambda: len(ledger_state(out)[0]) == len(good), 90, proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    check_output(out, good)
+    by = Counter(r["worker"] for r in status(out)["recent"])
+    assert by["cpu0"] >= 1 and sum(n for w, n in by.items() if w.startswith("slurm-")) >= 1, by
     assert our_jobs(slurm_cluster, out) == []
 
 

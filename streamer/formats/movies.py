@@ -303,7 +303,7 @@ def _tiff_whole(path: str) -> tuple[bool, str]:
             pages = [tf.pages[i] for i in range(len(tf.pages))]
             problem = tiff_problem(tf, pages)
     except Exception as exc:
-        return False, f"TIFF structure not readable yet ({exc})"
+        return False, f"TIFF structure not readable ({exc})"
     return (not problem), problem
 
 
@@ -360,6 +360,16 @@ def movie_header(path: str | os.PathLike) -> tuple[int, int, int]:
             h, w = tf.pages.first.shape[-2:]
             return n, int(h), int(w)
     return eer_header(path)
+
+
+# reasons from ``movie_is_whole`` that mean "shorter than it says it is" (a transfer that may resume),
+# as opposed to a header or structure that is invalid whatever comes next
+_SHORT = ("truncated", "MRC header incomplete", "bzip2 end-of-stream marker not reached", "no such file")
+
+
+def is_truncation(reason: str) -> bool:
+    """True when a ``movie_is_whole`` reason says the file is short (it may still be completed)."""
+    return reason.startswith(_SHORT)
 
 
 def movie_is_whole(path: str | os.PathLike) -> tuple[bool, str]:

@@ -26,8 +26,9 @@ ended within ``QUICK_S`` seconds of being submitted, or without its worker ever 
 session (``BACKOFF_S`` up to ``MAX_BACKOFF_S``); after ``ALERT_AFTER`` such jobs in a row the
 session gets one clear error naming the state, the exit code and the job's log. A job running for
 ``JOIN_WARN_S`` without its worker joining raises an error too (the node cannot reach the head
-node's address, or the keys are wrong: the job's log says which). ``sbatch`` refusing the very first job (a bad partition, account or
-gres) stops the session at start with sbatch's own words.
+node's address, or the keys are wrong: the job's log says which). ``sbatch`` refusing the very
+first job (a bad partition, account or gres) stops the session at start with sbatch's own words;
+refusing a replacement later backs off the same way, with sbatch's words as the error.
 
 When the session ends (drain, SIGTERM, ``--once`` done, abort): :meth:`SlurmPool.close` cancels
 every job it still has (``scancel``; the workers were already told to stop) and waits until
@@ -179,24 +180,25 @@ class SlurmPool:
     def start(self) -> list[str]:
         """Cancel a dead predecessor's jobs, then submit the first jobs. Returns the cancelled ids.
 
-        Raises :class:`ConfigError` when Slurm refuses the first job (sbatch's reason)."""
+        Raises :class:`ConfigError` when Slurm cannot be used or refuses the first job (sbatch's
+        reason); the other first jobs, if refused, are retried with back-off like replacements."""
         if shutil.which("sbatch", path=(self.env or os.environ).get("PATH")) is None:
             raise ConfigError("slurm.workers is set but sbatch is not on PATH (run lmc on a Slurm submit host)")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.log_dir / "slurm-job.sh").write_text(self.script)  # what every job runs, for whoever debugs it
-        stale = [j for j, state, *_ in self._squeue() if state in ACTIVE and j not in self.jobs]
-        if stale:
-            self._cancel(stale)
-            log.warning("cancelled %d worker job(s) left by an earlier session on %s: %s", len(stale), self.out,
-                        ", ".join(stale))
-        for _ in range(self.cfg.workers):
-            try:
+        stale: list[str] = []
+        try:
+            stale = [j for j, state, *_ in self._squeue() if state in ACTIVE and j not in self.jobs]
+            if stale:
+                self._cancel(stale)
+                log.warning("cancelled %d worker job(s) left by an earlier session on %s: %s", len(stale), self.out,
+                            ", ".join(stale))
+            for _ in range(self.cfg.workers):
                 self._submit(time.monotonic())
-            except SlurmError as exc:
-                if not self.jobs:
-                    self.close()
-                    raise ConfigError(f"slurm: {exc}") from None
-                raise
+        except SlurmError as exc:
+            if not self.jobs:
+                raise ConfigError(f"slurm: {exc}") from None
+            self._refused(exc, time.monotonic())
         return stale
 
     def tick(self, now: float, draining: bool = False) -> list[Ended]:
@@ -270,12 +272,16 @@ class SlurmPool:
             try:
                 self._submit(now)
             except SlurmError as exc:
-                self.quick_in_row += 1
-                delay = min(BACKOFF_S * 2 ** (self.quick_in_row - 1), MAX_BACKOFF_S)
-                self.next_submit = now + delay
-                self.alert = f"slurm: {exc}; next try in {delay:.0f} s"
-                log.error("%s", self.alert)
+                self._refused(exc, now)
                 return
+
+    def _refused(self, exc: SlurmError, now: float) -> None:
+        """sbatch refused a job (or Slurm did not answer): try again later, waiting longer each time."""
+        self.quick_in_row += 1
+        delay = min(BACKOFF_S * 2 ** (self.quick_in_row - 1), MAX_BACKOFF_S)
+        self.next_submit = now + delay
+        self.alert = f"slurm: {exc}; next try in {delay:.1f} s"
+        log.error("%s", self.alert)
 
     def joined(self, job_id: str) -> None:
         """The job's worker registered with the dispatcher."""
