@@ -290,6 +290,7 @@ def main() -> None:
     cfg = {
         "out": str(out),
         "apix": APIX,
+        "dose_per_frame": 1.0,
         "box": ns.box,
         "fcrop_box": ns.fcrop_box,
         "device": ns.device,

@@ -48,11 +48,13 @@ from streamer.live.metrics import Metrics, StatusPublisher
 from streamer.live.protocol import ResultSpec
 from streamer.live.signals import SignalHandlers, StopFlags
 from streamer.live.slurm import SlurmPool, dispatcher_bind, job_endpoint, worker_command, worker_name
-from streamer.live.watcher import Notice, Watcher, split_pattern
+from streamer.live.watcher import Notice, Watcher, match_parts, split_pattern
 from streamer.live.writer import Writer
 from streamer.output.accounting import folder_account, movie_line, no_particle_warning
 from streamer.output.ledger import Ledger
 from streamer.output.status import clean
+from streamer.physical import describe as describe_physical
+from streamer.physical import resolve_session
 
 log = logging.getLogger("lmc.session")
 
@@ -82,6 +84,23 @@ def remote_join_command(endpoint: str, keys: str | None) -> list[str] | None:
     if keys:
         cmd += ["--keys", os.path.abspath(keys)]
     return cmd
+
+
+def first_movie(spec: str) -> str | None:
+    """The first movie (sorted) that ``spec`` (a folder, file or glob) matches now, or None."""
+    from streamer.formats.movies import is_movie
+
+    root, pattern = split_pattern(spec)
+    if root.is_file():
+        return str(root)
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            rel = Path(path).relative_to(root).parts
+            if (match_parts(rel, pattern) if pattern is not None else True) and is_movie(path):
+                return path
+    return None
 
 
 def check_writable(out: Path) -> None:
@@ -163,9 +182,13 @@ class Session:
     def _start(self) -> None:
         if self.once and not split_pattern(self.cfg.movies or ".")[0].exists():
             raise ConfigError(f"{self.cfg.movies}: no such file or folder")
+        # the pixel size and exposure, settled before the output folder's fingerprint is checked
+        self.cfg = resolve_session(self.cfg, first_movie(self.cfg.movies or "."))
         check_writable(self.out)
         # logging first: what opening the folder repairs after a crash (a stack cut back) is logged
         self._log.attach(self.out, to_stderr=self.headless)
+        for line in describe_physical(self.cfg):
+            log.info("%s", line)
         self.writer = Writer(self.out, self.cfg, self.new)
         self.writer.start()
         asked, self.out = self.out, self.writer.out
