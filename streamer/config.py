@@ -61,7 +61,7 @@ class EerConfig:
 @dataclass(frozen=True)
 class PicksConfig:
     dir: str | None = _f(None, "folder (or single file) of particle picks, matched to movies by file stem", processing=False)
-    scale: float = _f(1.0, "multiply pick coordinates by this (picks made on micrographs binned by 2 -> 2.0)")
+    scale: float = _f(1.0, "multiply pick coordinates by this (picks made on micrographs binned by 2 -> 2.0); only for pick files that do not state their pixel size (rlnMicrographPixelSize, location/micrograph_psize_A), which are scaled automatically")
     format: str = _f("auto", "auto|star|box|topaz|cs", ("auto", "star", "box", "topaz", "cs"))
 
 

@@ -98,3 +98,19 @@ def test_progress_bar_shows_movies_particles_and_rate() -> None:
     bar.stop()
     text = buf.getvalue()
     assert "4/8" in text and "1234 particles" in text and "120 movies/h" in text and "1 failed" in text
+
+
+def test_an_unusable_single_pick_file_stops_with_one_line(session: Path, tmp_path: Path) -> None:
+    from test_picks_refined import cryosparc_refine_export
+
+    arr = cryosparc_refine_export(3, "m.mrc", (10, 10), 1.0)
+    bad = tmp_path / "P1_J5_particles.cs"
+    with open(bad, "wb") as fh:
+        np.save(fh, arr[[n for n in arr.dtype.names if not n.startswith("location/")]], allow_pickle=False)
+    s = session / "s"
+    res = lmc("run", "--movies", str(s / "movies"), "--picks", str(bad), "--out", str(tmp_path / "out"),
+              "--apix", "1", "--dose-per-frame", "1", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    line = res.stderr.strip()
+    assert "\n" not in line and line.count(str(bad)) == 1
+    assert "location/center_x_frac" in line and "Extract From Micrographs" in line

@@ -124,6 +124,12 @@ def check_inputs(cfg: Config) -> None:
         raise ConfigError("config: movies and out are required")
     if not cfg.picks.dir:
         raise ConfigError("config: picks.dir is required (--picks DIR: the pick files, matched to movies by name)")
+    if os.path.isfile(cfg.picks.dir):  # one pick file for every movie: unusable means nothing can run
+        from streamer.formats.picks import PickIndex
+
+        unusable = PickIndex(cfg.picks.dir, format=cfg.picks.format).unusable
+        if unusable:
+            raise ConfigError(next(iter(unusable.values())))
     for key, path in (("gain.file", cfg.gain.file), ("gain.defects", cfg.gain.defects)):
         if path and not os.path.isfile(path):
             raise ConfigError(f"{path}: {key} not found (or not a file)")
