@@ -7,7 +7,7 @@ folder over time (one every ``--interval`` s) (each one growing chunk by chunk, 
 junk and edge picks, so skips happen). Meanwhile ``lmc watch`` runs on it and is killed ``--kills``
 times with SIGKILL — the session and its workers, the whole process group, as a power cut or OOM
 killer would — and restarted at once on the same ``--out``. Kill moments are of two kinds, drawn at
-random: a timer (0.3–9 s after a start: during start-up and crash recovery, decode, processing, a
+random: a timer (0.3–6 s after a start: during start-up and crash recovery, decode, processing, a
 commit or a snapshot, whatever is under way) and a committer crash point (``LMC_CRASH_AT``: between
 a stack's data and its header, before/after the ledger transaction, while a snapshot is written;
 the k-th time it is reached, k in 1..3). After the last kill the session runs to the end
@@ -52,7 +52,7 @@ from streamer.output.ledger import Ledger
 from streamer.sim.emulator import MicroscopeEmulator, Timing
 from streamer.sim.simulate import SimParams
 
-CRASH_WAIT_S = 15.0  # a crash point not reached by then (nothing left to commit): killed by timer instead
+CRASH_WAIT_S = 10.0  # a crash point not reached by then (nothing left to commit): killed by timer instead
 CRASH_POINTS = ("stack_data", "stack_header", "before_ledger", "after_ledger", "snapshot_star_tmp",
                 "snapshot_star_replaced", "snapshot_cs_tmp", "snapshot_cs_replaced")
 
@@ -119,12 +119,12 @@ def soak(scope: Path, out: Path, kills: int, rng: random.Random, emu: Microscope
             kind = (f"crash point {crash}" if proc.returncode == -signal.SIGKILL
                     else f"timer {CRASH_WAIT_S:.0f} s ({crash} not reached)")
         else:
-            delay = rng.uniform(0.3, 9.0)
+            delay = rng.uniform(0.3, 6.0)
             time.sleep(delay)
             kind = f"timer {delay:.1f} s after start"
         alive = proc.poll() is None
         kill_group(proc)
-        phase = _phase(out, mark)
+        phase = _phase(out, mark, pending=emu.counts()["movies"] > before)
         points.append({"kill": i + 1, "how": kind, "phase": phase, "session_alive": alive,
                        "s": round(time.monotonic() - t0, 1),
                        "done_before": before, "done_after": done_movies(out),
@@ -134,8 +134,9 @@ def soak(scope: Path, out: Path, kills: int, rng: random.Random, emu: Microscope
     return points
 
 
-def _phase(out: Path, mark: int) -> str:
-    """What this life of the session had reached when it was killed (from its log lines)."""
+def _phase(out: Path, mark: int, pending: bool) -> str:
+    """What this life of the session had reached when it was killed (from its log lines; ``pending``:
+    movies had arrived that were not done when it started)."""
     try:
         with open(out / "logs" / "lmc.log", "rb") as f:
             f.seek(mark)
@@ -147,7 +148,7 @@ def _phase(out: Path, mark: int) -> str:
     if "joined" not in text:
         return "workers starting"
     done = text.count("INFO lmc.session: done: ")
-    return f"running ({done} committed in this life)"
+    return f"running, {done} committed in this life" if pending else "running, nothing left to do"
 
 
 def audit(scope: Path, out: Path, clean: Path) -> dict:
@@ -210,6 +211,15 @@ def audit(scope: Path, out: Path, clean: Path) -> dict:
     }
 
 
+def _kind(point: dict) -> str:
+    """A kill point's class for the summary: the crash point's name, or the phase a timer hit."""
+    if point["how"].startswith("crash point"):
+        return "crash point " + point["how"].split()[2].split(":")[0]
+    phase = point["phase"]
+    return "timer: " + ("running, movies in flight" if phase.startswith("running, ") and "nothing" not in phase
+                        else phase)
+
+
 def _images(out: Path, star) -> list[np.ndarray]:
     cache: dict[str, np.ndarray] = {}
     images = []
@@ -224,10 +234,10 @@ def _images(out: Path, star) -> list[np.ndarray]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--movies", type=int, default=12)
+    ap.add_argument("--movies", type=int, default=20)
     ap.add_argument("--kills", type=int, default=22)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--interval", type=float, default=10.0, help="seconds between movies arriving")
+    ap.add_argument("--interval", type=float, default=4.0, help="seconds between movies arriving")
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temp folder, removed)")
     ap.add_argument("--json", type=Path, default=None, help="write the summary here")
     ns = ap.parse_args(argv)
@@ -251,9 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if ref.returncode not in (0, 1) or final.returncode not in (0, 1):
             print(final.stderr[-3000:], ref.stderr[-3000:], file=sys.stderr)
             return 2
-        summary = {"kills": len(points), "kill_points": Counter(p["how"].split(" ")[0] + " " + p["how"].split(" ")[1]
-                                                               if p["how"].startswith("crash") else "timer"
-                                                               for p in points),
+        summary = {"kills": len(points), "kill_points": dict(Counter(_kind(p) for p in points)),
                    "killed_while_running": sum(p["session_alive"] for p in points),
                    **audit(scope, out, clean), "wall_s": round(time.monotonic() - t0, 1),
                    "final_exit": final.returncode, "seed": ns.seed}

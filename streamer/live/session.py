@@ -488,7 +488,7 @@ class Session:
         local_mean_A, quality_gain, seconds, latency_s, worker, time}] (newest last), ``waiting``
         [{movie, state, seconds, reason}], ``warnings`` [str], ``errors`` [{movie, reason, time}],
         ``paused``, ``quit_requested``, ``disk`` {free_gb, min_free_gb, paused} (dispatch waits for
-        space), ``dropped_messages``, ``slurm`` ({} without Slurm workers, else
+        space), ``dropped_messages``, ``refused_connections`` (handshakes refused: no or a wrong key), ``slurm`` ({} without Slurm workers, else
         {wanted, ended, alert, jobs [{job_id, state, reason, node, gpus, worker, movie, done, waited_s,
         running_s}]}).
         """
@@ -530,6 +530,7 @@ class Session:
             "quit_requested": self.stop.drain,
             "disk": self.disk.as_dict(),
             "dropped_messages": self.dispatcher.dropped if self.dispatcher else 0,
+            "refused_connections": sum(self.dispatcher.refused.values()) if self.dispatcher else 0,
             "slurm": self._slurm_snapshot(now),
         })
 
