@@ -165,8 +165,13 @@ class Session:
         self._start_dispatcher(cfg)
         if cfg.slurm.workers:
             assert self.endpoint is not None
-            self.slurm = SlurmPool(cfg.slurm, self.out, worker_command(
-                job_endpoint(self.endpoint, cfg.slurm.host), cfg.keys, cfg.heartbeat, cfg.liveness))
+            connect = job_endpoint(self.endpoint, cfg.slurm.host)
+            if is_loopback(connect) or connect.startswith("tcp://localhost"):
+                msg = (f"slurm: jobs will connect to {connect}, which only this machine can reach; jobs on other "
+                       "nodes need --slurm-host (this machine's name or address on the cluster network)")
+                log.warning("%s", msg)
+                self.metrics.warn(msg)
+            self.slurm = SlurmPool(cfg.slurm, self.out, worker_command(connect, cfg.keys, cfg.heartbeat, cfg.liveness))
             self.slurm.start()
         # with Slurm workers, workers = 0 means none here (the head node only dispatches and writes)
         plan = [] if cfg.slurm.workers and not cfg.workers else plan_workers(cfg)
