@@ -20,7 +20,7 @@ from streamer.output.committer import Committer, FingerprintMismatch, OutputLock
 from streamer.types import MovieResult
 
 BOX = 8
-CFG = Config(box=16, fcrop_box=BOX, stack_size=10)
+CFG = Config(box=16, fcrop_box=BOX, stack_size=10, apix=1.0, dose_per_frame=1.0)
 
 
 def movie_name(i: int) -> str:

@@ -65,12 +65,15 @@ def test_run_with_two_slurm_workers_writes_every_particle_once(slurm_cluster, tm
     good = populate(tmp_path, source, movie_names(source))
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "streamer.cli", *session_args("run", tmp_path, source, out),
-                          *slurm_args(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          *slurm_args(tmp_path), "--slurm-host", "127.0.0.1"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     check_output(out, good)
     log = (out / "logs" / "lmc.log").read_text()
     assert log.count("slurm: submitted worker job") == 2
     assert "started local worker" not in log  # --workers 0: the head node only dispatches and writes
+    # a loopback address for the jobs: fine on one node, said for a real cluster
+    assert "slurm: jobs will connect to tcp://127.0.0.1:" in log and "jobs on other nodes need --slurm-host" in log
     done_by = Counter(r["worker"] for r in status(out)["recent"])
     assert sum(done_by.values()) == len(good) and all(w.startswith("slurm-") for w in done_by)
     assert sorted(movies_done_by_jobs(out).values()) == [1] * len(good)

@@ -266,7 +266,7 @@ BAD_TEXT = ["new\nline", "tab\there", "quo\"te", "it's", "two  spaces", " lead",
 
 
 def test_star_text_values_round_trip_through_starfile_and_relion_or_are_refused(tmp_path: Path) -> None:
-    cfg = Config(box=16)
+    cfg = Config(box=16, apix=1.0, dose_per_frame=1.0)
     cols = ColumnSet((("rlnGroupName", "s"),)).star_columns()
     mic = "/data/session 1/FoilHole 7.tif"
     n = len(GOOD_TEXT)

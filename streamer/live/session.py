@@ -48,11 +48,13 @@ from streamer.live.metrics import Metrics, StatusPublisher
 from streamer.live.protocol import ResultSpec
 from streamer.live.signals import SignalHandlers, StopFlags
 from streamer.live.slurm import SlurmPool, dispatcher_bind, job_endpoint, worker_command, worker_name
-from streamer.live.watcher import Notice, Watcher, split_pattern
+from streamer.live.watcher import Notice, Watcher, match_parts, split_pattern
 from streamer.live.writer import Writer
 from streamer.output.accounting import folder_account, movie_line, no_particle_warning
 from streamer.output.ledger import Ledger
 from streamer.output.status import clean
+from streamer.physical import describe as describe_physical
+from streamer.physical import resolve_session
 
 log = logging.getLogger("lmc.session")
 
@@ -84,6 +86,23 @@ def remote_join_command(endpoint: str, keys: str | None) -> list[str] | None:
     return cmd
 
 
+def first_movie(spec: str) -> str | None:
+    """The first movie (sorted) that ``spec`` (a folder, file or glob) matches now, or None."""
+    from streamer.formats.movies import is_movie
+
+    root, pattern = split_pattern(spec)
+    if root.is_file():
+        return str(root)
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            rel = Path(path).relative_to(root).parts
+            if (match_parts(rel, pattern) if pattern is not None else True) and is_movie(path):
+                return path
+    return None
+
+
 def check_writable(out: Path) -> None:
     """OutputError (one line naming the folder) unless ``out`` can be created and written: a read-only
     or full file system, or a folder without permission, stops the session before anything starts."""
@@ -105,6 +124,12 @@ def check_inputs(cfg: Config) -> None:
         raise ConfigError("config: movies and out are required")
     if not cfg.picks.dir:
         raise ConfigError("config: picks.dir is required (--picks DIR: the pick files, matched to movies by name)")
+    if os.path.isfile(cfg.picks.dir):  # one pick file for every movie: unusable means nothing can run
+        from streamer.formats.picks import PickIndex
+
+        unusable = PickIndex(cfg.picks.dir, format=cfg.picks.format).unusable
+        if unusable:
+            raise ConfigError(next(iter(unusable.values())))
     for key, path in (("gain.file", cfg.gain.file), ("gain.defects", cfg.gain.defects)):
         if path and not os.path.isfile(path):
             raise ConfigError(f"{path}: {key} not found (or not a file)")
@@ -163,9 +188,13 @@ class Session:
     def _start(self) -> None:
         if self.once and not split_pattern(self.cfg.movies or ".")[0].exists():
             raise ConfigError(f"{self.cfg.movies}: no such file or folder")
+        # the pixel size and exposure, settled before the output folder's fingerprint is checked
+        self.cfg = resolve_session(self.cfg, first_movie(self.cfg.movies or "."))
         check_writable(self.out)
         # logging first: what opening the folder repairs after a crash (a stack cut back) is logged
         self._log.attach(self.out, to_stderr=self.headless)
+        for line in describe_physical(self.cfg):
+            log.info("%s", line)
         self.writer = Writer(self.out, self.cfg, self.new)
         self.writer.start()
         asked, self.out = self.out, self.writer.out
@@ -186,8 +215,13 @@ class Session:
         self._start_dispatcher(cfg)
         if cfg.slurm.workers:
             assert self.endpoint is not None
-            self.slurm = SlurmPool(cfg.slurm, self.out, worker_command(
-                job_endpoint(self.endpoint, cfg.slurm.host), cfg.keys, cfg.heartbeat, cfg.liveness))
+            connect = job_endpoint(self.endpoint, cfg.slurm.host)
+            if is_loopback(connect) or connect.startswith("tcp://localhost"):
+                msg = (f"slurm: jobs will connect to {connect}, which only this machine can reach; jobs on other "
+                       "nodes need --slurm-host (this machine's name or address on the cluster network)")
+                log.warning("%s", msg)
+                self.metrics.warn(msg)
+            self.slurm = SlurmPool(cfg.slurm, self.out, worker_command(connect, cfg.keys, cfg.heartbeat, cfg.liveness))
             self.slurm.start()
         # with Slurm workers, workers = 0 means none here (the head node only dispatches and writes)
         plan = [] if cfg.slurm.workers and not cfg.workers else plan_workers(cfg)

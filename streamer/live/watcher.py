@@ -398,7 +398,9 @@ class Watcher:
         for path, reason in self.index.unusable.items():
             if path not in self._unusable_reported:
                 self._unusable_reported.add(path)
-                notices.append(Notice("picks_unusable", path, f"{path}: {reason}"))
+                # the readers' reasons already start with the file's path: say it once
+                text = reason if reason.startswith(path) else f"{path}: {reason}"
+                notices.append(Notice("picks_unusable", path, text))
         return changed
 
     def _picks_changed(self, stems: list[str], now: float, notices: list[Notice]) -> None:
