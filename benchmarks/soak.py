@@ -7,8 +7,9 @@ folder over time (one every ``--interval`` s) (each one growing chunk by chunk, 
 junk and edge picks, so skips happen). Meanwhile ``lmc watch`` runs on it and is killed ``--kills``
 times with SIGKILL — the session and its workers, the whole process group, as a power cut or OOM
 killer would — and restarted at once on the same ``--out``. Kill moments are of two kinds, drawn at
-random: a timer (0.3–6 s after a start: during start-up and crash recovery, decode, processing, a
-commit or a snapshot, whatever is under way) and a committer crash point (``LMC_CRASH_AT``: between
+random: a timer — 0.2–2.5 s after a start (start-up, crash recovery) or 0.2–6 s after the first
+worker joined (decode, processing, a commit or a snapshot, whatever is under way) — and a committer
+crash point (``LMC_CRASH_AT``: between
 a stack's data and its header, before/after the ledger transaction, while a snapshot is written;
 the k-th time it is reached, k in 1..3). After the last kill the session runs to the end
 (``lmc run``) and everything is audited:
@@ -118,10 +119,15 @@ def soak(scope: Path, out: Path, kills: int, rng: random.Random, emu: Microscope
                 pass
             kind = (f"crash point {crash}" if proc.returncode == -signal.SIGKILL
                     else f"timer {CRASH_WAIT_S:.0f} s ({crash} not reached)")
-        else:
-            delay = rng.uniform(0.3, 6.0)
+        elif rng.random() < 0.3:  # start-up: opening the folder, recovering from the last kill
+            delay = rng.uniform(0.2, 2.5)
             time.sleep(delay)
             kind = f"timer {delay:.1f} s after start"
+        else:  # while working: some time after the first worker joined
+            joined = _wait_for_text(out / "logs" / "lmc.log", mark, "joined", proc, 60.0)
+            delay = rng.uniform(0.2, 6.0)
+            time.sleep(delay)
+            kind = f"timer {delay:.1f} s after a worker joined" if joined else "timer (no worker joined in 60 s)"
         alive = proc.poll() is None
         kill_group(proc)
         phase = _phase(out, mark, pending=emu.counts()["movies"] > before)
@@ -132,6 +138,20 @@ def soak(scope: Path, out: Path, kills: int, rng: random.Random, emu: Microscope
         print(f"kill {i + 1:2d}: {kind:38s} {phase:38s} movies done {before:2d} -> {points[-1]['done_after']:2d}  "
               f"arrived {emu.counts()['movies']}", flush=True)
     return points
+
+
+def _wait_for_text(log: Path, mark: int, text: str, proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with open(log, "rb") as f:
+                f.seek(mark)
+                if text.encode() in f.read():
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return False
 
 
 def _phase(out: Path, mark: int, pending: bool) -> str:

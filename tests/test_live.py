@@ -65,7 +65,7 @@ def lmc(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
 
 def session_args(cmd: str, tmp: Path, src: Path, out: Path, *extra: str) -> list[str]:
     return [cmd, "--movies", str(tmp / "movies"), "--picks", str(tmp / "picks"), "--gain", str(src / "gain.mrc"),
-            "--out", str(out), "--box", str(BOX), "--apix", "1.0", "--no-plots", "--device", "cpu",
+            "--out", str(out), "--box", str(BOX), "--apix", "1.0", "--dose-per-frame", "1.0", "--no-plots", "--device", "cpu",
             "--settle-seconds", "0.4", "--poll", "0.5", "--heartbeat", "0.3", "--liveness", "5", *PIPELINE_FLAGS, *extra]
 
 
