@@ -96,7 +96,7 @@ def _rounds(ns: argparse.Namespace, work: Path, src: Path) -> int:
             out = work / f"out{r}"
             cmd = [sys.executable, "-m", "streamer.cli", "run", "--movies", str(src / "movies"), "--picks",
                    str(src / "picks"), "--gain", str(src / "gain.mrc"), "--out", str(out), "--box", "64",
-                   "--apix", "1.0", "--no-plots", "--device", "cpu", "--no-local-enabled", "--settle-seconds", "0",
+                   "--apix", "1.0", "--dose-per-frame", "1.0", "--no-plots", "--device", "cpu", "--no-local-enabled", "--settle-seconds", "0",
                    "--workers", "0", "--slurm-workers", str(ns.jobs), "--keys", str(work / "keys")]
             t = time.monotonic()
             res = subprocess.run(cmd, cwd=work, env=cluster.env, capture_output=True, text=True, timeout=300)

@@ -285,7 +285,7 @@ def test_emulated_session_processes_each_good_movie_once(tmp_path: Path, source:
     # the folder's own CURVE keys, private; the local workers used them; the writer wrote the side files
     assert stat.S_IMODE((out / "keys").stat().st_mode) == 0o700
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (out / "keys").glob("*.key_secret"))
-    assert "evil" not in {w["name"] for w in final["workers"]}
+    assert "evil" not in {w["name"] for w in final["workers"]} and final["refused_connections"] >= 1
     assert {p.stem for p in (out / "trajectories").glob("*.star")} == {movie_stem(n) for n in names}
 
 

@@ -17,7 +17,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_live import check_output, ledger_state, lmc, movie_names, populate, session_args, wait_for
+from test_live import check_output, ledger_state, lmc, movie_names, populate, wait_for
+from test_live import session_args as live_args
 
 from streamer.live.keys import create_keys
 from streamer.live.slurm import job_name
@@ -29,6 +30,11 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = tmp_path_factory.mktemp("scope")
     simulate_session(src, SimParams(movies=6, frames=10, shape=(256, 256), particles=5, seed=5))
     return src
+
+
+def session_args(cmd: str, tmp: Path, src: Path, out: Path, *extra: str) -> list[str]:
+    """test_live's session flags with the simulator's exposure (lmc never assumes one)."""
+    return [*live_args(cmd, tmp, src, out, *extra), "--dose-per-frame", "1.0"]
 
 
 def slurm_args(tmp: Path, *extra: str) -> list[str]:
@@ -65,12 +71,15 @@ def test_run_with_two_slurm_workers_writes_every_particle_once(slurm_cluster, tm
     good = populate(tmp_path, source, movie_names(source))
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "streamer.cli", *session_args("run", tmp_path, source, out),
-                          *slurm_args(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          *slurm_args(tmp_path), "--slurm-host", "127.0.0.1"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     check_output(out, good)
     log = (out / "logs" / "lmc.log").read_text()
     assert log.count("slurm: submitted worker job") == 2
     assert "started local worker" not in log  # --workers 0: the head node only dispatches and writes
+    # a loopback address for the jobs: fine on one node, said for a real cluster
+    assert "slurm: jobs will connect to tcp://127.0.0.1:" in log and "jobs on other nodes need --slurm-host" in log
     done_by = Counter(r["worker"] for r in status(out)["recent"])
     assert sum(done_by.values()) == len(good) and all(w.startswith("slurm-") for w in done_by)
     assert sorted(movies_done_by_jobs(out).values()) == [1] * len(good)

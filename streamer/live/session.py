@@ -215,8 +215,13 @@ class Session:
         self._start_dispatcher(cfg)
         if cfg.slurm.workers:
             assert self.endpoint is not None
-            self.slurm = SlurmPool(cfg.slurm, self.out, worker_command(
-                job_endpoint(self.endpoint, cfg.slurm.host), cfg.keys, cfg.heartbeat, cfg.liveness))
+            connect = job_endpoint(self.endpoint, cfg.slurm.host)
+            if is_loopback(connect) or connect.startswith("tcp://localhost"):
+                msg = (f"slurm: jobs will connect to {connect}, which only this machine can reach; jobs on other "
+                       "nodes need --slurm-host (this machine's name or address on the cluster network)")
+                log.warning("%s", msg)
+                self.metrics.warn(msg)
+            self.slurm = SlurmPool(cfg.slurm, self.out, worker_command(connect, cfg.keys, cfg.heartbeat, cfg.liveness))
             self.slurm.start()
         # with Slurm workers, workers = 0 means none here (the head node only dispatches and writes)
         plan = [] if cfg.slurm.workers and not cfg.workers else plan_workers(cfg)
@@ -517,7 +522,7 @@ class Session:
         local_mean_A, quality_gain, seconds, latency_s, worker, time}] (newest last), ``waiting``
         [{movie, state, seconds, reason}], ``warnings`` [str], ``errors`` [{movie, reason, time}],
         ``paused``, ``quit_requested``, ``disk`` {free_gb, min_free_gb, paused} (dispatch waits for
-        space), ``dropped_messages``, ``slurm`` ({} without Slurm workers, else
+        space), ``dropped_messages``, ``refused_connections`` (handshakes refused: no or a wrong key), ``slurm`` ({} without Slurm workers, else
         {wanted, ended, alert, jobs [{job_id, state, reason, node, gpus, worker, movie, done, waited_s,
         running_s}]}).
         """
@@ -559,6 +564,7 @@ class Session:
             "quit_requested": self.stop.drain,
             "disk": self.disk.as_dict(),
             "dropped_messages": self.dispatcher.dropped if self.dispatcher else 0,
+            "refused_connections": sum(self.dispatcher.refused.values()) if self.dispatcher else 0,
             "slurm": self._slurm_snapshot(now),
         })
 
