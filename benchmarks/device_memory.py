@@ -53,7 +53,7 @@ def model_movie(movie: Path, gain: Path, picks: Path, fmt: str, ns: argparse.Nam
 
     u = ns.upsampling if fmt == "eer" else 1
     cfg = c.from_dict({
-        "apix": APIX, "box": ns.box, "fcrop_box": ns.fcrop_box, "device": "cpu", "threads": 1,
+        "apix": APIX, "dose_per_frame": 1.0, "box": ns.box, "fcrop_box": ns.fcrop_box, "device": "cpu", "threads": 1,
         "gain": {"file": str(gain)}, "picks": {"dir": str(picks.parent)},
         "local": {"enabled": not ns.no_local}, "eer": {"fractions": ns.frames, "upsampling": u},
     })
@@ -102,7 +102,7 @@ def warm_up(work: Path, ns: argparse.Namespace) -> None:
     from streamer import pipeline
 
     movie, gain, picks = make_data(work, "tiff", 4, 3, shape=(256, 256))
-    cfg = c.from_dict({"apix": APIX, "box": 64, "device": "cpu", "threads": 1, "gain": {"file": str(gain)},
+    cfg = c.from_dict({"apix": APIX, "dose_per_frame": 1.0, "box": 64, "device": "cpu", "threads": 1, "gain": {"file": str(gain)},
                        "picks": {"dir": str(picks.parent)}, "local": {"enabled": not ns.no_local}})
     pipeline.process_movie(cfg, str(movie), write_sidecars=False, binned_patches=False)
 

@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs of the engine on the same movie (min per stage)")
     args = ap.parse_args()
     xp = get_xp(args.device)
-    cfg = from_dict({"apix": args.apix, "box": args.box, "fcrop_box": args.out_box, "device": args.device})
+    cfg = from_dict({"apix": args.apix, "dose_per_frame": 1.0, "box": args.box, "fcrop_box": args.out_box, "device": args.device})
 
     def sync() -> None:
         if is_gpu(xp):

@@ -194,6 +194,7 @@ def stage_worker(folder: Path, cfg_json: str) -> dict:
     handler = PipelineHandler(c.Config().with_(device=cfg.device, threads=cfg.threads))
     done: list[float] = []
     per_movie: list[dict[str, float]] = []
+    names: list[str] = []
     cpu: list[float] = []
     t_start = time.perf_counter()
     for i, job in enumerate(jobs):
@@ -211,6 +212,7 @@ def stage_worker(folder: Path, cfg_json: str) -> dict:
         stages["encode"] = done[-1] - t1
         per_movie.append(stages)
         n_particles = result.n
+        names.append(Path(result.movie).name)  # each job answered for its own movie (workers write no files)
         del msg, result  # as the worker: nothing of this movie is held while the next one runs
     last = len(done) - 2 if len(done) >= 3 else len(done) - 1  # index of the last steady-state completion
     steady = per_movie[1 : last + 1] or per_movie
@@ -229,6 +231,7 @@ def stage_worker(folder: Path, cfg_json: str) -> dict:
         "steady_cpu_s": (cpu[last] - cpu[0]) / last if last > 0 else cpu[0],
         "stages": mean,
         "particles": int(n_particles),
+        "results": names,
         "peak_rss_mb": _peak_rss_mb(),
     }
 
@@ -290,6 +293,7 @@ def main() -> None:
     cfg = {
         "out": str(out),
         "apix": APIX,
+        "dose_per_frame": 1.0,
         "box": ns.box,
         "fcrop_box": ns.fcrop_box,
         "device": ns.device,

@@ -38,7 +38,7 @@ def _cfg(root: Path, src: Path, out: Path, workers: int, box: int) -> config_mod
     return config_mod.from_dict({
         "local": dict(LOCAL),
         "movies": str(root / "movies"), "picks": {"dir": str(root / "picks")}, "out": str(out),
-        "gain": {"file": str(src / "gain.mrc")}, "apix": 1.0, "box": box, "plots": False, "device": "cpu",
+        "gain": {"file": str(src / "gain.mrc")}, "apix": 1.0, "dose_per_frame": 1.0, "box": box, "plots": False, "device": "cpu",
         "workers": workers, "settle_seconds": 0.3, "poll": 0.5, **SESSION,
     })
 

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ns.movies} movies ready in {time.perf_counter() - t:.1f} s")
         cfg = config_mod.from_dict({
             "local": {"enabled": False}, "movies": str(work / "movies"), "picks": {"dir": str(work / "picks")},
-            "out": str(work / "out"), "gain": {"file": str(src / "gain.mrc")}, "apix": 1.0, "box": ns.box,
+            "out": str(work / "out"), "gain": {"file": str(src / "gain.mrc")}, "apix": 1.0, "dose_per_frame": 1.0, "box": ns.box,
             "plots": False, "device": "cpu", "workers": ns.workers, "settle_seconds": 0.0, "poll": 1.0,
         })
         done = {"n": 0}

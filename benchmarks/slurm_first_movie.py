@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -79,6 +80,13 @@ def main() -> int:
     src = work / "src"
     simulate_session(src, SimParams(movies=ns.movies, frames=10, shape=(256, 256), particles=5, seed=11))
     create_keys(work / "keys")
+    try:
+        return _rounds(ns, work, src)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _rounds(ns: argparse.Namespace, work: Path, src: Path) -> int:
     starts = []
     rows: list[dict[str, float]] = []
     for r in range(ns.rounds):
@@ -88,7 +96,7 @@ def main() -> int:
             out = work / f"out{r}"
             cmd = [sys.executable, "-m", "streamer.cli", "run", "--movies", str(src / "movies"), "--picks",
                    str(src / "picks"), "--gain", str(src / "gain.mrc"), "--out", str(out), "--box", "64",
-                   "--apix", "1.0", "--no-plots", "--device", "cpu", "--no-local-enabled", "--settle-seconds", "0",
+                   "--apix", "1.0", "--dose-per-frame", "1.0", "--no-plots", "--device", "cpu", "--no-local-enabled", "--settle-seconds", "0",
                    "--workers", "0", "--slurm-workers", str(ns.jobs), "--keys", str(work / "keys")]
             t = time.monotonic()
             res = subprocess.run(cmd, cwd=work, env=cluster.env, capture_output=True, text=True, timeout=300)

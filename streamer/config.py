@@ -29,10 +29,12 @@ if TYPE_CHECKING:
     from gpu.local import LocalParams
 
 
-def _f(default: Any, help: str, choices: tuple | None = None, processing: bool = True) -> Any:
+def _f(default: Any, help: str, choices: tuple | None = None, processing: bool = True, internal: bool = False) -> Any:
     """A config field. ``processing`` marks fields that change the particles written
-    (they enter the fingerprint the ledger checks on restart)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "processing": processing})
+    (they enter the fingerprint the ledger checks on restart); ``internal`` ones are set by lmc
+    itself (no flag, not in config.yaml)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "processing": processing,
+                                            "internal": internal})
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class EerConfig:
 @dataclass(frozen=True)
 class PicksConfig:
     dir: str | None = _f(None, "folder (or single file) of particle picks, matched to movies by file stem", processing=False)
-    scale: float = _f(1.0, "multiply pick coordinates by this (picks made on micrographs binned by 2 -> 2.0)")
+    scale: float = _f(1.0, "multiply pick coordinates by this (picks made on micrographs binned by 2 -> 2.0); only for pick files that do not state their pixel size (rlnMicrographPixelSize, location/micrograph_psize_A), which are scaled automatically")
     format: str = _f("auto", "auto|star|box|topaz|cs", ("auto", "star", "box", "topaz", "cs"))
 
 
@@ -103,7 +105,7 @@ class LocalConfig:
 @dataclass(frozen=True)
 class SlurmConfig:
     workers: int = _f(0, "worker jobs to keep alive under Slurm (sbatch); 0 = none. With slurm.workers > 0, workers = 0 means no local workers", processing=False)
-    args: str = _f("", "extra sbatch arguments for every worker job, e.g. \"--partition=gpu --gres=gpu:1 --time=12:00:00\"", processing=False)
+    args: str = _f("", "extra sbatch arguments for every worker job, e.g. --slurm-args=\"--partition=gpu --gres=gpu:1 --time=12:00:00\"", processing=False)
     script: str | None = _f(None, "job script template (modules, containers): a file whose {command} is replaced by the worker command line", processing=False)
     host: str = _f("", "address Slurm jobs use to reach this machine (the head node); empty = this machine's fully qualified name", processing=False)
 
@@ -114,8 +116,9 @@ class Config:
     movies: str | None = _f(None, "movies: a glob (\"raw/*.tiff\") or a folder", processing=False)
     out: str | None = _f(None, "output folder (stacks/, particles.star, particles.cs, trajectories/, plots/)", processing=False)
     # session metadata
-    apix: float = _f(1.0, "movie pixel size (Å/px)")
-    dose_per_frame: float = _f(1.0, "exposure per movie frame (e/Å²), the cryoSPARC 'override e/Å²/frame'")
+    apix: float | None = _f(None, "movie pixel size (Å/px); unset: read from the movies' MRC header or the pick file's optics group (rlnMicrographOriginalPixelSize); lmc stops when it is known nowhere or sources disagree")
+    dose_per_frame: float | None = _f(None, "exposure per movie frame (e/Å²), the cryoSPARC 'override e/Å²/frame'; required: lmc never assumes it")
+    apix_source: str | None = _f(None, "where apix came from (set by lmc)", processing=False, internal=True)
     pre_exposure: float = _f(0.0, "exposure before the first frame (e/Å²)")
     kv: float = _f(300.0, "acceleration voltage (kV)")
     cs: float = _f(2.7, "spherical aberration (mm)")
@@ -134,7 +137,7 @@ class Config:
     max_movies: int = _f(0, "only process this many movies; 0 = all", processing=False)
     # compute
     device: str = _f("auto", "auto|cpu|gpu: use CuPy when a GPU is present (auto) or always/never", ("auto", "cpu", "gpu"), processing=False)
-    workers: int = _f(0, "worker processes; 0 = one per GPU, or 1 on CPU", processing=False)
+    workers: int = _f(0, "local worker processes; 0 = one per GPU, or 1 on CPU (none when slurm.workers > 0)", processing=False)
     threads: int = _f(0, "CPU threads per worker (FFTs, decoding, chunked array work); 0 = all cores / workers", processing=False)
     gpus: str = _f("auto", "GPUs to use: auto, or a list like 0,1", processing=False)
     # live
@@ -150,6 +153,7 @@ class Config:
     liveness: int = _f(5, "missed heartbeats before a worker is declared dead and its job requeued", processing=False)
     max_attempts: int = _f(3, "a movie whose job killed this many workers is set aside as failed", processing=False)
     reprocess_changed_picks: bool = _f(False, "reprocess a movie whose pick file changed after it was done", processing=False)
+    min_free_gb: float = _f(2.0, "pause dispatch while the output folder's disk has less free space than this (GB; 0 = never)", processing=False)
     # sections
     gain: GainConfig = field(default_factory=GainConfig)
     eer: EerConfig = field(default_factory=EerConfig)
@@ -170,7 +174,14 @@ class Config:
     @property
     def out_apix(self) -> float:
         """Pixel size of the written particles (Å)."""
-        return self.apix * self.box / self.out_box
+        return self.pixel_size * self.box / self.out_box
+
+    @property
+    def pixel_size(self) -> float:
+        """``apix``, which must be known by now (``streamer.physical`` resolves it)."""
+        if self.apix is None:
+            raise ConfigError("config: the movie pixel size is not known: pass --apix (Å/px)")
+        return self.apix
 
     def fingerprint(self) -> str:
         """Hash of every parameter that changes the particles written."""
@@ -226,7 +237,7 @@ def _base_type(tp: Any) -> type:
 def _coerce(name: str, value: Any, tp: type, choices: tuple | None) -> Any:
     base = _base_type(tp)
     if value is None:
-        if base is not str or "None" not in str(tp):
+        if "None" not in str(tp):
             raise ConfigError(f"config: {name} must not be empty")
         return None
     try:
@@ -255,16 +266,23 @@ def _coerce(name: str, value: Any, tp: type, choices: tuple | None) -> Any:
     return value
 
 
+MAX_BOX = 8192
+
+
 def _validate(cfg: Config) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(f"config: {msg}")
 
-    need(cfg.apix > 0, f"apix must be > 0 (got {cfg.apix})")
-    need(cfg.dose_per_frame > 0, f"dose_per_frame must be > 0 e/Å² (got {cfg.dose_per_frame})")
+    need(cfg.apix is None or cfg.apix > 0, f"apix must be > 0 (got {cfg.apix})")
+    need(cfg.dose_per_frame is None or cfg.dose_per_frame > 0, f"dose_per_frame must be > 0 e/Å² (got {cfg.dose_per_frame})")
+    apix = cfg.apix or 0.0  # the Nyquist checks below wait for a known pixel size
     need(cfg.pre_exposure >= 0, "pre_exposure must be >= 0")
     need(50 <= cfg.kv <= 400, f"kv must be between 50 and 400 (got {cfg.kv})")
     need(cfg.box >= 16 and cfg.box % 2 == 0, f"box must be an even number >= 16 (got {cfg.box})")
+    # no detector is wider (K3 5760 x 4092; EER 4096 at upsampling 1); the session also checks each
+    # movie's own size and the machine's memory before the first job (streamer.live.jobspec)
+    need(cfg.box <= MAX_BOX, f"box must be at most {MAX_BOX} px, the size of the largest detector (got {cfg.box})")
     need(
         cfg.fcrop_box == 0 or (8 <= cfg.fcrop_box <= cfg.box and cfg.fcrop_box % 2 == 0),
         f"fcrop_box must be 0 or an even number between 8 and box={cfg.box} (got {cfg.fcrop_box})",
@@ -282,11 +300,11 @@ def _validate(cfg: Config) -> None:
     need(cfg.gain.hot_pixel_sigma >= 0, "gain.hot_pixel_sigma must be >= 0")
     need(cfg.eer.fractions >= 1, "eer.fractions must be >= 1")
     need(cfg.picks.scale > 0, "picks.scale must be > 0")
-    need(cfg.motion.max_resolution >= 2 * cfg.apix, "motion.max_resolution must be >= 2 * apix (Nyquist)")
+    need(cfg.motion.max_resolution >= 2 * apix, "motion.max_resolution must be >= 2 * apix (Nyquist)")
     need(cfg.motion.bfactor >= 0 and cfg.motion.iterations >= 1, "motion.bfactor >= 0 and motion.iterations >= 1")
     need(cfg.motion.smoothing >= 0 and cfg.motion.max_shift > 0, "motion.smoothing >= 0 and motion.max_shift > 0")
     need(cfg.local.align_box == 0 or (cfg.local.align_box >= 16 and cfg.local.align_box % 2 == 0), "local.align_box must be 0 or even >= 16")
-    need(cfg.local.band_low > cfg.local.band_high >= 2 * cfg.apix, "local.band_low > local.band_high >= 2 * apix")
+    need(cfg.local.band_low > cfg.local.band_high >= 2 * apix, "local.band_low > local.band_high >= 2 * apix")
     need(
         cfg.local.sigma_velocity > 0 and cfg.local.sigma_acceleration > 0 and cfg.local.sigma_field > 0,
         "local.sigma_* must be > 0",
@@ -362,6 +380,8 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
     group.add_argument("--config", metavar="YAML", help="config file (default: ./config.yaml if present)")
 
     def add(section: str | None, f: dataclasses.Field) -> None:
+        if f.metadata.get("internal"):
+            return
         dotted = f"{section}.{f.name}" if section else f.name
         if only is not None and dotted not in only and (section or "") not in only:
             return
@@ -439,6 +459,6 @@ def render_yaml() -> str:
             lines.append(f"{f.name}:")
             for g in fields(SECTIONS[f.name]):
                 lines.append(f"  {g.name}: {fmt(getattr(getattr(cfg, f.name), g.name))}  # {g.metadata['help']}")
-        else:
+        elif not f.metadata.get("internal"):
             lines.append(f"{f.name}: {fmt(getattr(cfg, f.name))}  # {f.metadata['help']}")
     return "\n".join(lines) + "\n"

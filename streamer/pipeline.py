@@ -442,6 +442,7 @@ class Estimate:
     motion: FullFrame
     local: LocalTrajectories
     notes: dict[str, Any]
+    cfg: Config | None = None  # the configuration with this movie's pixel size settled (streamer.physical)
 
     def fullframe_px(self) -> np.ndarray:
         """(F, 2) the movie's full-frame trajectory (frame px): the motion stage's estimate corrected by
@@ -470,7 +471,10 @@ def estimate(
     binned_patches: bool | None = None,
 ) -> Estimate:
     """Stages decode, gain, motion, picks and local in order, each lapped on ``clock``."""
+    from streamer.physical import for_movie
+
     mov = decode(cfg, movie, preloaded)
+    cfg = for_movie(cfg, movie, mov.apix)
     notes: dict[str, Any] = {"warnings": list(mov.warnings), "eer_leftover": int(mov.leftover_raw_frames),
                              "eer_raw_frames": int(mov.n_raw_frames)}
     clock.lap("decode")
@@ -488,7 +492,7 @@ def estimate(
         workspace.keep("binned", motion.sums2)  # for the next movie (its pages stay mapped)
         motion.sums2 = None
     clock.lap("local")
-    return Estimate(frames, located, motion, local, notes)
+    return Estimate(frames, located, motion, local, notes, cfg)
 
 
 def movie_result(cfg: Config, movie: str, est: Estimate, extracted: Extracted, timings: dict[str, float]) -> MovieResult:
@@ -526,6 +530,7 @@ def movie_result(cfg: Config, movie: str, est: Estimate, extracted: Extracted, t
         "frames": int(n_frames),
         "dose_per_frame": cfg.dose_per_frame,
         "pre_exposure": cfg.pre_exposure,
+        "apix_source": cfg.apix_source or "--apix / config.yaml",
         "hot_pixels": frames.n_bad,
         "eer_leftover": int(est.notes.get("eer_leftover", 0)),
         "eer_raw_frames": int(est.notes.get("eer_raw_frames", 0)),
@@ -559,6 +564,7 @@ def skip_reasons(skipped: list[tuple[float, float, str]]) -> dict[str, int]:
 
 def write_sidecar_files(cfg: Config, result: MovieResult, micrograph: np.ndarray, binning_phys: float) -> None:
     """Stage "sidecars": trajectories/<stem>.star and plots/<stem>.png (idempotent, atomic replace)."""
+    from streamer.formats.atomic import side_name
     from streamer.formats.picks import movie_stem
     from streamer.formats.relion_motion import write_motion_star
     from streamer.formats.trajectories import write_trajectories
@@ -566,13 +572,13 @@ def write_sidecar_files(cfg: Config, result: MovieResult, micrograph: np.ndarray
     out = Path(cfg.out)
     stem = movie_stem(result.movie)
     (out / "trajectories").mkdir(parents=True, exist_ok=True)
-    write_trajectories(out / "trajectories" / f"{stem}.star", result)
+    write_trajectories(out / "trajectories" / side_name(out / "trajectories", stem, ".star"), result)
     write_motion_star(cfg, result, out)
     if cfg.plots:
         from streamer.formats.plot import plot_trajectories
 
         (out / "plots").mkdir(parents=True, exist_ok=True)
-        plot_trajectories(out / "plots" / f"{stem}.png", micrograph, binning_phys, result)
+        plot_trajectories(out / "plots" / side_name(out / "plots", stem, ".png"), micrograph, binning_phys, result)
 
 
 # -- the composition ---------------------------------------------------------------------------------
@@ -610,6 +616,7 @@ def process_movie(
     est = estimate(cfg, movie, picks, xp=xp, workspace=workspace, clock=clock, preloaded=preloaded, gain=gain,
                    binned_patches=binned_patches)
     del preloaded
+    cfg = est.cfg or cfg
     extracted = extract(cfg, est.frames, est.located.positions, est.trajectories_px())
     clock.lap("extract")
     image, binning = micrograph(est.motion)

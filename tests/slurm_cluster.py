@@ -5,6 +5,9 @@ the foreground (``-D``/``-F``, so this process owns and reaps them) with a gener
 ``slurm.conf``: ports of their own, ``ProctrackType=proctrack/linuxproc`` and
 ``TaskPlugin=task/none`` (no cgroups needed), no accounting, state/spool/logs/sockets under the
 temporary folder, one node with this machine's CPUs and memory (``slurmd -C``), one partition.
+The node also declares ``gpus`` GPUs (``Gres=gpu:N``) whose device files are empty files in the
+temporary folder: Slurm's GPU bookkeeping for real (``--gres=gpu:1`` is allocated, the job gets
+``CUDA_VISIBLE_DEVICES`` and ``scontrol show job -d`` its ``IDX``), with no hardware behind it.
 Nothing under /etc is read or changed: every client command finds the cluster through
 ``SLURM_CONF``, and munge through ``AuthInfo=socket=...``.
 
@@ -74,13 +77,14 @@ def _node_line(name: str) -> str:
 class SlurmCluster:
     """munged + slurmctld + slurmd under ``root`` (a fresh temporary folder when None)."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, gpus: int = 2) -> None:
         # munged wants every folder above its socket searchable by all: not under pytest's 0700 tmp
         self.root = Path(root or tempfile.mkdtemp(prefix="lmc-slurm-"))
         self.root.chmod(0o755)
         self.conf = self.root / "slurm.conf"
         self.node = socket.gethostname().split(".")[0]
         self.partition = "lmc"
+        self.gpus = gpus
         self.procs: dict[str, subprocess.Popen] = {}
         self.start_seconds = 0.0
 
@@ -92,6 +96,7 @@ class SlurmCluster:
         r = self.root
         lines = [
             "ClusterName=lmctest",
+            "GresTypes=gpu",
             f"SlurmctldHost={self.node}(127.0.0.1)",
             f"SlurmctldPort={_free_port()}",
             f"SlurmdPort={_free_port()}",
@@ -119,11 +124,17 @@ class SlurmCluster:
             f"SlurmdPidFile={r}/run/slurmd.pid",
             f"SlurmctldLogFile={r}/log/slurmctld.log",
             f"SlurmdLogFile={r}/log/slurmd.log",
-            _node_line(self.node),
+            _node_line(self.node) + (f" Gres=gpu:{self.gpus}" if self.gpus else ""),
             # tiny test workers: let more jobs share the two cores than there are cores
             f"PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4",
         ]
         self.conf.write_text("\n".join(lines) + "\n")
+        # gres.conf is read from slurm.conf's folder
+        devices = [r / "dev" / f"fakegpu{i}" for i in range(self.gpus)]
+        (r / "dev").mkdir(exist_ok=True)
+        for d in devices:
+            d.touch()
+        (r / "gres.conf").write_text("".join(f"NodeName={self.node} Name=gpu File={d}\n" for d in devices))
 
     def start(self, timeout: float = 60.0) -> SlurmCluster:
         t0 = time.monotonic()

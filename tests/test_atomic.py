@@ -166,3 +166,15 @@ def test_concurrent_reader_never_sees_a_partial_file(tmp_path: Path) -> None:
     assert int(out) >= 2  # it did read while versions were changing
     assert path.read_bytes() == bytes([59]) * size
     assert _entries(tmp_path) == ["snapshot.bin", "stop", "stop.ready"]
+
+
+def test_a_name_at_name_max_is_replaced_atomically_and_side_names_fit(tmp_path) -> None:
+    from streamer.formats.atomic import name_max, side_name, write_text
+
+    longest = "m" * name_max(tmp_path)  # a legal name: the temp name beside it must still be legal
+    write_text(tmp_path / longest, "x")
+    assert (tmp_path / longest).read_text() == "x" and not list(tmp_path.glob("*.tmp"))
+    stem = "FoilHole_" + "y" * 250
+    a, b = side_name(tmp_path, stem, ".star"), side_name(tmp_path, stem + "z", ".star")
+    assert a != b and a.endswith(".star") and len(a.encode()) <= name_max(tmp_path) - 14
+    assert side_name(tmp_path, "short", ".png") == "short.png"

@@ -29,7 +29,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run_args(root: Path, out: str, *extra: str) -> list[str]:
     s = root / "s"
     return ["run", "--movies", str(s / "movies"), "--picks", str(s / "picks"), "--gain", str(s / "gain.mrc"),
-            "--out", str(root / out), "--box", "96", "--fcrop-box", "64", "--workers", "2", "--settle-seconds", "0",
+            "--out", str(root / out), "--apix", "1", "--dose-per-frame", "1", "--box", "96", "--fcrop-box", "64", "--workers", "2", "--settle-seconds", "0",
             *extra]
 
 

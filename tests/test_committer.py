@@ -20,7 +20,7 @@ from streamer.output.committer import Committer, FingerprintMismatch, OutputLock
 from streamer.types import MovieResult
 
 BOX = 8
-CFG = Config(box=16, fcrop_box=BOX, stack_size=10)
+CFG = Config(box=16, fcrop_box=BOX, stack_size=10, apix=1.0, dose_per_frame=1.0)
 
 
 def movie_name(i: int) -> str:
@@ -98,11 +98,11 @@ def test_float16_idempotence_failures_and_reopen(tmp_path):
         c.mark_failed(movie_name(0), "late")  # done stays done
         assert c.failed() == [(movie_name(1), "worker died")]
     with Committer(out, cfg) as c:
-        assert c.done_movies() == {movie_name(0), movie_name(2)}
+        assert c.done_movies() == {movie_name(0)}  # failed and skipped ones are tried again
         c.commit(make_result(1, 12))  # the retry of a failed movie
-        c.commit(make_result(2))  # skipped movies are not reprocessed
-        assert c.totals() == {"done": 2, "failed": 0, "skipped": 1, "particles": 19, "stacks": 2}
-    check_folder(out, {0: 7, 1: 12}, cfg)
+        c.commit(make_result(2))  # and of a skipped one (its picks came since)
+        assert c.totals() == {"done": 3, "failed": 0, "skipped": 0, "particles": 26, "stacks": 3}
+    check_folder(out, {0: 7, 1: 12, 2: 7}, cfg)
     with mrcfile.open(out / "stacks" / "particles_00001.mrcs") as m:
         assert m.header.mode == 12
     with pytest.raises(FingerprintMismatch, match=r"float16: True \(folder\) vs False \(now\)"):
@@ -310,7 +310,8 @@ def test_disk_full_gives_a_clear_error_and_keeps_committed_outputs(tmp_path, sta
 def test_no_per_movie_state_in_memory_and_done_checks_still_hold(tmp_path):
     """The committer answers "done?" from the ledger (indexed), not from a set growing with the session:
     no container it holds grows from 20 to 41 movies (one stack file throughout), and a
-    movie done (or skipped) still cannot be committed twice, in this run or after reopening."""
+    movie done still cannot be committed twice, in this run or after reopening (a skipped one can:
+    its cause may have gone away)."""
     out = tmp_path / "out"
     cfg = CFG.with_(stack_size=1000)
     def sized(c: Committer) -> dict[str, int]:
@@ -324,14 +325,15 @@ def test_no_per_movie_state_in_memory_and_done_checks_still_hold(tmp_path):
         c.mark_skipped(movie_name(40), "no picks")
         assert sized(c) == half, (half, sized(c))  # nothing grew from 20 to 41 movies
         c.commit(make_result(3, n=2))  # a second result for a done movie is ignored
-        c.commit(make_result(40, n=2))  # a skipped movie is finished for good
+        c.commit(make_result(40, n=2))  # a skipped movie whose picks came since is committed
+        c.commit(make_result(40, n=2))  # once
         c.mark_failed(movie_name(5), "late failure")  # a done movie stays done
-        assert c.totals() == {"done": 40, "failed": 0, "skipped": 1, "particles": 80, "stacks": 1}
+        assert c.totals() == {"done": 41, "failed": 0, "skipped": 0, "particles": 82, "stacks": 1}
     with Committer(out, cfg) as c:
         assert c.is_done(movie_name(39)) and c.is_done(movie_name(40)) and not c.is_done(movie_name(41))
         c.commit(make_result(0, n=2))
-        assert c.totals()["particles"] == 80 and len(c.done_movies()) == 41
-    check_folder(out, {i: 2 for i in range(40)}, cfg)
+        assert c.totals()["particles"] == 82 and len(c.done_movies()) == 41
+    check_folder(out, {i: 2 for i in range(41)}, cfg)
 
 
 def test_writer_writes_side_files_cleans_their_temps_and_refuses_unwritable_names(tmp_path, caplog):

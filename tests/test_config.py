@@ -32,16 +32,18 @@ def test_precedence_defaults_yaml_flags(tmp_path: Path) -> None:
     assert cfg.gain.flip_x is True and cfg.gain.mode == "divide"  # yaml beats default
     assert cfg.gain.file == "g.mrc"  # --gain is gain.file
     assert cfg.eer.upsampling == 2
-    assert cfg.dose_per_frame == 1.0  # default
+    assert cfg.dose_per_frame is None and cfg.apix is None  # never assumed: from the data or the user
 
 
 def test_flags_share_names_with_keys() -> None:
-    ns = _parse(["--dose-per-frame", "0.8", "--fcrop-box", "64", "--float16", "--no-local-enabled",
+    ns = _parse(["--dose-per-frame", "0.8", "--apix", "1.06", "--fcrop-box", "64", "--float16", "--no-local-enabled",
                  "--picks-scale", "2", "--gain-rotate", "1", "--max-movies", "3"])
     cfg = c.build(ns)
     assert (cfg.dose_per_frame, cfg.fcrop_box, cfg.float16, cfg.local.enabled) == (0.8, 64, True, False)
     assert (cfg.picks.scale, cfg.gain.rotate, cfg.max_movies) == (2.0, 1, 3)
-    assert cfg.out_box == 64 and cfg.out_apix == pytest.approx(cfg.apix * 256 / 64)
+    assert cfg.out_box == 64 and cfg.out_apix == pytest.approx(1.06 * 256 / 64)
+    with pytest.raises(c.ConfigError, match="pixel size is not known: pass --apix"):
+        _ = c.build(_parse([])).out_apix
 
 
 @pytest.mark.parametrize(

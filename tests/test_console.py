@@ -324,7 +324,8 @@ def test_lmc_watch_under_a_pseudo_terminal(tmp_path: Path) -> None:
     env["TERM"] = "xterm-256color"
     cmd = [sys.executable, "-m", "streamer.cli", "watch", "--movies", str(scope / "movies" / "*"),
            "--picks", str(scope / "picks"), "--gain", str(scope / "gain.mrc"), "--out", str(out),
-           "--box", str(recommended_box(params)), "--settle-seconds", "0.2", "--poll", "0.5", "--no-plots"]
+           "--box", str(recommended_box(params)), "--settle-seconds", "0.2", "--poll", "0.5", "--no-plots",
+           "--apix", str(params.apix), "--dose-per-frame", str(params.dose_per_frame)]
     proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, cwd=tmp_path, env=env, close_fds=True)
     try:
         movie_row = re.compile(r"_Data_1_fractions\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)s\b")

@@ -41,6 +41,8 @@ def _cfg(session: Path, out: Path, **extra: object) -> object:
         "out": str(out),
         "box": BOX,
         "device": "cpu",
+        "apix": 1.0,
+        "dose_per_frame": 1.0,
         "gain": {"file": str(session / "gain.mrc")},
         "picks": {"dir": str(session / "picks")},
         "local": {"enabled": False},

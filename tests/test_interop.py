@@ -169,6 +169,13 @@ def test_relion_motion_star_and_micrographs_star(relion_run: tuple[Path, pd.Data
         np.testing.assert_allclose(shifts["rlnMicrographShiftX"], -ours["frame_shifts"][:, 0] / APIX, atol=1e-5)
         np.testing.assert_allclose(shifts["rlnMicrographShiftY"], -ours["frame_shifts"][:, 1] / APIX, atol=1e-5)
         assert row["rlnAccumMotionTotal"] > 0
+        # against the simulation's true drift (independent of lmc's convention): RELION's applied shift
+        # undoes the drift, up to a constant (the reference frame)
+        true = load_truth(out.parent / "s", Path(row["rlnMicrographName"]).name)["frame_shifts"] / APIX
+        undo = shifts[["rlnMicrographShiftX", "rlnMicrographShiftY"]].to_numpy() + true
+        undo -= undo.mean(axis=0)
+        assert np.sqrt((undo**2).sum(-1).mean()) < 1.0, undo
+        assert np.abs(true - true.mean(axis=0)).max() > 3  # a drift big enough for the sign to matter
 
 
 def test_cryosparc_outputs_read_as_cryosparc_writes_them(relion_run: tuple[Path, pd.DataFrame]) -> None:

@@ -72,7 +72,8 @@ def test_failed_skipped_and_retry_get_a_later_id(tmp_path):
     assert led.mark_skipped("c.tif", "no picks")
     assert not led.mark_failed("a.tif", "late failure")  # a done movie stays done
     assert led.failed() == [("b.tif", "worker died 3 times")]
-    assert led.is_done("c.tif") and not led.is_done("b.tif")
+    assert not led.is_done("c.tif") and not led.is_done("b.tif")  # skipped and failed: tried again by a rerun
+    assert led.status("c.tif") == "skipped"
     last = led.last_done_id()
     new_id = led.commit_movie("b.tif", 2, {}, [("s1", 1, 2)], {"s1": 3}, "rb\n", None)
     assert new_id > last  # snapshots append by id: a retried movie must come after

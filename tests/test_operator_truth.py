@@ -94,7 +94,26 @@ def test_progress_bar_shows_movies_particles_and_rate() -> None:
     bar = RunProgress(Console(file=buf, force_terminal=True, width=140))
     bar.start()
     bar.update({"counts": {"done": 3, "failed": 1, "queued": 4}, "particles": 1234,
-                "rates": {"movies_per_hour": 120.0}, "picks": {"movies_without_particles": 1}})
+                "rates": {"movies_per_hour": 120.0}, "picks": {"movies_without_particles": 1},
+                "recent": [{"movie": "raw/m1.tif", "time": 1.0, "picks": 11, "particles": 3,
+                            "skip_reasons": {"outside the 384x384 frame": 8}}]})
     bar.stop()
     text = buf.getvalue()
     assert "4/8" in text and "1234 particles" in text and "120 movies/h" in text and "1 failed" in text
+    assert "done: raw/m1.tif (11 picks: 3 particles, 8 skipped (8 outside the 384x384 frame))" in text
+
+
+def test_an_unusable_single_pick_file_stops_with_one_line(session: Path, tmp_path: Path) -> None:
+    from test_picks_refined import cryosparc_refine_export
+
+    arr = cryosparc_refine_export(3, "m.mrc", (10, 10), 1.0)
+    bad = tmp_path / "P1_J5_particles.cs"
+    with open(bad, "wb") as fh:
+        np.save(fh, arr[[n for n in arr.dtype.names if not n.startswith("location/")]], allow_pickle=False)
+    s = session / "s"
+    res = lmc("run", "--movies", str(s / "movies"), "--picks", str(bad), "--out", str(tmp_path / "out"),
+              "--apix", "1", "--dose-per-frame", "1", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    line = res.stderr.strip()
+    assert "\n" not in line and line.count(str(bad)) == 1
+    assert "location/center_x_frac" in line and "Extract From Micrographs" in line

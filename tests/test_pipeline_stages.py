@@ -34,7 +34,7 @@ def movie(session: Path) -> Path:
 
 
 def _cfg(session: Path, **extra: object) -> Config:
-    data = {"box": BOX, "device": "cpu", "gain": {"file": str(session / "gain.mrc")},
+    data = {"apix": 1.0, "dose_per_frame": 1.0, "box": BOX, "device": "cpu", "gain": {"file": str(session / "gain.mrc")},
             "picks": {"dir": str(session / "picks")}, "local": {"align_box": 96}}
     data.update(extra)
     return from_dict(data)

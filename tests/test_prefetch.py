@@ -23,7 +23,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _job(session: Path, movie: Path) -> dict:
-    cfg = from_dict({"box": 96, "device": "cpu", "gain": {"file": str(session / "gain.mrc")},
+    cfg = from_dict({"box": 96, "device": "cpu", "apix": 1.0, "dose_per_frame": 1.0, "gain": {"file": str(session / "gain.mrc")},
                      "picks": {"dir": str(session / "picks")}, "local": {"enabled": False}})
     return {"job_id": movie.name, "movie": str(movie), "picks": None, "config": dataclasses.asdict(cfg)}
 

@@ -109,3 +109,16 @@ def test_heldout_seeds_are_apart_and_only_scored_on_request() -> None:
     boxes = {recommended_box(hard_params(seed=s, **TINY)) for s in (7, 8)}
     assert len(boxes) == 2 and r["box"] == max(boxes)
     assert r["fraction_vs_lmc_ff"] == pytest.approx(0.0) and r["choices"] == ["off", "off"]
+
+
+def test_cached_sessions_are_reused_with_the_same_parameters(tmp_path: Path) -> None:
+    tiny = {**TINY, "frames": 6, "particles": 6}
+    args = argparse.Namespace(movies=1, band_low=30.0, overrides={}, cache=str(tmp_path / "cache"))
+    first = bq.run_regime("default", [9], args, sim_overrides=tiny)
+    (folder,) = (tmp_path / "cache").iterdir()
+    stamp = (folder / "session.json").stat().st_mtime_ns
+    again = bq.run_regime("default", [9], args, sim_overrides=tiny)
+    assert (folder / "session.json").stat().st_mtime_ns == stamp  # not simulated again
+    assert again["frc"] == first["frc"] and again["rmse"] == first["rmse"]
+    bq.run_regime("default", [9], args, sim_overrides={**tiny, "mass_kda": 500.0})  # other parameters: a new session
+    assert len(list((tmp_path / "cache").iterdir())) == 2

@@ -50,7 +50,7 @@ def folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def run(folders: Path) -> tuple[Session, dict]:
     cfg = config_mod.from_dict({
         "local": {"enabled": False}, "movies": str(folders / "movies"), "picks": {"dir": str(folders / "picks")},
-        "out": str(folders / "out"), "apix": 1.0, "box": 16, "plots": False, "device": "cpu", "workers": 1,
+        "out": str(folders / "out"), "apix": 1.0, "dose_per_frame": 1.0, "box": 16, "plots": False, "device": "cpu", "workers": 1,
         "settle_seconds": 0.0, "poll": 0.3, "heartbeat": 0.3,
     })
     s = Session(cfg, once=True, headless=False, worker_handler="test_session:handler")

@@ -10,7 +10,6 @@ the same folder cancels; after every session no job of it is left in squeue.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_live import check_output, ledger_state, lmc, movie_names, populate, session_args, wait_for
+from test_live import check_output, ledger_state, lmc, movie_names, populate, wait_for
+from test_live import session_args as live_args
 
 from streamer.live.keys import create_keys
 from streamer.live.slurm import job_name
@@ -32,11 +32,16 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return src
 
 
+def session_args(cmd: str, tmp: Path, src: Path, out: Path, *extra: str) -> list[str]:
+    """test_live's session flags with the simulator's exposure (lmc never assumes one)."""
+    return [*live_args(cmd, tmp, src, out, *extra), "--dose-per-frame", "1.0"]
+
+
 def slurm_args(tmp: Path, *extra: str) -> list[str]:
     keys = tmp / "keys"
     if not keys.exists():
         create_keys(keys)
-    return ["--workers", "0", "--slurm-workers", "2", "--keys", str(keys), *extra]
+    return ["--workers", "0", "--slurm-workers", "2", "--keys", str(keys), *(extra or ("--slurm-args=--gres=gpu:1",))]
 
 
 def our_jobs(cluster, out: Path) -> list[str]:
@@ -66,17 +71,23 @@ def test_run_with_two_slurm_workers_writes_every_particle_once(slurm_cluster, tm
     good = populate(tmp_path, source, movie_names(source))
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "streamer.cli", *session_args("run", tmp_path, source, out),
-                          *slurm_args(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          *slurm_args(tmp_path), "--slurm-host", "127.0.0.1"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     check_output(out, good)
     log = (out / "logs" / "lmc.log").read_text()
     assert log.count("slurm: submitted worker job") == 2
     assert "started local worker" not in log  # --workers 0: the head node only dispatches and writes
+    # a loopback address for the jobs: fine on one node, said for a real cluster
+    assert "slurm: jobs will connect to tcp://127.0.0.1:" in log and "jobs on other nodes need --slurm-host" in log
     done_by = Counter(r["worker"] for r in status(out)["recent"])
     assert sum(done_by.values()) == len(good) and all(w.startswith("slurm-") for w in done_by)
     assert sorted(movies_done_by_jobs(out).values()) == [1] * len(good)
     assert "slurm: cancelled worker jobs" in log
     assert our_jobs(slurm_cluster, out) == []
+    shown = subprocess.run([sys.executable, "-m", "streamer.cli", "status", str(out)], capture_output=True, text=True,
+                           timeout=60)
+    assert "slurm    2 worker jobs wanted; all cancelled when the session ended" in shown.stdout
 
 
 def test_a_cancelled_job_is_replaced_and_nothing_is_lost_or_doubled(slurm_cluster, tmp_path: Path, source: Path) -> None:
@@ -120,6 +131,14 @@ def test_jobs_of_a_killed_session_are_cancelled_by_the_next_one(slurm_cluster, t
     proc = lmc([*session_args("watch", tmp_path, source, out, "--headless"), *slurm_args(tmp_path)], cwd=tmp_path)
     try:
         wait_for(lambda: len(ledger_state(out)[0]) == len(good), 60, proc)
+
+        def shown() -> list[dict]:
+            jobs = (status(out).get("slurm") or {}).get("jobs") or []
+            return jobs if all(j.get("worker") and j.get("gpus") for j in jobs) and len(jobs) == 2 else []
+
+        wait_for(lambda: bool(shown()), 30, proc)
+        assert sorted(j["gpus"] for j in shown()) == ["0", "1"]  # each job's GPU, as Slurm allocated it
+        assert {j["state"] for j in shown()} == {"running"} and {j["node"] for j in shown()} == {slurm_cluster.node}
         left = our_jobs(slurm_cluster, out)
         assert len(left) == 2
     finally:
@@ -137,6 +156,29 @@ def test_jobs_of_a_killed_session_are_cancelled_by_the_next_one(slurm_cluster, t
     assert our_jobs(slurm_cluster, out) == []
 
 
+def test_slurm_workers_alongside_a_local_worker(slurm_cluster, tmp_path: Path, source: Path) -> None:
+    (tmp_path / "movies").mkdir()
+    (tmp_path / "picks").mkdir()
+    out = tmp_path / "out"
+    proc = lmc([*session_args("watch", tmp_path, source, out, "--headless"), "--workers", "1", "--slurm-workers", "1"],
+               cwd=tmp_path)
+    try:
+        wait_for(lambda: len(status(out).get("workers") or []) == 2, 60, proc)  # the local one and the job's
+        good = populate(tmp_path, source, movie_names(source), copies=2)
+        wait_for(lambda: len(ledger_state(out)[0]) == len(good), 90, proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    check_output(out, good)
+    by = Counter(r["worker"] for r in status(out)["recent"])
+    assert by["cpu0"] >= 1 and sum(n for w, n in by.items() if w.startswith("slurm-")) >= 1, by
+    assert our_jobs(slurm_cluster, out) == []
+
+
 def test_a_bad_partition_stops_the_session_with_one_line(slurm_cluster, tmp_path: Path, source: Path) -> None:
     populate(tmp_path, source, movie_names(source)[:1])
     out = tmp_path / "out"
@@ -150,10 +192,15 @@ def test_a_bad_partition_stops_the_session_with_one_line(slurm_cluster, tmp_path
     assert our_jobs(slurm_cluster, out) == []
 
 
-def test_slurm_workers_need_keys(tmp_path: Path, source: Path) -> None:
-    populate(tmp_path, source, movie_names(source)[:1])
-    res = subprocess.run([sys.executable, "-m", "streamer.cli", *session_args("run", tmp_path, source, tmp_path / "out"),
+def test_jobs_use_the_output_folders_own_keys_by_default(slurm_cluster, tmp_path: Path, source: Path) -> None:
+    good = populate(tmp_path, source, movie_names(source)[:2])
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "streamer.cli", *session_args("run", tmp_path, source, out),
                           "--workers", "0", "--slurm-workers", "1"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "PATH": os.environ.get("PATH", "")})
-    assert res.returncode == 2
-    assert "slurm.workers: Slurm jobs join over the network, which needs CURVE keys" in res.stderr
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    check_output(out, good)
+    script = (out / "logs" / "slurm-job.sh").read_text()
+    assert f"--keys {out / 'keys'} --name \"slurm-${{SLURM_JOB_ID}}\"" in script
+    assert oct((out / "keys").stat().st_mode & 0o777) == "0o700"
+    assert our_jobs(slurm_cluster, out) == []

@@ -47,3 +47,9 @@ def test_lmc_status_lists_each_slurm_job() -> None:
 def test_an_alert_about_failing_jobs_is_shown() -> None:
     snap = {**SNAP, "slurm": {**SNAP["slurm"], "alert": "slurm: 3 worker jobs in a row ended within 60 s"}}
     assert "! slurm: 3 worker jobs in a row" in render_status(snap, now=1001.0)
+
+
+def test_lmc_status_after_the_session_says_the_jobs_were_cancelled() -> None:
+    snap = {**SNAP, "phase": "finished", "slurm": {"wanted": 2, "ended": 1, "alert": "", "jobs": []}}
+    assert "slurm    2 worker jobs wanted; all cancelled when the session ended (1 ended and were replaced" in \
+        render_status(snap, now=1001.0)

@@ -266,7 +266,7 @@ BAD_TEXT = ["new\nline", "tab\there", "quo\"te", "it's", "two  spaces", " lead",
 
 
 def test_star_text_values_round_trip_through_starfile_and_relion_or_are_refused(tmp_path: Path) -> None:
-    cfg = Config(box=16)
+    cfg = Config(box=16, apix=1.0, dose_per_frame=1.0)
     cols = ColumnSet((("rlnGroupName", "s"),)).star_columns()
     mic = "/data/session 1/FoilHole 7.tif"
     n = len(GOOD_TEXT)
@@ -293,3 +293,22 @@ def test_star_text_values_round_trip_through_starfile_and_relion_or_are_refused(
         ColumnSet((("rln bad", "f"),))
     with pytest.raises(ColumnError, match="written by lmc itself"):
         ColumnSet((("rlnImageName", "s"),))
+
+
+def test_a_worker_writes_no_files_whatever_folder_the_job_names(tmp_path: Path) -> None:
+    """A job naming an output folder (here one outside any session) makes the worker write nothing
+    there: the plot comes back as PNG bytes for the session's writer."""
+    from streamer.live.handler import PipelineHandler
+    from streamer.sim.simulate import SimParams, simulate_session
+
+    scope = tmp_path / "scope"
+    simulate_session(scope, SimParams(movies=1, frames=8, shape=(256, 256), particles=4, seed=2))
+    (movie,) = sorted((scope / "movies").iterdir())
+    elsewhere = tmp_path / "not-a-session"
+    cfg = Config(box=64, device="cpu", apix=1.0, dose_per_frame=1.0, out=str(elsewhere), plots=True).with_(
+        gain=dataclasses.replace(Config().gain, file=str(scope / "gain.mrc")))
+    job = {"job_id": "x", "movie": str(movie), "picks": str(scope / "picks"), "config": cfg.to_dict()}
+    before = set(tmp_path.rglob("*"))
+    result = PipelineHandler()(job)
+    assert result.n > 0 and result.plot_png is not None and result.plot_png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert not elsewhere.exists() and set(tmp_path.rglob("*")) == before

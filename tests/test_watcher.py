@@ -101,19 +101,23 @@ def test_growing_file_restarts_the_settle_clock(tmp_path: Path) -> None:
     assert state(w, m) == "queued" and w.ready()[0].picks is None
 
 
-def test_incomplete_movie_is_reported_once_after_the_timeout_and_resumes_if_completed(tmp_path: Path) -> None:
+def test_truncated_movie_waits_for_the_timeout_corrupt_one_fails_at_once_both_resume_if_changed(tmp_path: Path) -> None:
     w = make(tmp_path, with_picks=False, incomplete_timeout=10.0)
     m = write_movie(tmp_path / "raw" / "trunc.tiff", partial=True)
     junk = tmp_path / "raw" / "junk.tiff"
     junk.write_bytes(os.urandom(3000))
     notices = w.tick(0.0) + w.tick(3.0)
-    assert state(w, m) == "incomplete" and state(w, junk) == "incomplete" and not notices
+    assert state(w, m) == "incomplete" and state(w, junk) == "incomplete"
+    # the junk's size settled and its structure is invalid: reported at once, with the reader's reason
+    (bad,) = notices
+    assert bad.path == str(junk) and "TIFF structure not readable" in bad.message and "corrupt" in bad.message
     assert w.entries[str(m)].reason.startswith(str(m))
     notices = w.tick(9.0)
-    assert not notices
+    assert not notices  # the truncated one may still be completed: waited for up to the timeout
     notices = w.tick(11.0)
-    assert sorted(n.path for n in notices if n.kind == "incomplete") == sorted([str(m), str(junk)])
-    assert all("not processed" in n.message and n.message.startswith(n.path) for n in notices)
+    assert [n.path for n in notices if n.kind == "incomplete"] == [str(m)]
+    assert "truncated" in notices[0].message and "still incomplete after 11 s" in notices[0].message
+    assert all("not processed" in n.message and n.message.startswith(n.path) for n in [*notices, bad])
     assert not [n for n in w.tick(20.0) if n.kind == "incomplete"]  # once
     assert not w.ready()
     write_movie(m)  # the transfer finished after all

@@ -5,6 +5,10 @@ system), named ``.<name>.<random>.tmp`` so that folder watchers and pick-file sc
 ``.tmp``). It is flushed and fsync'ed before ``os.replace``, and the folder is fsync'ed afterwards so the
 rename itself survives a power cut. On any error the temp file is removed and ``path`` is left as it was.
 
+Temp names never exceed the folder's NAME_MAX (255 bytes on common file systems): for a long ``path``
+name the copied part is shortened (``side_name`` does the same for the files themselves, so a movie
+name of any legal length gives legal output names).
+
 The temp file is created with mode ``0o666`` less the umask, like ``open(path, "w")`` (``tempfile.mkstemp``
 would give 0600 and make outputs unreadable to the rest of a facility's group). The folder must exist.
 """
@@ -36,10 +40,38 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def name_max(folder: str | os.PathLike[str]) -> int:
+    """The longest file name (bytes) ``folder``'s file system takes (255 when it does not say)."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def _fit(name: str, room: int) -> str:
+    """``name`` cut to at most ``room`` UTF-8 bytes (whole characters)."""
+    raw = name.encode()
+    return name if len(raw) <= room else raw[:room].decode(errors="ignore")
+
+
+def side_name(folder: str | os.PathLike[str], stem: str, suffix: str) -> str:
+    """``stem + suffix`` as a file name in ``folder``: unchanged when it fits NAME_MAX less room for
+    a temp name's 14 extra bytes, else the stem shortened and made unique with 8 hex digits of its hash."""
+    import hashlib
+
+    limit = name_max(folder) - 14
+    name = stem + suffix
+    if len(name.encode()) <= limit:
+        return name
+    tag = "~" + hashlib.blake2b(stem.encode(), digest_size=4).hexdigest()
+    return _fit(stem, limit - len(tag.encode()) - len(suffix.encode())) + tag + suffix
+
+
 def _create_temp(path: Path) -> tuple[Path, int]:
     """A new, empty temp file next to ``path``: (its path, an open write descriptor)."""
+    room = name_max(path.parent) - len(".") - len(".01234567.tmp")
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = path.with_name(f".{_fit(path.name, room)}.{secrets.token_hex(4)}.tmp")
         try:
             return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:  # another writer drew the same name: draw again

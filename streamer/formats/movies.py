@@ -53,6 +53,7 @@ class Movie:
     n_raw_frames: int = 0
     leftover_raw_frames: int = 0
     warnings: list[str] = field(default_factory=list)
+    apix: float | None = None  # pixel size the file records (MRC header: cella.x / mx), Å/px; None: not recorded
 
 
 def is_movie(path: str | os.PathLike) -> bool:
@@ -88,6 +89,7 @@ class _MrcLayout:
     dtype: np.dtype  # as stored (byte order included)
     data_offset: int
     warnings: tuple[str, ...]
+    apix: float | None = None
 
     @property
     def frame_bytes(self) -> int:
@@ -125,7 +127,27 @@ def _mrc_layout(raw: bytes, path: str) -> _MrcLayout:
         stamp, flags = struct.unpack(order + "ii", extra2[40:48])  # IMOD stamp / flags at bytes 152 / 156
         if stamp == _IMOD_STAMP and not flags & _IMOD_SIGNED_BYTES:
             dtype = np.dtype(np.uint8)
-    return _MrcLayout(nz, ny, nx, dtype, dt.itemsize + ext, tuple(notes))
+    return _MrcLayout(nz, ny, nx, dtype, dt.itemsize + ext, tuple(notes), _header_apix(header))
+
+
+def _header_apix(header: np.void) -> float | None:
+    """The pixel size an MRC header records: cell length / sampling along x (MRC2014's voxel size);
+    None when unset (0) or not a finite positive number."""
+    mx = int(header["mx"])
+    cell = float(header["cella"]["x"])
+    if mx <= 0 or not np.isfinite(cell) or cell <= 0:
+        return None
+    return cell / mx
+
+
+def movie_pixel_size(path: str | os.PathLike) -> float | None:
+    """The pixel size (Å/px) a movie's header records, reading the header only: MRC and .mrc.bz2
+    (cella.x / mx); None for formats that record none lmc can trust (TIFF, EER) or an unset header."""
+    path = str(path)
+    kind = _kind(path)
+    if kind not in ("mrc", "mrc.bz2"):
+        return None
+    return _mrc_layout(_read_head(path, kind == "mrc.bz2"), path).apix
 
 
 def _read_head(path: str, compressed: bool, n: int = 1024) -> bytes:
@@ -157,7 +179,7 @@ def _read_mrc(path: str) -> Movie:
         raise MovieError(path, _truncation(layout, size - layout.data_offset))
     frames = np.fromfile(path, layout.dtype, layout.nz * layout.ny * layout.nx, offset=layout.data_offset)
     frames = _native(frames.reshape(layout.nz, layout.ny, layout.nx))
-    return Movie(path, frames, "mrc", 1, layout.nz, 0, list(layout.warnings))
+    return Movie(path, frames, "mrc", 1, layout.nz, 0, list(layout.warnings), layout.apix)
 
 
 def _read_mrc_bz2(path: str) -> Movie:
@@ -180,7 +202,7 @@ def _read_mrc_bz2(path: str) -> Movie:
     if got < layout.data_bytes:
         raise MovieError(path, _truncation(layout, got))
     frames = np.frombuffer(buf, layout.dtype).reshape(layout.nz, layout.ny, layout.nx)
-    return Movie(path, _native(frames), "mrc.bz2", 1, layout.nz, 0, list(layout.warnings))
+    return Movie(path, _native(frames), "mrc.bz2", 1, layout.nz, 0, list(layout.warnings), layout.apix)
 
 
 def _bz2_whole(path: str) -> tuple[bool, str]:
@@ -281,7 +303,7 @@ def _tiff_whole(path: str) -> tuple[bool, str]:
             pages = [tf.pages[i] for i in range(len(tf.pages))]
             problem = tiff_problem(tf, pages)
     except Exception as exc:
-        return False, f"TIFF structure not readable yet ({exc})"
+        return False, f"TIFF structure not readable ({exc})"
     return (not problem), problem
 
 
@@ -338,6 +360,16 @@ def movie_header(path: str | os.PathLike) -> tuple[int, int, int]:
             h, w = tf.pages.first.shape[-2:]
             return n, int(h), int(w)
     return eer_header(path)
+
+
+# reasons from ``movie_is_whole`` that mean "shorter than it says it is" (a transfer that may resume),
+# as opposed to a header or structure that is invalid whatever comes next
+_SHORT = ("truncated", "MRC header incomplete", "bzip2 end-of-stream marker not reached", "no such file")
+
+
+def is_truncation(reason: str) -> bool:
+    """True when a ``movie_is_whole`` reason says the file is short (it may still be completed)."""
+    return reason.startswith(_SHORT)
 
 
 def movie_is_whole(path: str | os.PathLike) -> tuple[bool, str]:

@@ -2,9 +2,10 @@
 
 Formats (``picks.format``; ``auto`` goes by extension):
 
-* ``star`` (``.star``): RELION coordinate STAR, the first data block holding a loop with
-  ``rlnCoordinateX``/``rlnCoordinateY`` (particle centres). With ``rlnMicrographName`` the file may
-  hold many micrographs (a RELION particles STAR). CTF columns are carried (``CARRIED_COLUMNS``).
+* ``star`` (``.star``): RELION coordinate or particle STAR (3.0 to 5), the first data block holding a
+  loop with ``rlnCoordinateX``/``rlnCoordinateY`` (particle centres). With ``rlnMicrographName`` the
+  file may hold many micrographs (a particles STAR); a ``data_optics`` block (3.1+) is read per
+  particle through ``rlnOpticsGroup``.
 * ``box`` (``.box``): EMAN box, whitespace-separated ``x y w h`` per line where ``(x, y)`` is the
   box's lower-left corner; centre = ``(x + w/2, y + h/2)``. Coordinates are taken as image
   column/row exactly as written, with no y flip (EMAN, RELION and crYOLO write .box in the
@@ -16,18 +17,29 @@ Formats (``picks.format``; ``auto`` goes by extension):
   ``image_name`` optional (then the file is one micrograph); may hold many micrographs.
 * ``cs`` (``.cs``): cryoSPARC particles (NumPy structured array; compressed CSDAT files need
   cryosparc-tools). Centre = ``(center_x_frac * micrograph_shape[1], center_y_frac *
-  micrograph_shape[0])`` from the ``location/*`` fields; ``ctf/df1_A``, ``ctf/df2_A``,
-  ``ctf/df_angle_rad`` (-> degrees), ``ctf/phase_shift_rad`` (-> degrees) become rlnDefocusU/V/Angle
-  and rlnPhaseShift. Without ``location/micrograph_shape`` the fractions are applied to the movie
-  frame and ``picks.scale`` is not applied (fractions need no scale).
+  micrograph_shape[0])`` from the ``location/*`` fields. Without ``location/micrograph_shape`` the
+  fractions are applied to the movie frame and no scale is applied (fractions need none).
+
+Refined inputs (``read_picks``): picks are moved to their refined centre, ``centre = coordinate -
+origin(Å) / pixel size`` — RELION's sign convention, what its re-extraction with ``--recenter`` does
+(src/preprocessing.cpp: ``xcoord -= xoff`` with ``xoff = rlnOriginXAngst / angpix``) — from
+``rlnOriginXAngst/YAngst``, RELION 3.0's ``rlnOriginX/Y`` (pixels of the particle images) or
+cryoSPARC's ``alignments3D/shift`` (else ``alignments2D/shift``) times ``alignments*/psize_A``
+(cryoSPARC's shift has RELION's origin sign: converters such as pyem's csparc2star map it to
+rlnOriginX/Y unchanged). Coordinates are scaled to movie pixels by the pixel size the file states
+(``rlnMicrographPixelSize`` in the optics group, ``location/micrograph_psize_A``), else by
+``picks.scale``. Every per-particle column is carried (``_carried``; RELION labels, cryoSPARC-only
+fields as ``cs:<field>`` / ``cs:<field>#k``), except what lmc rewrites (``_REPLACED``, origins reset
+to 0, RELION 3.0 per-particle optics); the input image name becomes ``rlnImageOriginalName``.
 
 Matching: a pick file (or a micrograph named inside a multi-micrograph file) belongs to the movie
 with the same *stem*: see ``movie_stem`` and ``pick_stem``. ``PickIndex.lookup`` normalises the
 movie's stem with the same rules as picks, so both sides meet on one key.
 
-All coordinates are multiplied by ``picks.scale`` and then validated against the movie frame:
-NaN -> "NaN coordinate", x < 0 or y < 0 -> "negative coordinate", x >= w or y >= h ->
-"outside the {w}x{h} frame". Malformed files raise ``PicksError`` whose message starts with the path.
+Coordinates are then validated against the movie frame: NaN -> "NaN coordinate", x < 0 or y < 0
+-> "negative coordinate", x >= w or y >= h -> "outside the {w}x{h} frame", within 0.5 px of an
+earlier pick -> "duplicate of an earlier pick". Malformed files raise ``PicksError`` whose message
+starts with the path.
 """
 
 from __future__ import annotations
@@ -466,6 +478,7 @@ def read_picks(
     h, w = int(frame_shape[0]), int(frame_shape[1])
     problems: list[str] = []
     notes: list[str] = []
+    _check_movie_apix(path, table, apix)
     scale = _scale(path, table, cfg, apix, notes)
     x, y = table.x, table.y
     if table.shapes is not None and table.shapes.size:
@@ -493,6 +506,16 @@ def read_picks(
     picks.problems = problems
     picks.notes = notes
     return picks
+
+
+def _check_movie_apix(path: str, table: _Table, apix: float | None) -> None:
+    """PicksError when the file's optics group records another movie pixel size than the movie's."""
+    if apix is None or table.movie_apix is None or not table.movie_apix.size:
+        return
+    recorded = float(table.movie_apix[0])
+    if abs(recorded - apix) > PIXEL_TOLERANCE * max(recorded, apix):
+        raise PicksError(f"{path}: rlnMicrographOriginalPixelSize = {recorded:g} Å/px but the movie's pixel size is "
+                         f"{apix:g} Å/px; these picks belong to other movies, or --apix is wrong")
 
 
 def _scale(path: str, table: _Table, cfg: PicksConfig, apix: float | None, notes: list[str]) -> np.ndarray:

@@ -114,7 +114,8 @@ def _fmt(v: Any) -> str:
 def motion_star_path(out: str | os.PathLike[str], movie: str) -> Path:
     from streamer.formats.picks import movie_stem
 
-    return Path(out) / MOTION_DIR / f"{movie_stem(movie)}.star"
+    folder = Path(out) / MOTION_DIR
+    return folder / atomic.side_name(folder if folder.exists() else out, movie_stem(movie), ".star")
 
 
 def write_motion_star(cfg: Config, result: MovieResult, out: str | os.PathLike[str]) -> Path:

@@ -9,6 +9,9 @@ Layout (STAR, three blocks; every shift is in Å; lmc labels, so RELION tools do
     ``_rlnMicrographOriginalPixelSize``     movie pixel size (Å/px)
     ``_rlnMicrographDoseRate``              exposure per frame (e/Å²), when known
     ``_rlnMicrographPreExposure``           exposure before the first frame (e/Å²), when known
+    ``_lmcPixelSizeSource``                 where the pixel size came from (--apix, an MRC header, a
+                                            pick file's optics group: streamer/physical.py)
+    ``_lmcDosePerFrameSource``              where the exposure per frame came from
     ``_lmc<Stat>``                          every numeric entry of ``MovieResult.stats``, the key in
                                             CamelCase: motion_total_A -> lmcMotionTotalA,
                                             quality_gain -> lmcQualityGain (booleans as 0/1;
@@ -87,6 +90,10 @@ def general_block(
         general["rlnMicrographDoseRate"] = float(dose)
     if pre is not None:
         general["rlnMicrographPreExposure"] = float(pre)
+    if result.stats.get("apix_source"):
+        general["lmcPixelSizeSource"] = str(result.stats["apix_source"])
+    if dose is not None:
+        general["lmcDosePerFrameSource"] = "--dose-per-frame / config.yaml"
     for key, value in result.stats.items():
         if key in ("dose_per_frame", "pre_exposure"):
             continue

@@ -9,8 +9,10 @@ frames, and a message no larger than that content needs (``protocol.result_limit
 
 from __future__ import annotations
 
+import os
+
 from streamer.config import Config
-from streamer.errors import InputError
+from streamer.errors import ConfigError, InputError
 from streamer.formats.columns import ColumnSet, text_problem
 from streamer.live.protocol import ResultSpec, result_limit
 
@@ -30,16 +32,40 @@ def picks_columns(picks: object) -> tuple[int, dict[str, str]]:
     return pick_summary(picks)  # type: ignore[arg-type]
 
 
+def total_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(cfg: Config, movie: str, frames: int, h: int, w: int) -> None:
+    """ConfigError when the configuration cannot work for this movie at all: a box (or alignment box)
+    larger than the frame, or a movie whose float32 frames alone exceed this machine's memory (MRC
+    only: an EER header counts raw frames, which are summed into far fewer fractions)."""
+    for name, size in (("box", cfg.box), ("local.align_box", cfg.local.align_box)):
+        if size > min(h, w):
+            raise ConfigError(f"config: {name} = {size} px does not fit {movie} ({w} x {h} px); "
+                              f"choose a {name} below {min(h, w)} (`lmc boxsize` suggests one)")
+    memory = total_memory()
+    need = frames * h * w * 4
+    if memory and movie.endswith((".mrc", ".mrcs", ".mrc.bz2")) and need > memory:
+        raise ConfigError(f"config: {movie} needs {need / 2**30:.1f} GiB as float32 frames, more than this "
+                          f"machine's {memory / 2**30:.1f} GiB of memory")
+
+
 def job_spec(cfg: Config, movie: str, picks: object, columns: ColumnSet) -> ResultSpec:
     """The ResultSpec for ``movie`` whose picks are the PickSource ``picks`` (JobRefused, PicksError or
-    MovieError say why it cannot run)."""
+    MovieError say why this movie cannot run; ConfigError that the configuration cannot work)."""
     from streamer.formats.movies import movie_header
 
     problem = text_problem(movie)
     if problem:
         raise JobRefused(f"{movie!r}: this movie name cannot be written to particles.star: {problem}; rename the file")
     n_picks, available = picks_columns(picks)
-    frames = int(movie_header(movie)[0])
+    frames, h, w = (int(v) for v in movie_header(movie))
+    check_fits(cfg, movie, frames, h, w)
     largest = n_picks * max(4 * cfg.out_box**2, 2 * 8 * frames)
     if largest > MAX_FRAME_BYTES:
         raise JobRefused(f"{getattr(picks, 'path', picks)}: {n_picks} picks for {movie} would need a "

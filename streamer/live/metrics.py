@@ -63,6 +63,7 @@ class Metrics:
             "particles": n,
             "picks": stats.get("n_picks"),
             "skipped": stats.get("n_skipped"),
+            "skip_reasons": stats.get("skip_reasons") or {},
             "motion_total_A": stats.get("motion_total_A"),
             "motion_early_A": stats.get("motion_early_A"),
             "local_mean_A": stats.get("local_mean_A"),

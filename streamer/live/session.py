@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from streamer.config import Config
-from streamer.errors import ConfigError, UserError, one_line
+from streamer.errors import ConfigError, OutputError, UserError, one_line
 from streamer.formats.columns import ColumnSet
 from streamer.formats.picks import pick_summary
+from streamer.live.diskguard import DiskGuard
 from streamer.live.dispatcher import Dispatcher, Event, Job, is_loopback
 from streamer.live.jobspec import MAX_FRAME_BYTES, job_spec
 from streamer.live.keys import session_keys
@@ -47,11 +48,13 @@ from streamer.live.metrics import Metrics, StatusPublisher
 from streamer.live.protocol import ResultSpec
 from streamer.live.signals import SignalHandlers, StopFlags
 from streamer.live.slurm import SlurmPool, dispatcher_bind, job_endpoint, worker_command, worker_name
-from streamer.live.watcher import Notice, Watcher, split_pattern
+from streamer.live.watcher import Notice, Watcher, match_parts, split_pattern
 from streamer.live.writer import Writer
 from streamer.output.accounting import folder_account, movie_line, no_particle_warning
 from streamer.output.ledger import Ledger
 from streamer.output.status import clean
+from streamer.physical import describe as describe_physical
+from streamer.physical import resolve_session
 
 log = logging.getLogger("lmc.session")
 
@@ -83,6 +86,37 @@ def remote_join_command(endpoint: str, keys: str | None) -> list[str] | None:
     return cmd
 
 
+def first_movie(spec: str) -> str | None:
+    """The first movie (sorted) that ``spec`` (a folder, file or glob) matches now, or None."""
+    from streamer.formats.movies import is_movie
+
+    root, pattern = split_pattern(spec)
+    if root.is_file():
+        return str(root)
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            rel = Path(path).relative_to(root).parts
+            if (match_parts(rel, pattern) if pattern is not None else True) and is_movie(path):
+                return path
+    return None
+
+
+def check_writable(out: Path) -> None:
+    """OutputError (one line naming the folder) unless ``out`` can be created and written: a read-only
+    or full file system, or a folder without permission, stops the session before anything starts."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".lmc-write-test-{os.getpid()}"
+        probe.write_bytes(b"lmc")
+        probe.unlink()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise OutputError(f"{out}: cannot write to the output folder ({why}); choose a writable --out "
+                          "(nothing was written)") from None
+
+
 def check_inputs(cfg: Config) -> None:
     """Stop before anything is written when a file every movie needs is missing (rather than fail
     movie after movie)."""
@@ -90,6 +124,12 @@ def check_inputs(cfg: Config) -> None:
         raise ConfigError("config: movies and out are required")
     if not cfg.picks.dir:
         raise ConfigError("config: picks.dir is required (--picks DIR: the pick files, matched to movies by name)")
+    if os.path.isfile(cfg.picks.dir):  # one pick file for every movie: unusable means nothing can run
+        from streamer.formats.picks import PickIndex
+
+        unusable = PickIndex(cfg.picks.dir, format=cfg.picks.format).unusable
+        if unusable:
+            raise ConfigError(next(iter(unusable.values())))
     for key, path in (("gain.file", cfg.gain.file), ("gain.defects", cfg.gain.defects)):
         if path and not os.path.isfile(path):
             raise ConfigError(f"{path}: {key} not found (or not a file)")
@@ -138,6 +178,8 @@ class Session:
         self.metrics = Metrics()
         self.totals: dict[str, int] = {}  # the output folder's, as the writer last reported them
         self.columns: ColumnSet | None = None  # the folder's columns (fixed by this session from a pick file)
+        self._picks_used: dict[str, tuple] | None = None  # done movies' pick files, checked once at start
+        self.disk = DiskGuard(self.out, cfg.min_free_gb)
         self.publisher = StatusPublisher(on_state)
         self._signals = SignalHandlers(self.stop)
         self._log = SessionLog()
@@ -146,12 +188,20 @@ class Session:
     def _start(self) -> None:
         if self.once and not split_pattern(self.cfg.movies or ".")[0].exists():
             raise ConfigError(f"{self.cfg.movies}: no such file or folder")
-        self.out.mkdir(parents=True, exist_ok=True)
+        # the pixel size and exposure, settled before the output folder's fingerprint is checked
+        self.cfg = resolve_session(self.cfg, first_movie(self.cfg.movies or "."))
+        check_writable(self.out)
+        # logging first: what opening the folder repairs after a crash (a stack cut back) is logged
+        self._log.attach(self.out, to_stderr=self.headless)
+        for line in describe_physical(self.cfg):
+            log.info("%s", line)
         self.writer = Writer(self.out, self.cfg, self.new)
         self.writer.start()
         asked, self.out = self.out, self.writer.out
-        self._log.attach(self.out, to_stderr=self.headless)
         if self.out != asked:
+            self._log.detach()
+            self._log.attach(self.out, to_stderr=self.headless)
+            self.disk.out = self.out
             msg = f"{asked} holds other processing parameters; writing to {self.out} instead (--new)"
             log.warning("%s", msg)
             self.metrics.warn(msg)
@@ -165,8 +215,13 @@ class Session:
         self._start_dispatcher(cfg)
         if cfg.slurm.workers:
             assert self.endpoint is not None
-            self.slurm = SlurmPool(cfg.slurm, self.out, worker_command(
-                job_endpoint(self.endpoint, cfg.slurm.host), cfg.keys, cfg.heartbeat, cfg.liveness))
+            connect = job_endpoint(self.endpoint, cfg.slurm.host)
+            if is_loopback(connect) or connect.startswith("tcp://localhost"):
+                msg = (f"slurm: jobs will connect to {connect}, which only this machine can reach; jobs on other "
+                       "nodes need --slurm-host (this machine's name or address on the cluster network)")
+                log.warning("%s", msg)
+                self.metrics.warn(msg)
+            self.slurm = SlurmPool(cfg.slurm, self.out, worker_command(connect, cfg.keys, cfg.heartbeat, cfg.liveness))
             self.slurm.start()
         # with Slurm workers, workers = 0 means none here (the head node only dispatches and writes)
         plan = [] if cfg.slurm.workers and not cfg.workers else plan_workers(cfg)
@@ -180,15 +235,13 @@ class Session:
             done=self.writer.done_movies,
         )
         self.writer.done_movies = set()  # the watcher holds its own record; one copy per movie is enough
+        self._picks_used, self.writer.picks_used = self.writer.picks_used, {}
         self.watcher.start()
         self.phase = "running"
 
     def _start_dispatcher(self, cfg: Config) -> None:
         bind = cfg.bind
-        if cfg.slurm.workers:  # jobs on other nodes must reach the dispatcher
-            if not cfg.keys:
-                raise ConfigError("slurm.workers: Slurm jobs join over the network, which needs CURVE keys on storage "
-                                  "the nodes share (`lmc keys /shared/lmc-keys`, then --keys /shared/lmc-keys)")
+        if cfg.slurm.workers:  # jobs on other nodes must reach the dispatcher (CURVE keys: always, see _start)
             bind = dispatcher_bind(cfg.bind)
         self.dispatcher = Dispatcher(
             bind, config=cfg.to_dict(), keys=cfg.keys, max_frame_bytes=MAX_FRAME_BYTES, heartbeat=cfg.heartbeat,
@@ -229,11 +282,13 @@ class Session:
         if not stop.drain:
             for notice in self.watcher.tick():
                 self._notice(notice)
+            if self._picks_used is not None and self.watcher.index is not None:
+                self._picks_changed_while_down()
         if stop.drain:
             self.phase = "draining"
             for job in self.dispatcher.cancel_unstarted():
                 self._unsubmit(job)
-        elif not paused:
+        elif not paused and not self._disk_paused():
             self._dispatch()
         for event in self.dispatcher.poll(0.05):
             self._event(event)
@@ -275,7 +330,8 @@ class Session:
             spec = self._spec(e)
             if spec is None:
                 continue
-            job = self.dispatcher.submit(e.path, picks, meta={"ready_at": e.ready_at or time.monotonic()}, spec=spec)
+            job = self.dispatcher.submit(e.path, picks, meta={"ready_at": e.ready_at or time.monotonic(),
+                                                              "picks_source": e.picks}, spec=spec)
             self.inflight[e.path] = job
             self.submitted += 1
 
@@ -288,6 +344,10 @@ class Session:
                 self.columns = ColumnSet.of(pick_summary(e.picks)[1])
                 self.writer.put("declare", self.columns)
             return job_spec(self.cfg, e.path, e.picks, self.columns)
+        except ConfigError as exc:  # the configuration cannot work for any movie (box larger than the frame)
+            self.stop.request_abort(str(exc))
+            log.error("%s", exc)
+            return None
         except (UserError, OSError) as exc:  # unreadable picks/movie, an unwritable name, a too-large job
             self._fail(e.path, one_line(exc))
             return None
@@ -312,8 +372,39 @@ class Session:
         elif ev.kind in ("failed", "poison") and job is not None:
             self.inflight.pop(job.movie, None)
             self._fail(job.movie, ev.reason)
+        elif ev.kind == "joined" and self.slurm is not None and ev.worker.startswith("slurm-"):
+            self.slurm.joined(ev.worker.removeprefix("slurm-"))
         elif ev.kind == "lost":
             self.metrics.warn(f"worker {ev.worker} lost: {ev.reason}")
+
+    def _disk_paused(self) -> bool:
+        """Dispatch waits while the output disk is below ``min_free_gb`` (``diskguard``)."""
+        msg = self.disk.check()
+        if msg is not None:
+            self.metrics.warn(msg)
+        return self.disk.paused
+
+    def _picks_changed_while_down(self) -> None:
+        """Once, when the pick files are first indexed: a done movie whose pick file is not the one
+        it was processed with (path, size or mtime differ: edited, replaced, re-picked while lmc was
+        not running) is reported, and redone with ``reprocess_changed_picks``."""
+        assert self.watcher is not None and self.watcher.index is not None and self._picks_used is not None
+        used, self._picks_used = self._picks_used, None
+        changed = 0
+        for movie, (path, _fmt, mtime, size, _mic) in used.items():
+            src = self.watcher.index.lookup(movie)
+            if src is None or (src.path, src.mtime, src.size) == (path, mtime, size):
+                continue
+            changed += 1
+            what = f"{movie}: pick file {src.path} changed since the movie was processed (while lmc was not running)"
+            if self.cfg.reprocess_changed_picks:
+                self.watcher.revive(movie)
+                self._notice(Notice("picks_changed", movie, f"{what}; reprocessing"))
+            else:
+                self._notice(Notice("picks_changed", movie, f"{what} (not reprocessed; set reprocess_changed_picks "
+                                                             "to redo it)"))
+        if changed:
+            log.info("%d done movie(s) have pick files that changed while lmc was not running", changed)
 
     def _fail(self, movie: str, reason: str) -> None:
         assert self.writer is not None and self.watcher is not None
@@ -430,7 +521,8 @@ class Session:
         busy_fraction, last_seen_s}], ``recent`` [{movie, particles, motion_total_A, motion_early_A,
         local_mean_A, quality_gain, seconds, latency_s, worker, time}] (newest last), ``waiting``
         [{movie, state, seconds, reason}], ``warnings`` [str], ``errors`` [{movie, reason, time}],
-        ``paused``, ``quit_requested``, ``dropped_messages``, ``slurm`` ({} without Slurm workers, else
+        ``paused``, ``quit_requested``, ``disk`` {free_gb, min_free_gb, paused} (dispatch waits for
+        space), ``dropped_messages``, ``refused_connections`` (handshakes refused: no or a wrong key), ``slurm`` ({} without Slurm workers, else
         {wanted, ended, alert, jobs [{job_id, state, reason, node, gpus, worker, movie, done, waited_s,
         running_s}]}).
         """
@@ -470,7 +562,9 @@ class Session:
             "errors": list(m.errors),
             "paused": bool(getattr(self.controls, "paused", False)) if self.controls is not None else False,
             "quit_requested": self.stop.drain,
+            "disk": self.disk.as_dict(),
             "dropped_messages": self.dispatcher.dropped if self.dispatcher else 0,
+            "refused_connections": sum(self.dispatcher.refused.values()) if self.dispatcher else 0,
             "slurm": self._slurm_snapshot(now),
         })
 

@@ -18,11 +18,17 @@ Life of a job, as :meth:`SlurmPool.tick` sees it (every ``POLL_S`` seconds, ``sq
 PENDING (shown with Slurm's reason; counts towards the N wanted, it is not lost work) ->
 RUNNING (node and GPUs read once from ``scontrol show job -d``) -> an end state (COMPLETED,
 FAILED, TIMEOUT, PREEMPTED, CANCELLED, NODE_FAIL, OUT_OF_MEMORY, ... or gone from ``squeue``).
-An ended job is replaced after a back-off that doubles with each job in a row that ended within
-``QUICK_S`` seconds of being submitted (``BACKOFF_S`` up to ``MAX_BACKOFF_S``); after
-``ALERT_AFTER`` such jobs in a row the session gets one clear error naming the state, the exit
-code and the job's log. ``sbatch`` refusing the very first job (a bad partition, account or
-gres) stops the session at start with sbatch's own words.
+A running job that Slurm puts back in the queue (preemption with requeue, ``scontrol requeue``)
+stays one of the N, pending again; its worker is gone, so it is reported like an ended job
+(``Ended.requeued``) for the session to drop that worker at once.
+An ended job is replaced after a back-off that doubles with each job in a row that failed:
+ended within ``QUICK_S`` seconds of being submitted, or without its worker ever joining the
+session (``BACKOFF_S`` up to ``MAX_BACKOFF_S``); after ``ALERT_AFTER`` such jobs in a row the
+session gets one clear error naming the state, the exit code and the job's log. A job running for
+``JOIN_WARN_S`` without its worker joining raises an error too (the node cannot reach the head
+node's address, or the keys are wrong: the job's log says which). ``sbatch`` refusing the very
+first job (a bad partition, account or gres) stops the session at start with sbatch's own words;
+refusing a replacement later backs off the same way, with sbatch's words as the error.
 
 When the session ends (drain, SIGTERM, ``--once`` done, abort): :meth:`SlurmPool.close` cancels
 every job it still has (``scancel``; the workers were already told to stop) and waits until
@@ -54,12 +60,14 @@ POLL_S = 2.0  # seconds between squeue calls
 QUICK_S = 60.0  # a job that ends this soon after submission counts as failing at once
 BACKOFF_S = 2.0
 MAX_BACKOFF_S = 300.0
-ALERT_AFTER = 3  # quick endings in a row before the session shows an error
+ALERT_AFTER = 3  # failed jobs in a row before the session shows an error
+JOIN_WARN_S = 120.0  # a running job whose worker has not joined by then: say so
 CLOSE_WAIT_S = 20.0
 COMMAND_TIMEOUT_S = 30.0
 ORPHAN_TIMEOUT_S = 300.0  # a job's worker exits after this long without its session (crash, no restart)
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
           "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+REQUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}  # after RUNNING: back in the queue
 DEFAULT_SCRIPT = "#!/bin/bash\n# an lmc worker job (lmc submits, replaces and cancels these itself)\nexec {command}\n"
 
 
@@ -89,6 +97,8 @@ class SlurmJob:
     gpus: str = ""
     started: float | None = None
     ended: float | None = None
+    joined: bool = False  # its worker registered with the dispatcher
+    warned: bool = False
 
     @property
     def active(self) -> bool:
@@ -97,11 +107,13 @@ class SlurmJob:
 
 @dataclass
 class Ended:
-    """A job that ended; ``quick``: it ended within ``QUICK_S`` of its submission."""
+    """A job that ended; ``quick``: it failed (ended within ``QUICK_S`` of its submission, or its
+    worker never joined); ``requeued``: it did not end but went back to the queue (its worker is gone)."""
 
     job: SlurmJob
     message: str
     quick: bool
+    requeued: bool = False
 
 
 @dataclass
@@ -168,23 +180,25 @@ class SlurmPool:
     def start(self) -> list[str]:
         """Cancel a dead predecessor's jobs, then submit the first jobs. Returns the cancelled ids.
 
-        Raises :class:`ConfigError` when Slurm refuses the first job (sbatch's reason)."""
+        Raises :class:`ConfigError` when Slurm cannot be used or refuses the first job (sbatch's
+        reason); the other first jobs, if refused, are retried with back-off like replacements."""
         if shutil.which("sbatch", path=(self.env or os.environ).get("PATH")) is None:
             raise ConfigError("slurm.workers is set but sbatch is not on PATH (run lmc on a Slurm submit host)")
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        stale = [j for j, state, *_ in self._squeue() if state in ACTIVE and j not in self.jobs]
-        if stale:
-            self._cancel(stale)
-            log.warning("cancelled %d worker job(s) left by an earlier session on %s: %s", len(stale), self.out,
-                        ", ".join(stale))
-        for _ in range(self.cfg.workers):
-            try:
+        (self.log_dir / "slurm-job.sh").write_text(self.script)  # what every job runs, for whoever debugs it
+        stale: list[str] = []
+        try:
+            stale = [j for j, state, *_ in self._squeue() if state in ACTIVE and j not in self.jobs]
+            if stale:
+                self._cancel(stale)
+                log.warning("cancelled %d worker job(s) left by an earlier session on %s: %s", len(stale), self.out,
+                            ", ".join(stale))
+            for _ in range(self.cfg.workers):
                 self._submit(time.monotonic())
-            except SlurmError as exc:
-                if not self.jobs:
-                    self.close()
-                    raise ConfigError(f"slurm: {exc}") from None
-                raise
+        except SlurmError as exc:
+            if not self.jobs:
+                raise ConfigError(f"slurm: {exc}") from None
+            self._refused(exc, time.monotonic())
         return stale
 
     def tick(self, now: float, draining: bool = False) -> list[Ended]:
@@ -201,6 +215,8 @@ class SlurmPool:
         for job in list(self.jobs.values()):
             row = rows.get(job.job_id)
             state, reason, node = (row[1], row[2], row[3]) if row else ("GONE", "", job.node)
+            if job.started is not None and state in REQUEUED:
+                ended.append(self._requeued(job, state, reason))
             if state == "RUNNING" and job.started is None:
                 job.started = now
                 job.node = node
@@ -212,25 +228,39 @@ class SlurmPool:
                 job.node = node
             if not job.active:
                 ended.append(self._ended(job, now))
+            elif job.started is not None and not job.joined and not job.warned and now - job.started > JOIN_WARN_S:
+                job.warned = True
+                self.alert = (f"slurm: job {job.job_id} has run on {job.node} for {now - job.started:.0f} s and its "
+                              f"worker has not joined: can that node reach {self._connect()}? "
+                              f"(see {self.log_dir / f'slurm-{job.job_id}.log'})")
+                log.error("%s", self.alert)
         if not draining:
             self._replace(now)
         return ended
+
+    def _requeued(self, job: SlurmJob, state: str, reason: str) -> Ended:
+        msg = (f"slurm job {job.job_id} on {job.node} went back to the queue ({state}, {reason}: preempted or "
+               f"requeued); it stays one of the {self.cfg.workers} jobs and waits to run again")
+        log.warning("%s", msg)
+        job.started, job.joined, job.warned, job.gpus = None, False, False, ""
+        return Ended(job, msg, quick=False, requeued=True)
 
     def _ended(self, job: SlurmJob, now: float) -> Ended:
         del self.jobs[job.job_id]
         job.ended = now
         self.ended_count += 1
-        quick = now - job.submitted < QUICK_S
+        quick = now - job.submitted < QUICK_S or not job.joined
         self.quick_in_row = self.quick_in_row + 1 if quick else 0
         exit_code = self._field(job.job_id, "ExitCode")
         where = f" on {job.node}" if job.node else ""
         msg = (f"slurm job {job.job_id}{where} ended: {job.state}"
                f"{f' (exit {exit_code})' if exit_code and exit_code != '0:0' else ''}"
-               f"{f', {job.reason}' if job.reason else ''}; log {self.log_dir / f'slurm-{job.job_id}.log'}")
+               f"{f', {job.reason}' if job.reason else ''}{'' if job.joined else ', its worker never joined'}"
+               f"; log {self.log_dir / f'slurm-{job.job_id}.log'}")
         delay = min(BACKOFF_S * 2 ** max(self.quick_in_row - 1, 0), MAX_BACKOFF_S) if quick else BACKOFF_S
         self.next_submit = max(self.next_submit, now + delay)
         if self.quick_in_row >= ALERT_AFTER:
-            self.alert = (f"slurm: {self.quick_in_row} worker jobs in a row ended within {QUICK_S:.0f} s "
+            self.alert = (f"slurm: {self.quick_in_row} worker jobs in a row failed "
                           f"(last: {msg}); check slurm.args ({self.cfg.args or 'none'}); next try in {delay:.1f} s")
             log.error("%s", self.alert)
         else:
@@ -242,12 +272,25 @@ class SlurmPool:
             try:
                 self._submit(now)
             except SlurmError as exc:
-                self.quick_in_row += 1
-                delay = min(BACKOFF_S * 2 ** (self.quick_in_row - 1), MAX_BACKOFF_S)
-                self.next_submit = now + delay
-                self.alert = f"slurm: {exc}; next try in {delay:.0f} s"
-                log.error("%s", self.alert)
+                self._refused(exc, now)
                 return
+
+    def _refused(self, exc: SlurmError, now: float) -> None:
+        """sbatch refused a job (or Slurm did not answer): try again later, waiting longer each time."""
+        self.quick_in_row += 1
+        delay = min(BACKOFF_S * 2 ** (self.quick_in_row - 1), MAX_BACKOFF_S)
+        self.next_submit = now + delay
+        self.alert = f"slurm: {exc}; next try in {delay:.1f} s"
+        log.error("%s", self.alert)
+
+    def joined(self, job_id: str) -> None:
+        """The job's worker registered with the dispatcher."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.joined = True
+
+    def _connect(self) -> str:
+        return self.command[self.command.index("--connect") + 1] if "--connect" in self.command else "the session"
 
     def worker_ran(self) -> None:
         """A Slurm worker finished a movie: the jobs work, so clear the failure streak."""

@@ -319,6 +319,10 @@ class Watcher:
             self._failed.add(path)
         self._finished_counts[state] += 1
 
+    def revive(self, path: str) -> None:
+        """Process a finished movie again (its picks changed while no session ran)."""
+        self._revive(os.path.abspath(path), self.clock())
+
     def _revive(self, path: str, now: float) -> None:
         """A finished movie to process again (its picks changed): a fresh Entry, already settled
         (the file was whole when processed; a change since is still caught by the stat). A movie
@@ -394,7 +398,9 @@ class Watcher:
         for path, reason in self.index.unusable.items():
             if path not in self._unusable_reported:
                 self._unusable_reported.add(path)
-                notices.append(Notice("picks_unusable", path, f"{path}: {reason}"))
+                # the readers' reasons already start with the file's path: say it once
+                text = reason if reason.startswith(path) else f"{path}: {reason}"
+                notices.append(Notice("picks_unusable", path, text))
         return changed
 
     def _picks_changed(self, stems: list[str], now: float, notices: list[Notice]) -> None:
@@ -485,13 +491,25 @@ class Watcher:
             return False, f"{path}: cannot check ({type(exc).__name__}: {exc})"
 
     def _incomplete(self, e: Entry, now: float, reason: str, notices: list[Notice]) -> None:
+        """A settled file that is not a whole movie: a short one (a transfer that may resume) is
+        reported after ``incomplete_timeout``; an invalid header or structure at once, with its reason.
+        Either way it stays watched: if it changes, it is checked again (and processed when whole)."""
+        from streamer.formats.movies import is_truncation
+
+        bare = reason[len(e.path) + 2:] if reason.startswith(f"{e.path}: ") else reason
+        short = is_truncation(bare)
         if not reason.startswith(e.path):
             reason = f"{e.path}: {reason}"
         self._set(e, "incomplete", now, reason)
-        if not e.reported and (self.once or now - e.first_seen >= self.incomplete_timeout):
+        if not e.reported and (self.once or not short or now - e.first_seen >= self.incomplete_timeout):
             e.reported = True
-            waited = "" if self.once else f" after {now - e.first_seen:.0f} s"
-            notices.append(Notice("incomplete", e.path, f"{reason} (still incomplete{waited}; not processed)"))
+            if short:
+                waited = "" if self.once else f" after {now - e.first_seen:.0f} s"
+                message = f"{reason} (still incomplete{waited}; not processed)"
+            else:
+                message = (f"{reason} (size settled for {self.settle:g} s: not a valid movie, incomplete or corrupt; "
+                           "not processed unless the file changes)")
+            notices.append(Notice("incomplete", e.path, message))
 
     def _join_picks(self, e: Entry, now: float, notices: list[Notice], picks_checked: bool) -> None:
         if not self.picks_dir:

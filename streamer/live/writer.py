@@ -59,6 +59,7 @@ class Writer:
         self.totals: dict[str, int] = {}
         self.done_movies: set[str] = set()
         self.columns: Any = None  # the folder's ColumnSet (None until the session declares one)
+        self.picks_used: dict[str, tuple] = {}  # done movie -> the pick file it was processed with
         self.skip_rest = False
         self.opened = False
         self._ready = threading.Event()
@@ -106,6 +107,7 @@ class Writer:
             self.done_movies = committer.done_movies()
             self.totals = committer.totals()
             self.columns = committer.columns
+            self.picks_used = committer.picks_used()
         except BaseException as exc:
             self._error = exc
             self._ready.set()
@@ -120,7 +122,7 @@ class Writer:
                 kind, target, payload = op
                 try:
                     if kind == "commit":
-                        committer.commit(payload)
+                        committer.commit(payload, picks=getattr(target, "meta", {}).get("picks_source"))
                         self.results.put(("committed", target, payload.n, time.monotonic()))
                     elif kind == "failed":
                         committer.mark_failed(target, payload)

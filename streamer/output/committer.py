@@ -193,11 +193,11 @@ class Committer:
 
     # -- queries ----------------------------------------------------------------------
     def done_movies(self) -> set[str]:
-        """Movies finished for good (done or skipped); failed ones are retried."""
+        """Movies done for good; failed and skipped ones are tried again by a later run."""
         return self.ledger.done_movies()
 
     def is_done(self, movie: str) -> bool:
-        """Done or skipped (one indexed ledger lookup)."""
+        """Done (one indexed ledger lookup)."""
         return self.ledger.is_done(movie)
 
     def failed(self) -> list[tuple[str, str]]:
@@ -286,9 +286,14 @@ class Committer:
         except sqlite3.Error:
             return False
 
-    def commit(self, result: MovieResult) -> None:
+    def picks_used(self) -> dict[str, tuple[str, str, float, int, str | None]]:
+        """The pick file (path, format, mtime, size, micrograph) each done movie was processed with."""
+        return self.ledger.picks_used()
+
+    def commit(self, result: MovieResult, picks: Any = None) -> None:
         """Write one movie's particles and record it (the ledger transaction is the commit point).
-        A movie already done is ignored. Raises CommitError (nothing committed) when writing fails."""
+        ``picks``: the PickSource it was processed with (recorded with it). A movie already done is
+        ignored. Raises CommitError (nothing committed) when writing fails."""
         movie = result.movie
         if self.ledger.is_done(movie):
             log.info("%s: already committed; result ignored", movie)
@@ -351,7 +356,9 @@ class Committer:
                 cs_blob = csfile.to_blob(recs)
             _crash_point("before_ledger")
             where = self.out / LEDGER_NAME
-            self.ledger.commit_movie(movie, n, result.stats, ranges, counts, star_rows, cs_blob, meta)
+            used = None if picks is None else (str(picks.path), str(picks.format), float(picks.mtime), int(picks.size),
+                                               picks.micrograph)
+            self.ledger.commit_movie(movie, n, result.stats, ranges, counts, star_rows, cs_blob, meta, picks=used)
         except BaseException as exc:
             if where.name == LEDGER_NAME and self._committed_anyway(movie):
                 log.warning("%s: the ledger reported an error (%s) but holds the movie; kept", movie, exc)
@@ -380,10 +387,12 @@ class Committer:
 
         stem = movie_stem(result.movie)
         try:
-            write_trajectories(self.out / "trajectories" / f"{stem}.star", result)
+            traj = self.out / "trajectories"
+            write_trajectories(traj / atomic.side_name(traj, stem, ".star"), result)
             relion_motion.write_motion_star(self.cfg, result, self.out)
             if result.plot_png is not None and self.cfg.plots:
-                atomic.write_bytes(self.out / "plots" / f"{stem}.png", result.plot_png)
+                plots = self.out / "plots"
+                atomic.write_bytes(plots / atomic.side_name(plots, stem, ".png"), result.plot_png)
         except OSError as exc:
             log.warning("%s: side files of %s not written (%s)", self.out, result.movie, exc)
 

@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS ranges (movie_id INTEGER NOT NULL, stack TEXT NOT NUL
 CREATE INDEX IF NOT EXISTS ranges_movie ON ranges(movie_id);
 CREATE INDEX IF NOT EXISTS movies_status ON movies(status, n_particles);
 CREATE TABLE IF NOT EXISTS stacks (name TEXT PRIMARY KEY, committed_count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS picks_used (movie TEXT PRIMARY KEY, path TEXT NOT NULL, format TEXT NOT NULL,
+                                       mtime REAL NOT NULL, size INTEGER NOT NULL, micrograph TEXT);
 """
 
 
@@ -180,11 +182,12 @@ class Ledger:
         return None if row is None else row[0]
 
     def is_done(self, movie: str) -> bool:
-        """True for movies finished for good: status done or skipped (failed ones are retried)."""
-        return self.status(movie) in ("done", "skipped")
+        """True for movies done for good; failed and skipped ones are tried again by a later run
+        (the cause of a skip — a missing or unreadable pick file — may have gone away)."""
+        return self.status(movie) == "done"
 
     def done_movies(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT movie FROM movies WHERE status IN ('done', 'skipped')")}
+        return {r[0] for r in self.db.execute("SELECT movie FROM movies WHERE status = 'done'")}
 
     def failed(self) -> list[tuple[str, str]]:
         return [tuple(r) for r in self.db.execute("SELECT movie, reason FROM movies WHERE status = 'failed' ORDER BY id")]
@@ -247,9 +250,12 @@ class Ledger:
         star_rows: str,
         cs_rows: bytes | None,
         meta: dict[str, str] | None = None,
+        picks: tuple[str, str, float, int, str | None] | None = None,
     ) -> int:
         """Record a done movie in ONE transaction: the movie row (replacing a failed/skipped one),
-        its ranges, the new committed counts of the stacks it touched, and optional meta keys.
+        its ranges, the new committed counts of the stacks it touched, optional meta keys and the
+        pick file it was processed with (``picks`` = (path, format, mtime, size, micrograph): a later
+        session tells whether it changed while lmc was not running).
         Returns the movie's id. Raises LedgerError if the movie is already done."""
         with self.transaction():
             prev = self.db.execute("SELECT id, status FROM movies WHERE movie = ?", (movie,)).fetchone()
@@ -274,7 +280,16 @@ class Ledger:
             )
             for k, v in (meta or {}).items():
                 self._put_meta(k, v)
+            if picks is not None:
+                self.db.execute("INSERT OR REPLACE INTO picks_used (movie, path, format, mtime, size, micrograph) "
+                                "VALUES (?, ?, ?, ?, ?, ?)", (movie, *picks))
         return movie_id
+
+    def picks_used(self) -> dict[str, tuple[str, str, float, int, str | None]]:
+        """``{movie: (pick path, format, mtime, size, micrograph)}`` of done movies, as processed."""
+        rows = self.db.execute("SELECT p.movie, p.path, p.format, p.mtime, p.size, p.micrograph FROM picks_used p "
+                               "JOIN movies m ON m.movie = p.movie WHERE m.status = 'done'")
+        return {r[0]: tuple(r[1:]) for r in rows}
 
     def _mark(self, movie: str, status: str, reason: str, stats: dict[str, Any] | None) -> bool:
         with self.transaction():
@@ -305,6 +320,7 @@ class Ledger:
                 return False
             self.db.execute("DELETE FROM ranges WHERE movie_id = ?", (prev[0],))
             self.db.execute("DELETE FROM movies WHERE id = ?", (prev[0],))
+            self.db.execute("DELETE FROM picks_used WHERE movie = ?", (movie,))
         return True
 
 

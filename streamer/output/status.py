@@ -219,7 +219,7 @@ def render_status(snap: dict[str, Any], now: float | None = None) -> str:
             f"  {w.get('name', '?'):<16} {w.get('device', '?'):<6} done {w.get('done', 0):<5} "
             f"{_fmt(w.get('mean_s'))} s/movie{mem}  {job}"
         )
-    lines += _slurm_lines(snap.get("slurm") or {})
+    lines += _slurm_lines(snap.get("slurm") or {}, phase)
     waiting = snap.get("waiting") or []
     if waiting:
         lines.append("waiting")
@@ -253,11 +253,14 @@ def render_status(snap: dict[str, Any], now: float | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _slurm_lines(slurm: dict[str, Any]) -> list[str]:
+def _slurm_lines(slurm: dict[str, Any], phase: str) -> list[str]:
     """The Slurm worker jobs: one line each (job id, state, node, GPUs, movies done)."""
     if not slurm.get("wanted"):
         return []
     jobs = slurm.get("jobs") or []
+    if phase in ("finished", "aborted") and not jobs:
+        return [f"slurm    {slurm['wanted']} worker jobs wanted; all cancelled when the session ended "
+                f"({slurm.get('ended', 0)} ended and were replaced during it)"]
     lines = [f"slurm    {len(jobs)} of {slurm['wanted']} worker jobs; {slurm.get('ended', 0)} ended and replaced so far"]
     for j in jobs:
         state = str(j.get("state"))
