@@ -17,8 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_live import check_output, ledger_state, lmc, movie_names, populate, wait_for
-from test_live import session_args as live_args
+from test_live import check_output, ledger_state, lmc, movie_names, populate, session_args, wait_for
 
 from streamer.live.keys import create_keys
 from streamer.live.slurm import job_name
@@ -30,11 +29,6 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = tmp_path_factory.mktemp("scope")
     simulate_session(src, SimParams(movies=6, frames=10, shape=(256, 256), particles=5, seed=5))
     return src
-
-
-def session_args(cmd: str, tmp: Path, src: Path, out: Path, *extra: str) -> list[str]:
-    """test_live's session flags with the simulator's exposure (lmc never assumes one)."""
-    return [*live_args(cmd, tmp, src, out, *extra), "--dose-per-frame", "1.0"]
 
 
 def slurm_args(tmp: Path, *extra: str) -> list[str]:

@@ -131,11 +131,11 @@ def micrographs_text(cfg: Config, movies: Iterable[tuple[str, dict[str, Any]]], 
     optics = [
         ("rlnOpticsGroupName", f"opticsGroup{OPTICS_GROUP}"),
         ("rlnOpticsGroup", str(OPTICS_GROUP)),
-        ("rlnMicrographOriginalPixelSize", f"{cfg.apix:.9g}"),
+        ("rlnMicrographOriginalPixelSize", f"{cfg.pixel_size:.9g}"),
         ("rlnVoltage", f"{cfg.kv:.9g}"),
         ("rlnSphericalAberration", f"{cfg.cs:.9g}"),
         ("rlnAmplitudeContrast", f"{cfg.amplitude_contrast:.9g}"),
-        ("rlnMicrographPixelSize", f"{cfg.apix:.9g}"),
+        ("rlnMicrographPixelSize", f"{cfg.pixel_size:.9g}"),
     ]
     lines = ["", VERSION_LINE, "", "data_optics", "", "loop_"]
     lines += [f"_{k} #{i}" for i, (k, _) in enumerate(optics, 1)]

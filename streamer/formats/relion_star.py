@@ -71,7 +71,7 @@ def optics_values(cfg: Config) -> list[tuple[str, str]]:
     return [
         ("rlnOpticsGroupName", f"opticsGroup{OPTICS_GROUP}"),
         ("rlnOpticsGroup", str(OPTICS_GROUP)),
-        ("rlnMicrographOriginalPixelSize", f"{cfg.apix:.9g}"),
+        ("rlnMicrographOriginalPixelSize", f"{cfg.pixel_size:.9g}"),
         ("rlnVoltage", f"{cfg.kv:.9g}"),
         ("rlnSphericalAberration", f"{cfg.cs:.9g}"),
         ("rlnAmplitudeContrast", f"{cfg.amplitude_contrast:.9g}"),

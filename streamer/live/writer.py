@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -140,6 +141,11 @@ class Writer:
                     self.results.put(("commit_error", target, str(exc)))
                 except ValueError as exc:
                     self.results.put(("rejected" if kind == "commit" else "error", target, str(exc)))
+                except (sqlite3.Error, OSError) as exc:  # the disk is full or the folder unwritable: one line
+                    what = getattr(target, "movie", target)
+                    self.results.put(("error", target, f"{self.out / 'ledger.sqlite'}: could not record that {what} "
+                                      f"was {kind}: {exc}. Free disk space / fix permissions, then rerun "
+                                      "(everything committed is intact)"))
                 except Exception as exc:
                     log.exception("writer: %s failed", kind)
                     self.results.put(("error", target, f"{type(exc).__name__}: {exc}"))

@@ -349,7 +349,7 @@ class Committer:
                     meta["cs_dtype"] = repr(np.lib.format.dtype_to_descr(cs_dtype))
                 recs = csfile.records(
                     cs_dtype, movie, rel, result.x, result.y, tuple(result.micrograph_shape), result.columns,
-                    box=self.cfg.out_box, psize=self.cfg.out_apix, micrograph_psize=self.cfg.apix, sign=self._sign,
+                    box=self.cfg.out_box, psize=self.cfg.out_apix, micrograph_psize=self.cfg.pixel_size, sign=self._sign,
                     import_sig=self._import_sig, kv=self.cfg.kv, cs_mm=self.cfg.cs,
                     amp_contrast=self.cfg.amplitude_contrast,
                 )
