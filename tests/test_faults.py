@@ -280,3 +280,36 @@ def test_recovery_after_a_crash_is_logged_and_leaves_no_temp_files(tmp_path: Pat
     check_output(out, good)
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".lmc-write-test*"))
     assert json.loads((out / "status.json").read_text())["phase"] == "finished"
+
+
+def test_a_disk_that_fills_anyway_stops_the_session_with_one_line_and_loses_nothing(tmp_path: Path, source: Path,
+                                                                                     tmpfs) -> None:
+    names = movie_names(source)[:3]
+    first = populate(tmp_path, source, names[:1])
+    disk = tmpfs("disk", "48m")
+    out = disk / "out"
+    proc = lmc(session_args("watch", tmp_path, source, out, "--headless", "--min-free-gb", "0"), cwd=tmp_path)
+    try:
+        wait_for(lambda: ledger_state(out)[0] == first, 40, proc)
+        with open(disk / "ballast", "wb") as f:  # the disk fills up (the pause threshold is off here)
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        populate(tmp_path, source, names)  # more movies arrive; their commit cannot be written
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err.decode()
+    assert proc.returncode == 3, text[-2000:]
+    assert "Traceback" not in text
+    (last,) = [ln for ln in text.splitlines() if ln.startswith("aborted: ")]
+    assert str(out) in last and ("No space left on device" in last or "disk is full" in last), last
+    assert "everything committed is intact" in last or "earlier movies are intact" in last
+    (disk / "ballast").unlink()
+    again = run(session_args("run", tmp_path, source, out, "--min-free-gb", "0"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    check_output(out, {str(tmp_path / "movies" / n) for n in names})
