@@ -22,6 +22,11 @@ nats, so priors in physical units (:mod:`gpu.local`) balance it without a free �
 power after the full-frame alignment, pooled over all particles of the movie). The optional
 B-factor ``B`` multiplies ``w`` by ``exp(-B k²/4)`` (k in 1/Å), tempering the high end of the
 band where the full-frame-aligned ``τ²`` estimate is least reliable.
+The soft mask of the patch correlates neighbouring Fourier coefficients, so summing them as
+independent would overcount the evidence; ``w`` is scaled by the taper's efficiency ``ν = 0.56``
+(:func:`taper_efficiency`), which keeps the log-likelihood calibrated against the priors of
+:mod:`gpu.local` (on a simulated movie the scatter of the per-frame common shift around the truth was
+1.25x ``1/sqrt(curvature)`` with it, 1.6x without).
 
 Gradient (exact): with ``A = Σ_t G_t``, ``∂ log L / ∂d_{t,x} = -4π Σ_k w k_x Im(conj(A) G_t)``
 (likewise y); the self terms do not depend on ``d``. Everything is batched over
