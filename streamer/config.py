@@ -144,7 +144,7 @@ class Config:
     poll: float = _f(5.0, "seconds between full rescans of the input folders (always on: network mounts miss events)", processing=False)
     poll_only: bool = _f(False, "use polling only, no filesystem events", processing=False)
     settle_seconds: float = _f(5.0, "a file is ready when its size and mtime were unchanged this long (and it is whole)", processing=False)
-    incomplete_timeout: float = _f(600.0, "report a movie that stays incomplete this long (s)", processing=False)
+    incomplete_timeout: float = _f(600.0, "report a settled movie still shorter than its header says after this long (s); an invalid one is reported at once", processing=False)
     picks_timeout: float = _f(0.0, "give up on a movie whose picks do not arrive within this many seconds; 0 = wait forever", processing=False)
     newest_first: bool = _f(False, "process the newest movies first (catching up while keeping recent data fresh)", processing=False)
     bind: str = _f("tcp://127.0.0.1:0", "dispatcher address (always CURVE: the session's own keys in OUT/keys, or --keys)", processing=False)

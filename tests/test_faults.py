@@ -280,3 +280,68 @@ def test_recovery_after_a_crash_is_logged_and_leaves_no_temp_files(tmp_path: Pat
     check_output(out, good)
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".lmc-write-test*"))
     assert json.loads((out / "status.json").read_text())["phase"] == "finished"
+
+
+def test_a_disk_that_fills_anyway_stops_the_session_with_one_line_and_loses_nothing(tmp_path: Path, source: Path,
+                                                                                     tmpfs) -> None:
+    names = movie_names(source)[:3]
+    first = populate(tmp_path, source, names[:1])
+    disk = tmpfs("disk", "48m")
+    out = disk / "out"
+    proc = lmc(session_args("watch", tmp_path, source, out, "--headless", "--min-free-gb", "0"), cwd=tmp_path)
+    try:
+        wait_for(lambda: ledger_state(out)[0] == first, 40, proc)
+        with open(disk / "ballast", "wb") as f:  # the disk fills up (the pause threshold is off here)
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        populate(tmp_path, source, names)  # more movies arrive; their commit cannot be written
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err.decode()
+    assert proc.returncode == 3, text[-2000:]
+    assert "Traceback" not in text
+    (last,) = [ln for ln in text.splitlines() if ln.startswith("aborted: ")]
+    assert str(out) in last and ("No space left on device" in last or "disk is full" in last), last
+    assert "everything committed is intact" in last or "earlier movies are intact" in last
+    (disk / "ballast").unlink()
+    again = run(session_args("run", tmp_path, source, out, "--min-free-gb", "0"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    check_output(out, {str(tmp_path / "movies" / n) for n in names})
+
+
+def test_pick_files_with_other_columns_commit_with_the_folders_columns(tmp_path: Path, source: Path) -> None:
+    """The first pick file the session reads fixes the folder's columns; a later one with an extra
+    column (or a program's private one) or a missing one still commits: extras are not written,
+    missing ones get the neutral value — the session decides, never a worker's result."""
+    names = movie_names(source)[:3]
+    good = populate(tmp_path, source, names[:1])
+    out = tmp_path / "out"
+    assert run(session_args("run", tmp_path, source, out), cwd=tmp_path).returncode == 0
+    populate(tmp_path, source, names)
+    for name, change in ((names[1], "extra"), (names[2], "missing")):
+        path = tmp_path / "picks" / picks_for(source, name).name
+        blocks = starfile.read(path, always_dict=True)
+        key = next(k for k, v in blocks.items() if hasattr(v, "columns") and "rlnCoordinateX" in v.columns)
+        table = blocks[key]
+        if change == "extra":
+            table["rlnClassNumber"] = 3
+            table["myPrivateScore"] = 0.5
+        else:
+            table = table.drop(columns=["rlnDefocusAngle"])
+        blocks[key] = table
+        starfile.write(blocks, path, overwrite=True)
+    res = run(session_args("run", tmp_path, source, out), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "rlnClassNumber" in res.stderr and "not carried" in res.stderr
+    good |= {str(tmp_path / "movies" / n) for n in names}
+    check_output(out, good)
+    star = starfile.read(out / "particles.star", always_dict=True)["particles"]
+    assert "rlnClassNumber" not in star.columns and "myPrivateScore" not in star.columns
+    missing = star[star["rlnMicrographName"] == str(tmp_path / "movies" / names[2])]
+    assert len(missing) and (missing["rlnDefocusAngle"] == 0).all()

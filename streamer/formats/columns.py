@@ -52,6 +52,11 @@ _RESERVED_RE = re.compile(r"^(data_|loop_|save_|global_|stop_)", re.IGNORECASE)
 MAX_TEXT = 4096
 
 
+def writable_label(label: str) -> bool:
+    """A RELION label (particles.star and .cs) or a cryoSPARC field (particles.cs)."""
+    return bool(LABEL_RE.match(label) or CS_LABEL_RE.match(label))
+
+
 class ColumnError(InputError):
     """A column set, a column or a text value that the output files cannot carry."""
 
@@ -119,9 +124,11 @@ class ColumnSet:
 
     @classmethod
     def of(cls, carried: Mapping[str, str] | Iterable[tuple[str, str]]) -> ColumnSet:
-        """From ``{label: kind}`` or pairs; lmc's own labels among them are left out (lmc writes them)."""
+        """From ``{label: kind}`` or pairs: the labels an output file can hold (``rln...`` and
+        ``cs:...``), lmc's own labels left out (lmc writes them). Other labels of a pick file (a
+        program's private columns) have nowhere to go and are not carried."""
         items = carried.items() if isinstance(carried, Mapping) else carried
-        return cls(tuple((str(k), str(v)) for k, v in items if k not in BASE_LABELS))
+        return cls(tuple((str(k), str(v)) for k, v in items if k not in BASE_LABELS and writable_label(str(k))))
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -149,33 +156,40 @@ class ColumnSet:
         return cls(tuple((str(a), str(b)) for a, b in cols if a not in BASE_LABELS))
 
     def expected(self, available: Mapping[str, str]) -> dict[str, str]:
-        """The carried columns one movie must deliver, given its pick file's ``{label: kind}``: the
-        labels in both. A label in both with another kind is refused (the folder's column would mix)."""
-        out: dict[str, str] = {}
+        """What one movie's result must carry, given its pick file's ``{label: kind}`` (as
+        ``picks.pick_summary`` reads it): exactly those columns (the worker reads the same file). A
+        label the folder carries with an incompatible kind is refused (the folder's column would mix)."""
         mine = self.kinds
         for label, kind in available.items():
-            if label in mine:
-                if not _kind_fits(kind, mine[label]):
-                    raise ColumnError(f"column {label}: {_KIND_NAME[kind]} in this pick file, "
-                                      f"{_KIND_NAME[mine[label]]} in this output folder")
-                out[label] = mine[label]
-        return out
+            if label in mine and not _kind_fits(kind, mine[label]):
+                raise ColumnError(f"column {label}: {_KIND_NAME[kind]} in this pick file, "
+                                  f"{_KIND_NAME[mine[label]]} in this output folder")
+        return dict(available)
+
+    def carried_of(self, columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The columns of a checked result that this folder carries (the others are not written)."""
+        mine = self.kinds
+        return {k: v for k, v in columns.items() if k in mine}
 
     def check(self, columns: Mapping[str, np.ndarray], expected: Mapping[str, str] | None, n: int,
               what: str) -> None:
-        """Refuse (ColumnError) ``columns`` unless they are exactly ``expected`` (when given; else a
-        subset of this set), each (n,), of its kind, numbers finite, text writable."""
+        """Refuse (ColumnError) ``columns`` unless they are exactly ``expected`` (when given: the pick
+        file's columns; else a subset of this set), each (n,), of its kind (and, where this folder
+        carries it, of the folder's kind), numbers finite, text writable."""
         labels = set(columns)
-        want = set(expected) if expected is not None else None
-        if want is not None and labels != want:
-            missing, extra = sorted(want - labels), sorted(labels - want)
+        want = set(expected) if expected is not None else set(self.kinds)
+        if (expected is not None and labels != want) or not labels <= want:
+            missing, extra = sorted(want - labels) if expected is not None else [], sorted(labels - want)
             raise ColumnError(f"{what}: columns differ from the pick file's "
-                              f"(missing {', '.join(missing) or '-'}; unexpected {', '.join(extra) or '-'})")
-        kinds = self.kinds
+                              f"(missing {', '.join(missing) or '-'}; unexpected {', '.join(extra) or '-'})"
+                              if expected is not None else
+                              f"{what}: column {', '.join(extra)} is not one of this output folder's columns")
+        mine = self.kinds
         for label, values in columns.items():
-            if label not in kinds:
-                raise ColumnError(f"{what}: column {label} is not one of this output folder's columns")
-            check_values(values, kinds[label], n, f"{what}: column {label}")
+            kind = expected[label] if expected is not None else mine[label]
+            check_values(values, kind, n, f"{what}: column {label}")
+            if label in mine:
+                check_values(values, mine[label], n, f"{what}: column {label}")
 
 
 _KIND_NAME = {"f": "numbers", "i": "integers", "s": "text"}

@@ -416,6 +416,12 @@ class Session:
     def _commit(self, job: Job, ev: Event) -> None:
         assert self.writer is not None and ev.result is not None
         ev.result.movie = job.movie
+        if self.columns is not None:  # columns of this pick file the folder does not carry: not written
+            dropped = sorted(set(ev.result.columns) - set(self.columns.labels))
+            if dropped:
+                ev.result.columns = self.columns.carried_of(ev.result.columns)
+                log.info("%s: pick file column(s) %s not carried (this folder's columns were fixed by the "
+                         "first pick file)", job.movie, ", ".join(dropped))
         job.meta["result"] = ev.result
         job.meta["worker"] = ev.worker
         self.writer.put("commit", job, ev.result)
