@@ -11,7 +11,7 @@ Model (one movie, all particles at once). Particle p sits in frame t at ``x_p + 
   estimate ``s`` is off by 0.5-1 Å in the first and last frames, an error no per-particle term can
   see (it is common to all); ``s + c`` is the improved full-frame trajectory and ``s`` only the
   starting point. Prior: the motion stage's trajectory prior (``P``, in exposure units,
-  :func:`gpu.motion.trajectory_prior`) on the *total* ``s + c``, plus the background's own share
+  :func:`gpu.motion.prior_precision`: the burst basis and a smooth residual) on the *total* ``s + c``, plus the background's own share
   of the motion stage's evidence as a quadratic around ``s``::
 
       -log p(c) = ½ Σ_axis (s + c)ᵀ P (s + c) − β [ (P s)ᵀ c − ½ cᵀ L c ]

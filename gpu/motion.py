@@ -55,6 +55,20 @@ no boundary term pulling them towards zero or the mean: a smooth trajectory is e
 damped, at both ends (tested against a fast start, tests/test_motion_lowsnr.py). ``smoothing``
 scales the prior's precision (σ / sqrt(smoothing)); 0 turns it off.
 
+Burst basis (:func:`prior_precision`, the default): the envelope leaves each early frame nearly free,
+so on weak data (60 small particles on ice: ~0.4 Å per frame and axis, worse in the blurred first
+frames) their errors are not pooled across frames. The fast start is instead modelled with a few
+parameters shared by all frames, ``s(e) = Σ_k a_k (1 - e^{-e/τ_k}) + b e + r(e)``: saturating
+exponentials (amplitude ``a_k`` = the burst's total displacement, N(0, ``_BASIS_A``²), ``τ_k`` in
+``_BASIS_TAUS``), a constant velocity ``b`` (N(0, ``_BASIS_LINEAR``²)), and a residual ``r`` under
+the envelope prior with a small burst allowance ``_RESIDUAL_BURST_A`` instead of ``_BURST_A``, which
+absorbs motion that is not exponential (a ramp that stops, a step) at a bounded cost
+(tests/test_motion_lowsnr.py). The amplitudes are integrated out analytically: the prior on ``s`` is
+the Gaussian process whose covariance is the residual's plus ``B Bᵀ``, one ``(F, F)`` precision per
+axis, so every consumer (the Newton solve here, the common term of :mod:`gpu.local`) uses it
+unchanged. On the tuning sessions of benchmarks/quality.py it lowered the common-mode error of the
+weak-signal regimes' first frames (BENCHMARKS.md, "With the burst basis").
+
 Posterior curvature (:class:`FrameMotion`): around the estimate, the log-posterior is approximately
 quadratic in a correction ``c`` of the trajectory: ``-½ Σ_axis cᵀ P c - ½ cᵀ L c`` with ``P`` the prior
 precision and ``L`` the data term's curvature. Each ``ℓ_t`` is frame ``t``'s log-likelihood against
@@ -106,6 +120,11 @@ _BURST_A = 20.0  # Å: largest beam-induced burst the prior leaves free
 _BURST_TAUS = (1.0, 6.0)  # e/Å²: range of the burst's time constant
 _VEL_LATE = 0.5  # Å per e/Å²
 _ACC_LATE = 0.05  # Å per (e/Å²)²
+# burst basis (module doc): the fast start as saturating exponentials, the rest a smooth residual
+_BASIS_TAUS = (2.0, 4.0, 8.0)  # e/Å²: time constants of the basis functions
+_BASIS_A = 20.0  # Å: prior std of each basis function's amplitude (its total displacement)
+_BASIS_LINEAR = 0.5  # Å per e/Å²: prior std of the linear (constant-velocity) term's velocity
+_RESIDUAL_BURST_A = 2.0  # Å: the residual's own burst allowance (the basis carries the fast start)
 
 
 @dataclass(frozen=True)
@@ -219,7 +238,8 @@ def burst_envelope(e: np.ndarray, order: int) -> np.ndarray:
 
 
 def trajectory_prior(
-    n_frames: int, dose_per_frame: float = 1.0, pre_exposure: float = 0.0, smoothing: float = 1.0
+    n_frames: int, dose_per_frame: float = 1.0, pre_exposure: float = 0.0, smoothing: float = 1.0,
+    burst_amplitude: float = _BURST_A,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Precisions ``(velocity (F-1,), acceleration (F-2,))`` in 1/Å² of a trajectory's first and
     second differences (Å): ``smoothing / (D σ_v(e)²)`` for the step from frame ``t`` to ``t+1``
@@ -229,12 +249,12 @@ def trajectory_prior(
     These are the Riemann sums of ``smoothing · ∫ (|ṡ|² / σ_v² + |s̈|² / σ_a²) de`` (derivatives in
     exposure: ``ṡ ≈ Δs / D``, ``s̈ ≈ Δ²s / D²``, ``de = D``), so a trajectory costs the same however
     finely the exposure is fractionated (the data term's information per e/Å² does not depend on it
-    either).
+    either). ``burst_amplitude``: ``A`` of the burst envelope (Å).
     """
     e = pre_exposure + dose_per_frame * (np.arange(n_frames) + 0.5)
     boundary = pre_exposure + dose_per_frame * np.arange(1, n_frames)
-    sv = _VEL_LATE + _BURST_A * burst_envelope(boundary, 1)
-    sa = _ACC_LATE + _BURST_A * burst_envelope(e[1:-1], 2)
+    sv = _VEL_LATE + burst_amplitude * burst_envelope(boundary, 1)
+    sa = _ACC_LATE + burst_amplitude * burst_envelope(e[1:-1], 2)
     return smoothing / (dose_per_frame * sv**2), smoothing / (dose_per_frame**3 * sa**2)
 
 
@@ -243,6 +263,40 @@ def prior_matrix(velocity: np.ndarray, acceleration: np.ndarray, n_frames: int) 
     d1 = np.diff(np.eye(n_frames), axis=0)
     d2 = np.diff(np.eye(n_frames), n=2, axis=0)
     return (d1.T * velocity) @ d1 + (d2.T * acceleration) @ d2
+
+
+def burst_basis(n_frames: int, dose_per_frame: float = 1.0, pre_exposure: float = 0.0) -> np.ndarray:
+    """``(F, K)`` basis of the fast start, Å per unit amplitude, at each frame's mid-exposure ``e_t``:
+    ``1 - e^{-e/τ_k}`` for ``τ_k`` in ``_BASIS_TAUS`` (amplitude = the burst's total displacement,
+    prior std ``_BASIS_A``), then ``e`` (amplitude = a constant velocity, std ``_BASIS_LINEAR``); the
+    columns are scaled by their prior std, so the amplitudes are N(0, 1)."""
+    e = pre_exposure + dose_per_frame * (np.arange(n_frames) + 0.5)
+    cols = [_BASIS_A * (1.0 - np.exp(-e / tau)) for tau in _BASIS_TAUS] + [_BASIS_LINEAR * e]
+    return np.stack(cols, axis=1)
+
+
+def prior_precision(
+    n_frames: int, dose_per_frame: float = 1.0, pre_exposure: float = 0.0, smoothing: float = 1.0,
+    basis: bool = True,
+) -> np.ndarray:
+    """``(F, F)`` prior precision of one axis of a trajectory, 1/Å² (module doc).
+
+    ``basis``: the trajectory is ``s = B a + r`` with the burst basis ``B`` (:func:`burst_basis`,
+    ``a ~ N(0, I)``) and a residual ``r`` under :func:`trajectory_prior` with the small burst
+    allowance ``_RESIDUAL_BURST_A``; ``a`` is integrated out (Woodbury, valid for the singular
+    ``P_r`` whose null space is a constant)::
+
+        P = P_r - P_r B (I + Bᵀ P_r B)⁻¹ Bᵀ P_r     (the precision of the covariance P_r⁻¹ + B Bᵀ)
+
+    then multiplied by ``smoothing``. Without ``basis``: :func:`trajectory_prior`'s envelope prior.
+    """
+    if not basis:
+        return prior_matrix(*trajectory_prior(n_frames, dose_per_frame, pre_exposure, smoothing), n_frames)
+    p_r = prior_matrix(*trajectory_prior(n_frames, dose_per_frame, pre_exposure, 1.0, _RESIDUAL_BURST_A), n_frames)
+    b = burst_basis(n_frames, dose_per_frame, pre_exposure)
+    pb = p_r @ b
+    p = p_r - pb @ np.linalg.solve(np.eye(b.shape[1]) + b.T @ pb, pb.T)
+    return smoothing * 0.5 * (p + p.T)
 
 
 @dataclass(frozen=True)
@@ -615,6 +669,7 @@ def estimate_frame_motion(
     pre_exposure: float = 0.0,
     smoothing: float = 1.0,
     max_shift_A: float = _MAX_SHIFT_A,
+    burst_basis: bool = True,
 ) -> FrameMotion:
     """Full-frame trajectory ``(F, 2)`` float64 (dx, dy) in movie px, host NumPy, with its prior and
     posterior curvature (:class:`FrameMotion`, module doc).
@@ -626,7 +681,8 @@ def estimate_frame_motion(
     ``smoothing``: multiplier of the prior's precision (1 = the physical prior of the module doc,
     0 = none: independent frame-vs-others peaks). ``max_shift_A``: largest frame-vs-others offset
     searched (Å; at most a quarter of the frame); ``max_shift_px`` (movie px), when given, replaces
-    it. Converges to < 0.01 px on noise-free data; a movie without detectable signal gives zeros.
+    it. ``burst_basis``: the prior of :func:`prior_precision` with the burst basis (False: the
+    envelope prior alone). Converges to < 0.01 px on noise-free data; a movie without detectable signal gives zeros.
     """
     movie = frames if isinstance(frames, BinnedMovie) else bin_movie(frames, apix, max_resolution_A)
     xp = array_module(movie.spectra)
@@ -647,9 +703,9 @@ def estimate_frame_motion(
     limit = (max_shift_A / ax, max_shift_A / ay) if max_shift_px is None else (max_shift_px / sx, max_shift_px / sy)
     radius = (int(max(1, min(limit[0], wc / 4.0))), int(max(1, min(limit[1], hc / 4.0))))
     regularised = smoothing > 0
-    vel, acc = trajectory_prior(n, dose_per_frame, pre_exposure, smoothing)
+    vel, _ = trajectory_prior(n, dose_per_frame, pre_exposure, smoothing)
     # prior on positions in binned px: s_Å = s_px * (binned Å/px) per axis
-    prior_a = prior_matrix(vel, acc, n)
+    prior_a = prior_precision(n, dose_per_frame, pre_exposure, smoothing, basis=burst_basis)
     prior = (prior_a * ax * ax, prior_a * ay * ay)
     step_precision = np.stack([vel * ax * ax, vel * ay * ay], axis=1)
     wgt = correlation_weights(movie, bfactor)

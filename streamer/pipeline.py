@@ -246,6 +246,7 @@ def full_frame_motion(cfg: Config, frames: Frames, *, sums2: Any = None) -> Full
         pre_exposure=cfg.pre_exposure,
         smoothing=cfg.motion.smoothing,
         max_shift_A=cfg.motion.max_shift,
+        burst_basis=cfg.motion.burst_basis,
     )
     return FullFrame(np.asarray(posterior.shifts, dtype=np.float64), posterior, binned, sums2)
 

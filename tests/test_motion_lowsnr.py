@@ -7,7 +7,18 @@ import numpy as np
 import pytest
 
 from gpu import motion
-from gpu.motion import estimate_frame_shifts, prior_matrix, trajectory_prior, viterbi_path
+from gpu.motion import (
+    _BASIS_A,
+    _BASIS_LINEAR,
+    _BASIS_TAUS,
+    _RESIDUAL_BURST_A,
+    burst_basis,
+    estimate_frame_shifts,
+    prior_matrix,
+    prior_precision,
+    trajectory_prior,
+    viterbi_path,
+)
 from streamer.sim.simulate import SimParams, render_movie
 
 
@@ -163,3 +174,58 @@ def test_prior_follows_a_fast_start_to_the_first_and_last_frames(tau: float, dos
         old_v = 1.0 / (dose * (0.5 + 10.0 * np.exp(-boundary / 2.0)) ** 2)
         old_a = 1.0 / (dose**3 * (0.2 + 10.0 * np.exp(-e[1:-1] / 2.0)) ** 2)
         assert np.abs(bias(prior_matrix(old_v, old_a, n))).max() > 1.5 * np.abs(b).max()
+
+
+def test_burst_basis_prior_is_the_precision_of_the_summed_covariance() -> None:
+    """prior_precision = the inverse of P_r⁻¹ + B Bᵀ on zero-sum trajectories (the constant is free),
+    computed independently by explicit inversion in an orthonormal zero-sum basis."""
+    n, dose, pre = 12, 0.8, 1.0
+    p = prior_precision(n, dose, pre, smoothing=2.0)
+    p_r = prior_matrix(*trajectory_prior(n, dose, pre, 1.0, burst_amplitude=_RESIDUAL_BURST_A), n)
+    b = burst_basis(n, dose, pre)
+    q = np.linalg.qr(np.eye(n) - 1.0 / n)[0][:, : n - 1]  # orthonormal, orthogonal to the constant
+    cov = np.linalg.inv(q.T @ p_r @ q) + q.T @ b @ b.T @ q
+    np.testing.assert_allclose(p, 2.0 * q @ np.linalg.inv(cov) @ q.T, atol=1e-9 * np.abs(p).max())
+    np.testing.assert_allclose(p @ np.ones(n), 0.0, atol=1e-9 * np.abs(p).max())
+    # the basis: 1 - exp(-e/τ) and e at each frame's mid-exposure, scaled by the amplitudes' std
+    e = pre + dose * (np.arange(n) + 0.5)
+    np.testing.assert_allclose(b[:, 0], _BASIS_A * (1.0 - np.exp(-e / _BASIS_TAUS[0])))
+    np.testing.assert_allclose(b[:, -1], _BASIS_LINEAR * e)
+    assert np.array_equal(prior_precision(n, dose, pre, 2.0, basis=False), prior_matrix(*trajectory_prior(n, dose, pre, 2.0), n))
+
+
+def _map_error(p: np.ndarray, s: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Per-frame RMS error (bias and noise, zero-mean gauge) of the MAP of prior p and independent
+    Gaussian observations of s with per-frame std sigma (Å): a linear-Gaussian computation."""
+    n = len(s)
+    w = np.diag(1.0 / sigma**2)
+    a = np.linalg.inv(p + w)
+    j = np.eye(n) - 1.0 / n
+    bias = j @ (a @ w @ s - s)
+    return np.sqrt(bias**2 + np.diag(j @ a @ w @ a @ j))
+
+
+@pytest.mark.parametrize("dose", [1.0, 0.7])
+def test_burst_basis_pools_a_fast_start_and_bounds_the_cost_elsewhere(dose: float) -> None:
+    """Weak data (0.4 Å per frame, 1.2 Å in the blurred first frames). An exponential fast start
+    (τ 2-6 e/Å², 5-20 Å, plus drift) is recovered with a smaller early-frame error than with the
+    envelope prior alone (RMS over the first 6 frames < 0.85x, worst frame lower); a linear-only or
+    square-root drift no worse. What the basis cannot represent is absorbed by the residual at a
+    bounded cost: a ramp that stops at 5 e/Å², a 5 Å step after the first frame and a 20 Å burst with
+    τ = 1 e/Å² stay within 1.25 per-frame noise std of the envelope prior's error in every frame (the
+    price of pooling: measured 0.7-1.1)."""
+    n = round(40 / dose)
+    e = dose * (np.arange(n) + 0.5)
+    sigma = 0.4 + 0.8 * np.exp(-e / 2.0)
+    new, old = prior_precision(n, dose), prior_precision(n, dose, basis=False)
+    for tau in (2.0, 4.0, 6.0):
+        for amp in (5.0, 20.0):
+            s = amp * (1.0 - np.exp(-e / tau)) + 0.15 * e
+            en, eo = _map_error(new, s, sigma), _map_error(old, s, sigma)
+            assert np.sqrt((en[:6] ** 2).mean()) < 0.85 * np.sqrt((eo[:6] ** 2).mean())
+            assert en.max() < eo.max()
+    for s in (0.3 * e, 4.0 * np.sqrt(e)):
+        assert np.all(_map_error(new, s, sigma) < _map_error(old, s, sigma) + 0.01)
+    for s in (2.0 * np.minimum(e, 5.0), 5.0 * (e > dose), 20.0 * (1.0 - np.exp(-e))):
+        en, eo = _map_error(new, s, sigma), _map_error(old, s, sigma)
+        assert np.all(en < eo + 1.25 * sigma)
