@@ -254,7 +254,7 @@ class TrajectoryModel:
             self.pi_p[:f, :f] = common.prior
             self.pi_p[f:, f:] = common.prior
             self.pi_b = background_share * common.data_precision()
-            self.pi_c = self.pi_p + self.pi_b
+            self.pi_c = self.pi_p + self.pi_b  # the Hessian of the common prior
             self.offset = (common.shifts - common.shifts.mean(axis=0)).T.ravel()  # s, zero-mean, x then y
             self.lin = -background_share * (self.pi_p @ self.offset)
         self.nc = (self.F - 1) * 2 if self.pi_c is not None else 0
@@ -317,8 +317,8 @@ class TrajectoryModel:
         ``M = I + ρ² DᵀD + Sᵀ Cᵀ diag(h̄) C S``: the prior (whitening + acceleration, D = first
         difference) plus the data term through the integration C with the increment scales S; h̄ =
         ``h_p`` for a residual and ``Σ_p Ψ_pm² h_p`` for a field mode. The common block is
-        ``Cᵀ (Π̄ + diag(Σ_p h_p)) C`` with ``Π̄`` the mean of ``Π``'s x and y blocks (couplings
-        between blocks and axes are left out). ``h``: -∂² log L/∂d² per particle and frame (0 for
+        ``Cᵀ (Π̄ + diag(Σ_p h_p)) C`` with ``Π̄`` the mean of the x and y blocks of the common
+        prior's Hessian ``Π = P ⊕ P + β L`` (couplings between blocks and axes are left out). ``h``: -∂² log L/∂d² per particle and frame (0 for
         frames without data).
         """
         c = self._integration_matrix()

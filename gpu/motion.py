@@ -162,14 +162,6 @@ class FrameMotion:
         kc = blk @ ones  # (2F, 2): K_t stacked per axis
         return blk - kc @ np.linalg.pinv(self.curvature.sum(axis=0)) @ kc.T
 
-    def precision(self) -> np.ndarray:
-        """``(2F, 2F)`` posterior precision of a correction ``c`` (x block, then y block): ``P ⊕ P + L``."""
-        n = self.prior.shape[0]
-        out = self.data_precision()
-        out[:n, :n] += self.prior
-        out[n:, n:] += self.prior
-        return out
-
 
 def bin_movie(
     frames: Any, apix: float, max_resolution_A: float = 8.0, chunk: int | None = None, taper: float = _TAPER,
