@@ -39,7 +39,7 @@ def keyed(tmp_path: Path):
     d.start()
     yield d
     d.close(stop_workers=True)
-    d.ctx.term()
+    d.ctx.destroy(linger=0)
 
 
 def _result(movie_path: str, n: int = 2, box: int = 8, frames: int = 3, columns: dict | None = None,
@@ -131,7 +131,7 @@ def test_unauthenticated_and_wrong_key_peers_never_join_and_are_logged(keyed: Di
         assert "refused a connection" in text
         assert "a peer without CURVE" in text  # the plain peer
         assert re.search(r"Unknown key: CURVE key \S{40} from 127\.0\.0\.1", text)  # the stranger, with its key
-        assert any("Unknown key" in k for k in d.refused) and d.dropped == 0  # never even heard
+        assert any("Unknown key" in k for k in d.refused_counts()) and d.dropped == 0  # never even heard
     finally:
         plain.close()
         wrong.close()

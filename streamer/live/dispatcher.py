@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import secrets
 import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -183,6 +184,7 @@ class Dispatcher:
         self.dropped = 0
         self.refused: dict[str, int] = {}  # refused handshakes by reason (also logged)
         self._refused_logged: dict[str, tuple[float, int]] = {}
+        self._refused_lock = threading.Lock()
         self._monitor: zmq.Socket | None = None
         self._next_heartbeat = 0.0
 
@@ -219,7 +221,17 @@ class Dispatcher:
 
     def _refused(self, what: str) -> None:
         """Log a refused handshake: the first of each kind at once, repeats (a peer retrying every
-        0.1 s) at most once a minute with their count. ``refused``: {what: count} (bounded)."""
+        0.1 s) at most once a minute with their count. ``refused``: {what: count} (bounded). Called
+        from the ZAP thread and from this one: under a lock."""
+        with self._refused_lock:
+            self._note_refused(what)
+
+    def refused_counts(self) -> dict[str, int]:
+        """A copy of ``refused`` ({reason: count}), safe while the ZAP thread adds to it."""
+        with self._refused_lock:
+            return dict(self.refused)
+
+    def _note_refused(self, what: str) -> None:
         now = time.monotonic()
         count = self.refused.get(what, 0) + 1
         if what not in self.refused and len(self.refused) >= 50:

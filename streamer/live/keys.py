@@ -109,14 +109,18 @@ class _LoggingAuthenticator(ThreadAuthenticator):
         await super().handle_zap_message(msg)
 
     def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes, user_id: Any = "anonymous") -> None:
-        if status_code != b"200":
-            address, what = self._request
-            text = f"{status_text.decode(errors='replace')}: {what} from {address}"
+        super()._send_zap_reply(request_id, status_code, status_text, user_id)  # the handshake never waits on us
+        if status_code == b"200":
+            return
+        address, what = self._request
+        text = f"{status_text.decode(errors='replace')}: {what} from {address}"
+        try:
             if self.on_refused is not None:
                 self.on_refused(text)
             else:
                 log.warning("refused a connection: %s", text)
-        super()._send_zap_reply(request_id, status_code, status_text, user_id)
+        except Exception:  # reporting must never stop the authenticator
+            log.exception("could not report a refused connection (%s)", text)
 
 
 def setup_server(context: zmq.Context, socket: zmq.Socket, directory: str | Path,

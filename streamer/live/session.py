@@ -570,7 +570,7 @@ class Session:
             "quit_requested": self.stop.drain,
             "disk": self.disk.as_dict(),
             "dropped_messages": self.dispatcher.dropped if self.dispatcher else 0,
-            "refused_connections": sum(self.dispatcher.refused.values()) if self.dispatcher else 0,
+            "refused_connections": sum(self.dispatcher.refused_counts().values()) if self.dispatcher else 0,
             "slurm": self._slurm_snapshot(now),
         })
 
