@@ -74,7 +74,7 @@ class MotionConfig:
     reference_frame: int = _f(-1, "frame whose position is zero (0-based); -1 = central frame, as MotionCor2")
     smoothing: float = _f(1.0, "full-frame motion: strength of the smoothness prior over exposure (0 = off; 4 halves the allowed wobble)")
     max_shift: float = _f(150.0, "full-frame motion: largest shift searched between a frame and the others (Å)")
-    burst_basis: bool = _f(True, "full-frame motion prior: the fast start as a few saturating exponentials (tau 1.5-12 e/Å²) plus a smooth residual; false = the burst envelope alone")
+    burst_basis: bool = _f(True, "full-frame motion prior: the fast start as a few saturating exponentials (tau 2, 4, 8 e/Å²) plus a smooth residual; false = the burst envelope alone")
 
 
 @dataclass(frozen=True)
