@@ -45,7 +45,7 @@ import numpy as np
 
 from streamer.config import Config
 from streamer.formats import atomic
-from streamer.formats.relion_star import OPTICS_GROUP, VERSION_LINE, quote_value
+from streamer.formats.relion_star import OPTICS_GROUP, VERSION_LINE, acquisition_optics, quote_value
 from streamer.types import MovieResult
 
 MOTION_DIR = "motion"
@@ -128,15 +128,7 @@ def write_motion_star(cfg: Config, result: MovieResult, out: str | os.PathLike[s
 
 def micrographs_text(cfg: Config, movies: Iterable[tuple[str, dict[str, Any]]], out: str | os.PathLike[str]) -> str:
     """RELION's micrographs STAR for ``movies`` = ``[(movie, stats), ...]`` (done movies, commit order)."""
-    optics = [
-        ("rlnOpticsGroupName", f"opticsGroup{OPTICS_GROUP}"),
-        ("rlnOpticsGroup", str(OPTICS_GROUP)),
-        ("rlnMicrographOriginalPixelSize", f"{cfg.pixel_size:.9g}"),
-        ("rlnVoltage", f"{cfg.kv:.9g}"),
-        ("rlnSphericalAberration", f"{cfg.cs:.9g}"),
-        ("rlnAmplitudeContrast", f"{cfg.amplitude_contrast:.9g}"),
-        ("rlnMicrographPixelSize", f"{cfg.pixel_size:.9g}"),
-    ]
+    optics = [*acquisition_optics(cfg), ("rlnMicrographPixelSize", f"{cfg.pixel_size:.9g}")]
     lines = ["", VERSION_LINE, "", "data_optics", "", "loop_"]
     lines += [f"_{k} #{i}" for i, (k, _) in enumerate(optics, 1)]
     lines += [" ".join(v for _, v in optics), "", "", VERSION_LINE, "", "data_micrographs", "", "loop_"]

@@ -66,8 +66,9 @@ def _fmt_column(values: np.ndarray, kind: str) -> list[str]:
     return [star_quote(str(v)) for v in values.tolist()]
 
 
-def optics_values(cfg: Config) -> list[tuple[str, str]]:
-    """``[(label, text), ...]`` of the one optics group, in RELION 5 extraction's label order."""
+def acquisition_optics(cfg: Config) -> list[tuple[str, str]]:
+    """``[(label, text), ...]`` that every RELION optics table of this session starts with (group,
+    movie pixel size, voltage, Cs, amplitude contrast), shared by particles.star and micrographs.star."""
     return [
         ("rlnOpticsGroupName", f"opticsGroup{OPTICS_GROUP}"),
         ("rlnOpticsGroup", str(OPTICS_GROUP)),
@@ -75,6 +76,13 @@ def optics_values(cfg: Config) -> list[tuple[str, str]]:
         ("rlnVoltage", f"{cfg.kv:.9g}"),
         ("rlnSphericalAberration", f"{cfg.cs:.9g}"),
         ("rlnAmplitudeContrast", f"{cfg.amplitude_contrast:.9g}"),
+    ]
+
+
+def optics_values(cfg: Config) -> list[tuple[str, str]]:
+    """``[(label, text), ...]`` of the one optics group, in RELION 5 extraction's label order."""
+    return [
+        *acquisition_optics(cfg),
         ("rlnImagePixelSize", f"{cfg.out_apix:.9g}"),
         ("rlnImageSize", str(cfg.out_box)),
         ("rlnImageDimensionality", "2"),
