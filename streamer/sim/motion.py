@@ -41,14 +41,19 @@ def fullframe_trajectory(
     burst = np.cumsum(np.exp(-e / tau)[:, None] * np.stack([np.cos(theta), np.sin(theta)], -1), axis=0)
     drift_dir = rng.uniform(0, 2 * np.pi)
     drift = e[:, None] * np.array([np.cos(drift_dir), np.sin(drift_dir)])
+    return _mix_to_length(burst, drift, rng.uniform(0.6, 0.85), total_A, ref)
 
-    def path(p: np.ndarray) -> float:
-        return float(np.linalg.norm(np.diff(p, axis=0), axis=1).sum())
 
-    # each part scaled to its share of the path seen between frames, then the sum to the total
-    share = rng.uniform(0.6, 0.85)
-    s = share * burst / max(path(burst), 1e-12) + (1 - share) * drift / max(path(drift), 1e-12)
-    s *= total_A / path(s) if path(s) > 0 else 0.0
+def _path_length(p: np.ndarray) -> float:
+    """Path length of a (F, 2) trajectory between frame mid-points."""
+    return float(np.linalg.norm(np.diff(p, axis=0), axis=1).sum())
+
+
+def _mix_to_length(fast: np.ndarray, slow: np.ndarray, share: float, total_A: float, ref: int) -> np.ndarray:
+    """``fast`` and ``slow`` (F, 2) each scaled to their ``share`` / ``1 - share`` of the path seen
+    between frames, then the sum scaled to the path length ``total_A`` and zeroed at frame ``ref``."""
+    s = share * fast / max(_path_length(fast), 1e-12) + (1 - share) * slow / max(_path_length(slow), 1e-12)
+    s *= total_A / _path_length(s) if _path_length(s) > 0 else 0.0
     return s - s[ref]
 
 
@@ -176,14 +181,7 @@ def burst_drift_trajectory(
     turn = rng.uniform(-np.pi / 3, np.pi / 3)
     burst = (1 - np.exp(-e / tau))[:, None] * np.array([np.cos(theta), np.sin(theta)])
     linear = (e / exposure)[:, None] * np.array([np.cos(theta + turn), np.sin(theta + turn)])
-
-    def path(p: np.ndarray) -> float:
-        return float(np.linalg.norm(np.diff(p, axis=0), axis=1).sum())
-
-    share = rng.uniform(0.6, 0.85)
-    s = share * burst / max(path(burst), 1e-12) + (1 - share) * linear / max(path(linear), 1e-12)
-    s *= total_A / path(s) if path(s) > 0 else 0.0
-    return s - s[ref]
+    return _mix_to_length(burst, linear, rng.uniform(0.6, 0.85), total_A, ref)
 
 
 @dataclass(frozen=True)
