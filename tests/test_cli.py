@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import mrcfile
 import pytest
 import starfile
+from lmc_cli import lmc
 
 from streamer.sim.simulate import SimParams, simulate_session
-
-
-def lmc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "streamer.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
-    )
 
 
 @pytest.fixture(scope="module")

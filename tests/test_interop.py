@@ -15,7 +15,6 @@ Reference layouts (facts from the programs' sources, restated here so the test s
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import mrcfile
@@ -25,6 +24,7 @@ import pytest
 import starfile
 import yaml
 from cryosparc.dataset import Dataset
+from lmc_cli import lmc
 
 from streamer.formats.picks import movie_stem
 from streamer.sim.simulate import SimParams, load_truth, simulate_session
@@ -49,9 +49,6 @@ CRYOSPARC_PARTICLE_FIELDS = {
 APIX = 1.0
 
 
-def lmc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "streamer.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")

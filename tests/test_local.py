@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from blob_particles import compact_blobs, counted_moving
 
 from gpu.local import estimate_local, guard_choice
 from gpu.motion import FrameMotion, prior_matrix, trajectory_prior
 from gpu.quality import band_frc
-from gpu.shift import fourier_shift
 from streamer.config import LocalConfig
 from streamer.sim import score
 from streamer.sim.simulate import SimParams, simulate_session
@@ -144,15 +144,9 @@ def _drifting_particles(rng: np.random.Generator, common_px: np.ndarray, p: int 
     moves by ``common_px`` (F, 2) in every particle, cut at the (wrong) full-frame estimate 0."""
     f = len(common_px)
     pos = rng.uniform(0, 4000, (p, 2))
-    k2 = np.fft.fftfreq(box)[:, None] ** 2 + np.fft.rfftfreq(box)[None, :] ** 2
-    blobs = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((p, box, box))) * np.exp(-k2 / (2 * 0.08**2)), s=(box, box))
-    yy, xx = np.mgrid[0:box, 0:box] - box // 2
-    blobs *= np.exp(-(xx**2 + yy**2) / (2 * 7.0**2))
-    blobs *= 0.3 / blobs.std()
+    blobs = compact_blobs(rng, p, box)
     rem = rng.uniform(-0.5, 0.5, (p, f, 2))
-    moved = fourier_shift(np.repeat(blobs[:, None], f, axis=1).astype(np.float32),
-                          (rem + common_px[None]).astype(np.float32))
-    return rng.poisson(2.0 * np.clip(1.0 + moved, 0, None)).astype(np.float32), rem, pos
+    return counted_moving(rng, blobs, rem + common_px[None]), rem, pos
 
 
 def test_common_drift_is_recovered_from_the_particles_alone() -> None:

@@ -7,21 +7,16 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from lmc_cli import lmc
 from rich.console import Console
 
 from streamer.formats.picks import write_star_coords
 from streamer.sim.simulate import SimParams, load_truth, simulate_session
 from streamer.ui.progress import RunProgress
-
-
-def lmc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "streamer.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ are said with their source."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import starfile
+from lmc_cli import lmc
 
 from streamer.config import from_dict
 from streamer.errors import ConfigError, MovieError, PicksError
@@ -21,9 +21,6 @@ from streamer.sim.simulate import SimParams, simulate_session
 DATA = Path(__file__).parent / "data"
 
 
-def lmc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "streamer.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")

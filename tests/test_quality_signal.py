@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from blob_particles import compact_blobs, counted_moving
 
 from gpu.local import estimate_local
 from gpu.local_model import BandSpectra, prepare_spectra
 from gpu.quality import band_frc, evenodd_gain, heldout_signal, image_ring_sums, ring_frc, shell_frc
-from gpu.shift import fourier_shift
 from streamer.config import LocalConfig
 
 APIX = 2.0
@@ -25,15 +25,9 @@ def synthetic(rng: np.random.Generator, amplitude_px: float, p: int = 30, f: int
     field = np.stack([np.cos(2 * np.pi * pos[:, 0] / 4000 + phase[0]), np.sin(2 * np.pi * pos[:, 1] / 4000 + phase[1])], -1)
     d = amplitude_px * g[None, :, None] * field[:, None, :]
     d -= d.mean(axis=1, keepdims=True)
-    k2 = np.fft.fftfreq(box)[:, None] ** 2 + np.fft.rfftfreq(box)[None, :] ** 2
-    blobs = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((p, box, box))) * np.exp(-k2 / (2 * 0.08**2)), s=(box, box))
-    yy, xx = np.mgrid[0:box, 0:box] - box // 2
-    blobs *= np.exp(-(xx**2 + yy**2) / (2 * 7.0**2))
-    blobs *= 0.3 / blobs.std()
+    blobs = compact_blobs(rng, p, box)
     rem = rng.uniform(-0.5, 0.5, (p, f, 2))
-    moved = fourier_shift(np.repeat(blobs[:, None], f, axis=1).astype(np.float32), (rem + d).astype(np.float32))
-    patches = rng.poisson(2.0 * np.clip(1.0 + moved, 0, None)).astype(np.float32)
-    return patches, rem, pos * 1.0, d
+    return counted_moving(rng, blobs, rem + d), rem, pos * 1.0, d
 
 
 def test_heldout_signal_sees_local_motion_and_its_absence() -> None:
