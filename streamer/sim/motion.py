@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
+from streamer.pipeline import path_length
+
 
 def mid_exposure(n_frames: int, dose_per_frame: float) -> np.ndarray:
     """(F,) exposure (e/Å²) at the middle of each frame: ``dose * (f + 0.5)``."""
@@ -44,16 +46,11 @@ def fullframe_trajectory(
     return _mix_to_length(burst, drift, rng.uniform(0.6, 0.85), total_A, ref)
 
 
-def _path_length(p: np.ndarray) -> float:
-    """Path length of a (F, 2) trajectory between frame mid-points."""
-    return float(np.linalg.norm(np.diff(p, axis=0), axis=1).sum())
-
-
 def _mix_to_length(fast: np.ndarray, slow: np.ndarray, share: float, total_A: float, ref: int) -> np.ndarray:
     """``fast`` and ``slow`` (F, 2) each scaled to their ``share`` / ``1 - share`` of the path seen
     between frames, then the sum scaled to the path length ``total_A`` and zeroed at frame ``ref``."""
-    s = share * fast / max(_path_length(fast), 1e-12) + (1 - share) * slow / max(_path_length(slow), 1e-12)
-    s *= total_A / _path_length(s) if _path_length(s) > 0 else 0.0
+    s = share * fast / max(path_length(fast), 1e-12) + (1 - share) * slow / max(path_length(slow), 1e-12)
+    s *= total_A / path_length(s) if path_length(s) > 0 else 0.0
     return s - s[ref]
 
 
