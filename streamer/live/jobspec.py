@@ -14,6 +14,7 @@ import os
 from streamer.config import Config
 from streamer.errors import ConfigError, InputError
 from streamer.formats.columns import ColumnSet, text_problem
+from streamer.formats.picks import pick_summary
 from streamer.live.protocol import ResultSpec, result_limit
 
 # the socket refuses any single frame larger than this (ZeroMQ's limit is per socket, not per job);
@@ -23,13 +24,6 @@ MAX_FRAME_BYTES = 2 << 30
 
 class JobRefused(InputError):
     """The movie cannot be processed as the session is configured (one line, naming the file)."""
-
-
-def picks_columns(picks: object) -> tuple[int, dict[str, str]]:
-    """(rows, {label: kind}) of a PickSource (see ``streamer.formats.picks.pick_summary``)."""
-    from streamer.formats.picks import pick_summary
-
-    return pick_summary(picks)  # type: ignore[arg-type]
 
 
 def total_memory() -> int | None:
@@ -63,7 +57,7 @@ def job_spec(cfg: Config, movie: str, picks: object, columns: ColumnSet) -> Resu
     problem = text_problem(movie)
     if problem:
         raise JobRefused(f"{movie!r}: this movie name cannot be written to particles.star: {problem}; rename the file")
-    n_picks, available = picks_columns(picks)
+    n_picks, available = pick_summary(picks)  # type: ignore[arg-type]
     frames, h, w = (int(v) for v in movie_header(movie))
     check_fits(cfg, movie, frames, h, w)
     largest = n_picks * max(4 * cfg.out_box**2, 2 * 8 * frames)
