@@ -31,21 +31,29 @@ Model (one movie, all particles at once). Particle p sits in frame t at ``x_p + 
   zero over the particles: the field is what differs between particles, the common term what they
   share (without the common term, K is used uncentred). Top eigenvectors: every field mode is
   constrained by many particles.
-* Time: every scalar process y (a field mode ``f_m`` or a residual ``e_p``, per axis) gets
-  RELION's velocity prior — its velocity in each frame is an independent N(0, σ²) draw, σ in
-  Å per e/Å² (frame displacement std = σ·dose_per_frame/apix px) — plus an acceleration prior
-  (velocity change per frame std = σ_a·dose_per_frame, σ_a in Å per (e/Å²)²). Field modes use
-  ``sigma_field`` scaled by ``N0 / (N + N0)`` at exposure N (``burst_exposure`` N0: beam-induced
-  motion is fastest in the first few e/Å², docs/physics.md#realistic-motion), residuals
-  ``sigma_velocity``: the particles' velocities have the prior covariance ``σ_f² K + σ_e² I``, a
-  GP whose independent part is strongly shrunk (independent per-particle fits follow the noise at
-  realistic SNR; docs/physics.md#per-particle-alignment).
+* Time, field (the default, ``field_scale`` > 0): every field mode's time course ``f_m`` (per axis)
+  has the full-frame motion prior of :func:`gpu.motion.prior_precision` (the burst basis, a few
+  saturating exponentials ``1 - e^{-e/τ}`` plus a linear drift with their amplitudes integrated out,
+  and a smooth residual) with every scale in Å multiplied by ``field_scale``: the local field is
+  beam-induced motion too, a fast start with some steady creep (docs/physics.md#realistic-motion), so
+  its early frames are pooled through a handful of amplitudes instead of being left nearly free.
+  With ``field_scale`` = 0: RELION's velocity prior — each frame's velocity an independent
+  N(0, σ²) draw, σ = ``sigma_field`` (Å per e/Å²) scaled by ``N0 / (N + N0)`` at exposure N
+  (``burst_exposure`` N0) — plus an acceleration prior (``sigma_acceleration``, Å per (e/Å²)²).
+  On the tuning sessions of benchmarks/quality.py, ``field_scale`` 0.15 (basis amplitudes of 3 Å)
+  lowered the field's trajectory error in every regime with a fitted field (BENCHMARKS.md, "Field
+  with the burst-basis prior"); 0.05 shrank large fields, 0.25-1 followed more noise.
+* Time, residual: each particle's ``e_p`` gets RELION's velocity prior (``sigma_velocity``, frame
+  displacement std = σ·dose_per_frame/apix px) plus the acceleration prior: the particles' velocities
+  have the prior covariance (field) + ``σ_e² I``, a GP whose independent part is strongly shrunk
+  (independent per-particle fits follow the noise at realistic SNR; docs/physics.md#per-particle-alignment).
 * Gauge: ``c`` and every ``d_p`` are **zero-mean over all frames** of the movie. The likelihood sees
   only differences between frames, so a constant is free; zero mean keeps each particle centred
   where it appears in the full-frame-corrected micrograph (where it was picked), and ``s + c``
   is ``s`` re-centred on the particles' common track (``s_ref = 0`` no longer holds exactly).
-* Parameters: the whitened velocity increments ``z`` of the field and residuals (prior ½|z|²) and
-  the common term's increments in px; positions are their cumulative sums, made zero-mean.
+* Parameters: the field modes' increments in px (whitened velocity increments, prior ½|z|², with
+  ``field_scale`` = 0), the residuals' whitened velocity increments and the common term's increments
+  in px; positions are their cumulative sums, made zero-mean.
 
 Objective: ``J(z) = -log L(d(z)) + prior(z)`` with the calibrated likelihood of
 :mod:`gpu.local_model` (nats), so hyper-parameters in physical units need no λ per data set and
@@ -61,14 +69,15 @@ Guard (cross-validation in time): the model is also fitted to the even alignment
 to the odd ones alone; each fit is scored on the frames it did not see, per particle (held-out
 log-likelihood gain over the motion stage's ``s``, d = 0). :func:`guard_choice` then takes the
 simplest of {full-frame (``c`` alone), field, field + residual} whose summed gain over the next
-simpler one exceeds ``GUARD_Z`` standard errors; when neither beats the full-frame candidate the
+simpler one is larger (``GUARD_Z`` = 0 standard errors: a margin of 0.5 standard errors rejected a
+field that halved the trajectory error on a tuning session, whose held-out gain was +0.9 nats); when neither beats the full-frame candidate the
 movie falls back to the improved full-frame trajectory ``s + c`` (``smooth = 0``). Without local
 motion a field fitted to noise scores *negative* on held-out frames, so the fallback is the
 expected outcome there. ``c`` itself is not guarded: it is the joint posterior of a common
 shift, not a more complex model, and its held-out score is biased low (held-out frames see ``c``
 interpolated from their neighbours, while ``s`` was fitted to them). The same held-out scores give
 the per-movie quality signal (:func:`gpu.quality.heldout_signal`). ``auto_smoothing``
-additionally picks ``sigma_field`` among ×{0.5, 1, 2} by the held-out score.
+additionally scales the field's prior (``field_scale`` or ``sigma_field``) by ×{0.5, 1, 2}, chosen by the held-out score.
 
 Outputs (px): ``common`` (F, 2) — ``c``; ``smooth`` (P, F, 2) — the model's MAP field (+ residual)
 after the guard, on top of ``s + c`` (extraction follows ``s + c + smooth``); ``raw`` — per-frame
@@ -98,11 +107,11 @@ from gpu.local_model import (
     self_term,
     shift_phases,
 )
-from gpu.motion import FrameMotion
+from gpu.motion import FrameMotion, prior_precision
 from gpu.quality import heldout_frc, heldout_signal
 
 MAX_ITER = 300
-GUARD_Z = 0.5  # standard errors of held-out gain a more complex candidate must win by
+GUARD_Z = 0.0  # standard errors of held-out gain a more complex candidate must win by (0: a better held-out score)
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,11 @@ class LocalParams:
     ``correlation_length``: the field's kernel length (Å); ``kernel``: gaussian | exponential;
     ``auto_smoothing``: pick ``sigma_field`` among ×{0.5, 1, 2} by the held-out score;
     ``first_frame``/``last_frame``: alignment frames (-1 = last); ``guard``: the held-out guard;
-    ``common``: fit the common correction ``c_t`` jointly (needs the full-frame posterior).
+    ``common``: fit the common correction ``c_t`` jointly (needs the full-frame posterior);
+    ``field_scale``: > 0 gives every field mode's time course the full-frame motion prior
+    (:func:`gpu.motion.prior_precision`: burst basis + smooth residual) with all its scales (Å)
+    multiplied by ``field_scale`` (``sigma_field`` and ``burst_exposure`` are then unused); 0 = the
+    velocity prior of ``sigma_field``/``burst_exposure``.
     """
 
     band_low: float
@@ -134,6 +147,7 @@ class LocalParams:
     last_frame: int
     guard: bool
     common: bool
+    field_scale: float
 
 
 @dataclass
@@ -209,6 +223,9 @@ class TrajectoryModel:
 
     ``z`` packs ``zf`` (R, F-1, 2) field-mode increments, ``ze`` (P, F-1, 2) residual increments
     (when ``residual``) and ``zc`` (F-1, 2) common increments (px, when ``common`` is given).
+    ``field_prior``: an ``(F, F)`` precision (1/px²) of a field mode's zero-mean time course (one axis,
+    unit ``Ψ``); the field increments are then in px (scale 1, no ρ) with the prior
+    ``½ Σ_m,axis (C zf_m)ᵀ Π_f (C zf_m)`` instead of the whitened one below.
     Increment scales (px per frame): ``s = σ · dose_per_frame / apix · h(N)``, with
     ``h(N) = N0 / (N + N0)`` for the field when ``burst_exposure`` N0 > 0 (beam-induced motion is
     fastest early, docs/physics.md#realistic-motion) and 1 otherwise; N is the exposure between the two frames. The
@@ -232,6 +249,7 @@ class TrajectoryModel:
         pre_exposure: float = 0.0,
         common: FrameMotion | None = None,
         background_share: float = 0.0,
+        field_prior: np.ndarray | None = None,
     ) -> None:
         self.psi = np.asarray(psi, dtype=np.float64)
         self.P, self.R = self.psi.shape
@@ -243,6 +261,13 @@ class TrajectoryModel:
         self.s_e = sigma_velocity * dose_per_frame / apix
         self.rho_f = sigma_field / (sigma_acceleration * dose_per_frame)
         self.rho_e = sigma_velocity / (sigma_acceleration * dose_per_frame)
+        self.pi_f = None
+        if field_prior is not None:  # increments in px, the dense time-course prior instead of whitening
+            self.pi_f = np.asarray(field_prior, dtype=np.float64)
+            if self.pi_f.shape != (self.F, self.F):
+                raise ValueError(f"TrajectoryModel: field prior {self.pi_f.shape} for {self.F} frames")
+            self.s_f = np.ones((self.F - 1, 1))
+            self.rho_f = 0.0
         self.nf = self.R * (self.F - 1) * 2
         self.ne = self.P * (self.F - 1) * 2 if self.residual else 0
         self.pi_c = None
@@ -327,7 +352,11 @@ class TrajectoryModel:
         dtd = dd.T @ dd
         cs_f = c * self.s_f[:, 0][None, :]
         h_f = (self.psi**2).T @ h  # (R, F)
-        blocks = [np.eye(n) + self.rho_f**2 * dtd + np.einsum("tj,bt,tk->bjk", cs_f, h_f, cs_f)]
+        if self.pi_f is None:
+            blocks = [np.eye(n) + self.rho_f**2 * dtd + np.einsum("tj,bt,tk->bjk", cs_f, h_f, cs_f)]
+        else:  # Cᵀ (Π_f + diag(h̄_m)) C per mode
+            m_f = (c.T @ self.pi_f @ c)[None] + np.einsum("tj,bt,tk->bjk", c, h_f, c)
+            blocks = [m_f + 1e-9 * np.trace(m_f[0]) / n * np.eye(n)]
         if self.ne:
             cs_e = c * self.s_e
             blocks.append(np.eye(n) + self.rho_e**2 * dtd + np.einsum("tj,bt,tk->bjk", cs_e, h, cs_e))
@@ -342,9 +371,15 @@ class TrajectoryModel:
         """``½|z_f,e|² + ½ρ² Σ (Δz)²`` (acceleration on the field and residual increments) plus the
         common term's ``½ vec(c)ᵀ Π vec(c)``, and the gradient."""
         zf, ze, zc = self.split(z)
-        value = 0.5 * float(z[: self.nf + self.ne] @ z[: self.nf + self.ne])
+        white = slice(self.nf if self.pi_f is not None else 0, self.nf + self.ne)
+        value = 0.5 * float(z[white] @ z[white])
         grad = z.copy()
         gf, ge, gcm = self.split(grad)
+        if self.pi_f is not None:  # ½ Σ_m,axis f_mᵀ Π_f f_m over the modes' time courses f = C zf
+            pos = self._integrate(zf, 1.0)  # (R, F, 2)
+            pp = np.einsum("ts,rsk->rtk", self.pi_f, pos)
+            value += 0.5 * float((pos * pp).sum())
+            gf[...] = self._integrate_adjoint(pp, 1.0)
         for zz, gg, rho in ((zf, gf, self.rho_f), (ze, ge, self.rho_e)):
             if zz is None or zz.shape[1] < 2:
                 continue
@@ -596,14 +631,14 @@ def cross_validate(spec: BandSpectra, model: TrajectoryModel, max_iter: int = MA
 
 
 def guard_choice(gains: dict[str, np.ndarray], z: float = GUARD_Z) -> str:
-    """Simplest candidate whose held-out gain is significant: "full-frame", "field" or "field+residual".
+    """Simplest candidate whose held-out gain is larger: "full-frame", "field" or "field+residual".
 
     ``gains``: per candidate, (P,) per-particle held-out gains (:class:`CrossValidation`). The start
     is "full-frame" (the improved full-frame trajectory; its own gain is reported, not tested: the
     common term is the joint posterior of the background and all particles, not a more complex
     model). A candidate replaces the current choice only when the sum over particles of its
-    per-particle held-out gain difference exceeds ``z`` standard errors (``sqrt(P)·std`` of the
-    differences).
+    per-particle held-out gain difference is positive and exceeds ``z`` standard errors
+    (``sqrt(P)·std`` of the differences; ``GUARD_Z`` = 0, module docstring).
     """
     choice = "full-frame"
     current = gains.get("full-frame", np.zeros_like(gains["field"]))
@@ -675,30 +710,35 @@ def estimate_local(
     info["common"] = common is not None
     info["background_share"] = round(share, 3)
 
-    def make_model(sf: float) -> TrajectoryModel:
+    def make_model(k: float) -> TrajectoryModel:
+        """The model with the field's prior scales multiplied by ``k`` (1 = the parameters')."""
+        field_prior = None
+        if params.field_scale > 0:
+            field_prior = prior_precision(n_frames, dose_per_frame, pre_exposure, 1.0 / (k * params.field_scale) ** 2) * apix**2
         return TrajectoryModel(
-            psi, n_frames, apix, dose_per_frame, sf, params.sigma_velocity, params.sigma_acceleration,
-            burst_exposure=params.burst_exposure, pre_exposure=pre_exposure, common=common,
-            background_share=share,
+            psi, n_frames, apix, dose_per_frame, k * params.sigma_field, params.sigma_velocity,
+            params.sigma_acceleration, burst_exposure=params.burst_exposure, pre_exposure=pre_exposure,
+            common=common, background_share=share, field_prior=field_prior,
         )
 
     t1 = time.perf_counter()
-    sigma_field = params.sigma_field
+    scale = 1.0
     validate = params.guard or quality or params.auto_smoothing
     cv: dict[float, CrossValidation] = {}
     if params.auto_smoothing:
-        for sf in (0.5 * sigma_field, sigma_field, 2.0 * sigma_field):
-            cv[sf] = cross_validate(spectra, make_model(sf), max_iter)
-        sigma_field = max(cv, key=lambda sf: max(float(g.sum()) for g in cv[sf].gains.values()))
+        for k in (0.5, 1.0, 2.0):
+            cv[k] = cross_validate(spectra, make_model(k), max_iter)
+        scale = max(cv, key=lambda k: max(float(g.sum()) for g in cv[k].gains.values()))
     elif validate:
-        cv[sigma_field] = cross_validate(spectra, make_model(sigma_field), max_iter)
+        cv[scale] = cross_validate(spectra, make_model(scale), max_iter)
     info["seconds_validate"] = round(time.perf_counter() - t1, 3)
-    info["sigma_field"] = sigma_field
+    info["sigma_field"] = scale * params.sigma_field
+    info["field_scale"] = scale * params.field_scale
 
     t2 = time.perf_counter()
-    model = make_model(sigma_field)
+    model = make_model(scale)
     # the folds' mean is close to the all-frames optimum: ~half the evaluations of a start from 0
-    z0 = np.mean(cv[sigma_field].params, axis=0) if sigma_field in cv else None
+    z0 = np.mean(cv[scale].params, axis=0) if scale in cv else None
     z, fit_info = fit(spectra, model, max_iter, z0=z0)
     info.update(fit_info)
     info["seconds_fit"] = round(time.perf_counter() - t2, 3)
@@ -708,7 +748,7 @@ def estimate_local(
 
     choice = best = "field+residual" if model.residual else "field"
     if validate:
-        val = cv[sigma_field]
+        val = cv[scale]
         info["heldout_gain"] = {k: round(float(v.sum()), 3) for k, v in val.gains.items()}
         best = max(("field", "field+residual"), key=lambda n: val.gains[n].sum())
         if params.guard:

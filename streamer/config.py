@@ -95,6 +95,7 @@ class LocalConfig:
     last_frame: int = _f(-1, "last frame used for alignment (inclusive); -1 = last")
     guard: bool = _f(True, "fall back to the (improved) full-frame trajectory for a movie where local motion is not supported by held-out frames")
     common: bool = _f(True, "correct the full-frame trajectory by a common term fitted jointly from all particles and the background")
+    field_scale: float = _f(0.15, "the field's time-course prior = the full-frame motion prior (burst basis + smooth residual) with its scales times this; 0 = the velocity prior of sigma_field/burst_exposure")
 
     def params(self) -> LocalParams:
         """The per-particle model's parameters (gpu/local.py), every one from this section."""

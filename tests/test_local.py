@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from blob_particles import compact_blobs, counted_moving
 
-from gpu.local import estimate_local, guard_choice
+from gpu.local import GUARD_Z, estimate_local, guard_choice
 from gpu.motion import FrameMotion, prior_matrix, trajectory_prior
 from gpu.quality import band_frc
 from streamer.config import LocalConfig
@@ -131,12 +131,25 @@ def test_estimate_local_empty_and_bad_input() -> None:
 def test_guard_prefers_the_simplest_significant_candidate() -> None:
     rng = np.random.default_rng(1)
     noise = rng.normal(0, 1, 50)
-    assert guard_choice({"field": noise - noise.mean() - 0.1, "field+residual": noise}) == "full-frame"
+    # with a margin of z standard errors
+    assert guard_choice({"field": noise - noise.mean() - 0.1, "field+residual": noise - noise.mean()}, z=0.5) == "full-frame"
     strong = 2.0 + noise
-    assert guard_choice({"field": strong, "field+residual": strong + 0.01 * noise}) == "field"
-    assert guard_choice({"field": strong, "field+residual": strong + 1.0}) == "field+residual"
+    assert guard_choice({"field": strong, "field+residual": strong + 0.01 * noise}, z=0.5) == "field"
+    assert guard_choice({"field": strong, "field+residual": strong + 1.0}, z=0.5) == "field+residual"
     # the comparison starts from the improved full-frame candidate's own gain, not from d = 0
-    assert guard_choice({"full-frame": strong, "field": strong + 0.01 * noise, "field+residual": strong}) == "full-frame"
+    assert guard_choice({"full-frame": strong, "field": strong + 0.01 * noise, "field+residual": strong}, z=0.5) == "full-frame"
+
+
+def test_guard_default_takes_the_better_held_out_score() -> None:
+    """GUARD_Z = 0: a more complex candidate is used exactly when its summed held-out gain is larger."""
+    rng = np.random.default_rng(2)
+    noise = rng.normal(0, 1, 50)
+    noise -= noise.mean()  # sums to 0: only the offsets below decide
+    assert GUARD_Z == 0.0
+    assert guard_choice({"field": noise - 0.01, "field+residual": noise - 0.02}) == "full-frame"
+    assert guard_choice({"field": noise + 0.01, "field+residual": noise}) == "field"
+    assert guard_choice({"field": noise + 0.01, "field+residual": noise + 0.02}) == "field+residual"
+    assert guard_choice({"full-frame": noise + 1.0, "field": noise + 0.99, "field+residual": noise + 0.5}) == "full-frame"
 
 
 def _drifting_particles(rng: np.random.Generator, common_px: np.ndarray, p: int = 40, box: int = 48):

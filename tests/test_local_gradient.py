@@ -113,12 +113,15 @@ def test_likelihood_is_maximal_at_the_true_shifts() -> None:
     assert np.abs(g_true).max() < 2e-3 * np.abs(g_zero).max()
 
 
-def model_for(rng: np.random.Generator, p: int = 5, f: int = 7, residual: bool = True, common: bool = False) -> TrajectoryModel:
+def model_for(rng: np.random.Generator, p: int = 5, f: int = 7, residual: bool = True, common: bool = False,
+              field_basis: bool = False) -> TrajectoryModel:
     pos = rng.uniform(0, 1000, (p, 2))
     psi = spatial_basis(pos, 1.0, 800.0, "gaussian", centred=common)
     motion = _posterior(rng, f) if common else None
+    # the field modes' time-course prior of gpu.local.estimate_local (field_scale 0.15, 1.3 Å/px)
+    field_prior = prior_precision(f, 0.8, 1.0, 1.0 / 0.15**2) * 1.3**2 if field_basis else None
     return TrajectoryModel(psi, f, 1.3, 0.8, 1.5, 0.2, 0.7, residual=residual, burst_exposure=2.5, pre_exposure=1.0,
-                           common=motion, background_share=0.4)
+                           common=motion, background_share=0.4, field_prior=field_prior)
 
 
 def _posterior(rng: np.random.Generator, f: int) -> FrameMotion:
@@ -132,8 +135,8 @@ def _posterior(rng: np.random.Generator, f: int) -> FrameMotion:
 def test_model_adjoint_is_the_transpose() -> None:
     """<adjoint(g), z> == <g, d(z)> for the linear map z -> d."""
     rng = np.random.default_rng(4)
-    for residual, common in ((True, False), (False, False), (True, True)):
-        m = model_for(rng, residual=residual, common=common)
+    for residual, common, basis in ((True, False, False), (False, False, False), (True, True, False), (True, True, True)):
+        m = model_for(rng, residual=residual, common=common, field_basis=basis)
         z = rng.standard_normal(m.size)
         g = rng.standard_normal((m.P, m.F, 2))
         assert float(m.adjoint(g) @ z) == pytest.approx(float((g * m.trajectories(z)).sum()), rel=1e-10)
@@ -141,10 +144,10 @@ def test_model_adjoint_is_the_transpose() -> None:
         np.testing.assert_allclose(d.mean(axis=1), 0.0, atol=1e-12)  # zero-mean gauge
 
 
-@pytest.mark.parametrize("common", [False, True])
-def test_prior_and_objective_gradients_match_finite_differences(common: bool) -> None:
+@pytest.mark.parametrize(("common", "field_basis"), [(False, False), (True, False), (True, True)])
+def test_prior_and_objective_gradients_match_finite_differences(common: bool, field_basis: bool) -> None:
     rng = np.random.default_rng(5)
-    m = model_for(rng, p=3, f=5, common=common)
+    m = model_for(rng, p=3, f=5, common=common, field_basis=field_basis)
     z = rng.standard_normal(m.size)
     _, grad = m.prior(z)
     spec = random_spectra(rng, p=3, f=5)
@@ -165,6 +168,25 @@ def test_prior_and_objective_gradients_match_finite_differences(common: bool) ->
         assert grad[i] == pytest.approx((m.prior(zp2)[0] - m.prior(zm2)[0]) / 2e-2, rel=1e-7, abs=1e-8)
         fd = (objective(spec, m, zp)[0] - objective(spec, m, zm)[0]) / (2 * h)
         assert jgrad[i] == pytest.approx(fd, rel=1e-5, abs=1e-6 * max(1.0, np.abs(jgrad).max()))
+
+
+def test_field_basis_prior_is_the_stated_quadratic_form() -> None:
+    """With ``field_prior``, the field part of the prior is ½ Σ_m,axis f_mᵀ Π_f f_m over the modes' zero-mean
+    time courses f (px), written out here from cumulative sums, plus the residual's whitened ½|z_e|²
+    and its acceleration term; and the preconditioner is positive definite."""
+    rng = np.random.default_rng(12)
+    m = model_for(rng, p=4, f=6, field_basis=True)
+    z = rng.standard_normal(m.size)
+    zf, ze, _ = m.split(z)
+    f = np.concatenate([np.zeros((m.R, 1, 2)), np.cumsum(zf, axis=1)], axis=1)
+    f -= f.mean(axis=1, keepdims=True)
+    expected = 0.5 * sum(float(f[r, :, k] @ m.pi_f @ f[r, :, k]) for r in range(m.R) for k in range(2))
+    expected += 0.5 * float((ze**2).sum()) + 0.5 * m.rho_e**2 * float((np.diff(ze, axis=1) ** 2).sum())
+    assert m.prior(z)[0] == pytest.approx(expected, rel=1e-10)
+    pc = m.preconditioner(rng.uniform(0.0, 2.0, (m.P, m.F)))
+    assert pc.shape == (m.R + m.P, m.F - 1, 2)
+    y = rng.standard_normal(m.size)
+    np.testing.assert_allclose(pc.to_y(pc.to_z(y)), y, rtol=1e-8, atol=1e-8)
 
 
 def test_prior_scales_follow_physical_units() -> None:
