@@ -115,6 +115,9 @@ class BandSpectra:
         )
 
 
+
+MASK_EDGE = 0.15  # raised-cosine edge of the patch mask (:func:`soft_mask`), in box units
+
 def auto_binning(box: int, n: int) -> int:
     """2 when the band (Fourier index <= n) lies within half the Nyquist of 2x2-binned patches, else 1.
 
@@ -162,7 +165,14 @@ def band_size(box: int, apix: float, band_high: float) -> int:
     return max(1, min(box // 2 - 1, math.floor(box * apix / band_high + 1e-9)))
 
 
-def soft_mask(box: int, xp: ModuleType = np, edge: float = 0.15) -> Any:
+def mask_profile(r: np.ndarray, edge: float = MASK_EDGE) -> np.ndarray:
+    """The patch mask at distance ``r`` from the box centre, in box units: 1 up to ``0.5 - edge``, a
+    raised cosine to 0 at 0.5, 0 beyond."""
+    inner = 0.5 - edge
+    return np.where(r <= inner, 1.0, np.where(r >= 0.5, 0.0, 0.5 + 0.5 * np.cos(np.pi * (r - inner) / edge)))
+
+
+def soft_mask(box: int, xp: ModuleType = np, edge: float = MASK_EDGE) -> Any:
     """(box, box) float32 circular mask: 1 inside radius ``(0.5 - edge)·box``, raised-cosine to 0 at ``box/2``.
 
     Tapering the patch edges keeps the box border (which does not move with the specimen) out of
@@ -170,9 +180,7 @@ def soft_mask(box: int, xp: ModuleType = np, edge: float = 0.15) -> Any:
     """
     c = box // 2
     yy, xx = np.mgrid[0:box, 0:box]
-    r = np.hypot(yy - c, xx - c) / box
-    inner = 0.5 - edge
-    m = np.where(r <= inner, 1.0, np.where(r >= 0.5, 0.0, 0.5 + 0.5 * np.cos(np.pi * (r - inner) / edge)))
+    m = mask_profile(np.hypot(yy - c, xx - c) / box, edge)
     return xp.asarray(m.astype(np.float32))
 
 

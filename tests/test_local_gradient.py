@@ -11,7 +11,7 @@ import pytest
 
 from gpu.backend import rfft2
 from gpu.dose import dose_weights
-from gpu.local import TrajectoryModel, objective, spatial_basis
+from gpu.local import TrajectoryModel, objective, overlap_weights, spatial_basis
 from gpu.local_model import BandSpectra, data_term, per_particle_term, prepare_spectra, soft_mask
 from gpu.motion import FrameMotion, prior_precision
 from gpu.shift import fourier_shift
@@ -279,3 +279,20 @@ def test_spectra_from_frames_equals_prepare_spectra_on_cut_patches() -> None:
     a = prepare_spectra(patches, centres - ci, 1.0, 1.0, **kw)
     b = spectra_from_frames(frames, centres, 64, 1.0, 1.0, **kw)
     assert a.x.shape == b.x.shape and np.allclose(a.x, b.x, atol=1e-4)
+
+
+def test_overlap_weights_match_pixel_masks() -> None:
+    """``gpu.local.overlap_weights`` (masks sampled on a box/32 grid) against the same quantity from
+    full-resolution patch masks (gpu.local_model.soft_mask) on a pixel canvas: w_p = Σ m_p² / Σ m_p M."""
+    box = 64
+    pos = np.array([[100.0, 100.0], [130.0, 100.0], [100.0, 100.0], [300.0, 300.0], [160.0, 140.0]])
+    mask = soft_mask(box).astype(np.float64)
+    canvas = np.zeros((2, 5, 420, 420))  # (m_p placed, per particle), then M
+    for i, (x, y) in enumerate(pos.astype(int)):
+        canvas[0, i, y - box // 2 : y + box // 2, x - box // 2 : x + box // 2] = mask
+    total = canvas[0].sum(axis=0)
+    expected = (canvas[0] ** 2).sum(axis=(1, 2)) / (canvas[0] * total).sum(axis=(1, 2))
+    got = overlap_weights(pos, box)
+    np.testing.assert_allclose(got, expected, rtol=0.02)
+    assert got[3] == pytest.approx(1.0)  # alone
+    assert overlap_weights(pos[[0, 2]], box) == pytest.approx([0.5, 0.5])  # two identical masks
