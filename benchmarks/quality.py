@@ -23,7 +23,9 @@ oracle's gain: **vs true full-frame** ``(lmc - true_ff)/(oracle - true_ff)`` (th
 better particles than a perfect full-frame correction), vs lmc's own full-frame, and the same for
 the smooth-field ceiling. Trajectory errors (:mod:`streamer.sim.score`, Å, centred): RMSE of lmc, of
 lmc's full-frame only and of the true full-frame; lmc's common-mode error (the mean over particles
-of its error per frame): RMS, worst frame, first and last 6 frames.
+of its error per frame): RMS, worst frame, first and last 6 frames; beside it lmc's own posterior
+standard deviation of its full-frame trajectory ``s + c`` (``LocalTrajectories.common_sd``, Laplace:
+the error to expect where its prior and likelihood calibration hold), RMS over frames and frame 0.
 
 Seeds: each regime has tuning seeds (the default) and ONE held-out seed that is scored only with
 ``--heldout``: never while tuning the model, only to check a finished change (report every regime,
@@ -187,7 +189,8 @@ def score_movie(root: Path, params: SimParams, index: int, cfg: Config, band: tu
         picks_px=picks_px,
         choice=str(est.local.info.get("choice", "off")),
         seconds=seconds,
-        extra={"quality_gain": float(est.local.info.get("quality_gain", float("nan")))},
+        extra={"quality_gain": float(est.local.info.get("quality_gain", float("nan"))),
+               "common_sd_A": est.local.common_sd * apix},
     )
 
 
@@ -207,9 +210,13 @@ def summarise(movies: list[MovieScore]) -> dict[str, Any]:
         vals = [c[key] for c in cm[meth]]
         return float(max(vals)) if key == "worst" else float(np.sqrt(np.mean(np.square(vals))))
 
+    sd = [ms.extra["common_sd_A"] for ms in movies if len(ms.extra.get("common_sd_A", ()))]
     return {
         "movies": len(movies),
         "particles": n,
+        # lmc's own (Laplace) posterior std of its full-frame trajectory s + c: RMS over frames, frame 0
+        "common_sd": {"rms": float(np.sqrt(np.mean([np.mean(v**2) for v in sd]))) if sd else float("nan"),
+                      "frame0": float(np.sqrt(np.mean([v[0] ** 2 for v in sd]))) if sd else float("nan")},
         "frc": frc,
         "fraction_vs_true_ff": score.oracle_fraction(frc["lmc"], frc["true_ff"], frc["oracle"]),
         "fraction_vs_lmc_ff": score.oracle_fraction(frc["lmc"], frc["lmc_ff"], frc["oracle"]),
@@ -254,18 +261,21 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| regime | seeds | n | **fraction vs true full-frame** | fraction vs lmc full-frame | smooth-field ceiling | "
         "RMSE lmc Å | RMSE lmc full-frame Å | RMSE true full-frame Å | common-mode lmc: RMS (worst) Å | "
-        "first 6 / last 6 Å | common-mode lmc full-frame: RMS (worst) Å | common-mode true full-frame: RMS (worst) Å | guard |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "first 6 / last 6 Å | lmc's posterior sd of s + c: RMS (frame 0) Å | common-mode lmc full-frame: RMS (worst) Å | "
+        "common-mode true full-frame: RMS (worst) Å | guard |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         cm, cf, ct = (r["common_mode"][k] for k in ("lmc", "lmc_ff", "true_ff"))
         rm = r["rmse"]
+        sd = r.get("common_sd", {"rms": float("nan"), "frame0": float("nan")})
         choices = ", ".join(f"{c} ×{r['choices'].count(c)}" for c in dict.fromkeys(r["choices"]))
         lines.append(
             f"| {r['regime']} | {','.join(map(str, r['seeds']))} | {r['particles']} | **{r['fraction_vs_true_ff']:+.2f}** | "
             f"{r['fraction_vs_lmc_ff']:+.2f} | {r['field_ceiling']:+.2f} | {rm['lmc']:.2f} | {rm['lmc_ff']:.2f} | "
             f"{rm['true_ff']:.2f} | {cm['rms']:.2f} ({cm['worst']:.2f}) | {cm['first']:.2f} / {cm['last']:.2f} | "
-            f"{cf['rms']:.2f} ({cf['worst']:.2f}) | {ct['rms']:.2f} ({ct['worst']:.2f}) | {choices} |"
+            f"{sd['rms']:.2f} ({sd['frame0']:.2f}) | {cf['rms']:.2f} ({cf['worst']:.2f}) | {ct['rms']:.2f} ({ct['worst']:.2f}) | "
+            f"{choices} |"
         )
     return "\n".join(lines)
 

@@ -161,7 +161,8 @@ class LocalResult:
 
     ``candidates``: the guard's options by name ("full-frame", "field", "field+residual"), each
     (P, F, 2) px on top of ``s + common``, from the fit to all alignment frames (for diagnostics
-    and benchmarks).
+    and benchmarks). ``common_sd``: (F,) px, the posterior standard deviation of ``s + common`` per
+    frame (:func:`common_uncertainty`; zeros without the common term).
     """
 
     raw: Any
@@ -169,6 +170,7 @@ class LocalResult:
     common: Any
     info: dict[str, Any] = field(default_factory=dict)
     candidates: dict[str, np.ndarray] = field(default_factory=dict)
+    common_sd: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 # -- spatial basis -------------------------------------------------------------------------------
@@ -442,21 +444,20 @@ def objective(spec: BandSpectra, model: TrajectoryModel, z: np.ndarray) -> tuple
 
 def fit(
     spec: BandSpectra, model: TrajectoryModel, max_iter: int = MAX_ITER, z0: np.ndarray | None = None,
-    precondition: bool = True, tol_nats: float = 1e-3,
+    precondition: bool = True, tol_nats: float = 1e-3, curv: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """MAP parameters by L-BFGS from ``z0`` (default 0 = full-frame motion); returns (z, info).
 
     ``precondition``: minimise over ``y`` with ``z = L^{-T} y`` (:meth:`TrajectoryModel.preconditioner`,
     curvature from :func:`gpu.local_model.curvature` at the full-frame alignment): same minimum,
     127 -> 10 likelihood evaluations on a simulated 3072² session (benchmarks/local_speed.py).
-    ``tol_nats``: stop when an iteration lowers J by less than this (absolute, nats).
+    ``tol_nats``: stop when an iteration lowers J by less than this (absolute, nats). ``curv``:
+    that curvature (P, F) when already computed (:func:`frame_curvature`).
     """
     z0 = np.zeros(model.size) if z0 is None else z0
     j0, _ = objective(spec, model, z0)
     if precondition:
-        h = np.zeros((model.P, model.F))
-        h[:, spec.frames] = backend.to_numpy(curvature(spec))
-        pc = model.preconditioner(h)
+        pc = model.preconditioner(frame_curvature(spec, model.F) if curv is None else curv)
     else:
         pc = None
 
@@ -480,6 +481,35 @@ def fit(
         z = z0  # never return something worse than the start (full-frame)
     return z, {"objective_start": float(j0), "objective": float(min(res.fun, j0)), "iterations": int(res.nit),
                "evaluations": int(res.nfev), "converged": bool(res.success)}
+
+
+def frame_curvature(spec: BandSpectra, n_frames: int) -> np.ndarray:
+    """(P, F) float64 :func:`gpu.local_model.curvature` on the movie's frames (0 outside the alignment frames)."""
+    h = np.zeros((spec.x.shape[0], n_frames))
+    h[:, spec.frames] = backend.to_numpy(curvature(spec))
+    return h
+
+
+def common_uncertainty(model: TrajectoryModel, h: np.ndarray) -> np.ndarray:
+    """(F,) px: the posterior standard deviation of the improved full-frame trajectory ``s + c`` per
+    frame (both axes: ``sqrt(var_x + var_y)``), zero-mean gauge, Laplace approximation.
+
+    Hessian of the common term: its prior ``Π = P ⊕ P + β L`` (module docstring) plus the particles'
+    data curvature summed over particles per frame (``h`` (P, F), :func:`frame_curvature`; the field
+    is centred, so its coupling to ``c`` is left out). A model-based figure: the error to expect where
+    the prior and the likelihood's calibration hold (benchmarks/quality.py compares it with the truth).
+    """
+    f = model.F
+    if model.pi_c is None:
+        return np.zeros(f)
+    hess = model.pi_c + np.diag(np.tile(h.sum(axis=0), 2))
+    q = np.linalg.qr(np.eye(f) - 1.0 / f)[0][:, : f - 1]  # an orthonormal basis of zero-mean trajectories
+    q2 = np.zeros((2 * f, 2 * (f - 1)))
+    q2[:f, : f - 1] = q
+    q2[f:, f - 1 :] = q
+    cov = q2 @ np.linalg.inv(q2.T @ hess @ q2) @ q2.T
+    var = np.diag(cov)
+    return np.sqrt(np.maximum(var[:f] + var[f:], 0.0))
 
 
 def heldout_gain(spec: BandSpectra, d: np.ndarray) -> float:
@@ -789,7 +819,8 @@ def estimate_local(
     model = make_model(scale)
     # the folds' mean is close to the all-frames optimum: ~half the evaluations of a start from 0
     z0 = np.mean(cv[scale].params, axis=0) if scale in cv else None
-    z, fit_info = fit(spectra, model, max_iter, z0=z0)
+    curv = frame_curvature(spectra, n_frames)
+    z, fit_info = fit(spectra, model, max_iter, z0=z0, curv=curv)
     info.update(fit_info)
     info["seconds_fit"] = round(time.perf_counter() - t2, 3)
     com, fld, res = model.parts(z)
@@ -819,4 +850,5 @@ def estimate_local(
     info["quality_gain"] = info["quality"]["gain"] if "quality" in info else float("nan")
     raw = per_frame_shifts(spectra, com[None] + smooth) - com[None]
     info["seconds"] = round(time.perf_counter() - t0, 3)
-    return LocalResult(raw=raw, smooth=smooth, common=com, info=info, candidates=candidates)
+    return LocalResult(raw=raw, smooth=smooth, common=com, info=info, candidates=candidates,
+                       common_sd=common_uncertainty(model, curv))

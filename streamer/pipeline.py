@@ -307,13 +307,16 @@ class LocalTrajectories:
     trajectory fitted jointly from all particles (zero-mean over frames; zeros when local is off or
     no particle could be aligned); ``raw``, ``smooth`` (n, F, 2) on top of the corrected full-frame
     trajectory (zeros for particles not estimated); ``info``: the fit's diagnostics (``gpu.local``);
-    ``n_outside``: particles too close to the edge for the alignment box (corrected full-frame only)."""
+    ``n_outside``: particles too close to the edge for the alignment box (corrected full-frame only);
+    ``common_sd``: (F,) posterior standard deviation of the corrected full-frame trajectory per frame
+    (``gpu.local.common_uncertainty``; empty when local is off)."""
 
     common: np.ndarray
     raw: np.ndarray
     smooth: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
     n_outside: int = 0
+    common_sd: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def local_trajectories(cfg: Config, frames: Frames, positions: np.ndarray, motion: FullFrame) -> LocalTrajectories:
@@ -367,6 +370,7 @@ def local_trajectories(cfg: Config, frames: Frames, positions: np.ndarray, motio
         spectra=spectra,
     )
     out.common = np.asarray(backend.to_numpy(res.common), dtype=np.float64)
+    out.common_sd = np.asarray(res.common_sd, dtype=np.float64)
     out.raw[inside] = backend.to_numpy(res.raw)
     out.smooth[inside] = backend.to_numpy(res.smooth)
     out.info = dict(res.info)

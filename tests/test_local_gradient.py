@@ -11,7 +11,7 @@ import pytest
 
 from gpu.backend import rfft2
 from gpu.dose import dose_weights
-from gpu.local import TrajectoryModel, objective, overlap_weights, spatial_basis
+from gpu.local import TrajectoryModel, common_uncertainty, objective, overlap_weights, spatial_basis
 from gpu.local_model import BandSpectra, data_term, per_particle_term, prepare_spectra, soft_mask
 from gpu.motion import FrameMotion, prior_precision
 from gpu.shift import fourier_shift
@@ -296,3 +296,29 @@ def test_overlap_weights_match_pixel_masks() -> None:
     np.testing.assert_allclose(got, expected, rtol=0.02)
     assert got[3] == pytest.approx(1.0)  # alone
     assert overlap_weights(pos[[0, 2]], box) == pytest.approx([0.5, 0.5])  # two identical masks
+
+
+def test_common_uncertainty_is_the_inverse_hessian_of_the_objective() -> None:
+    """``common_uncertainty``: per frame sqrt(var_x + var_y) of ``c`` under the Laplace approximation,
+    against the inverse Hessian of the common term's part of the objective taken numerically in its
+    own parameters (the increments zc; the prior is quadratic, the data curvature ``h`` enters as
+    ½ Σ_t h_t |c_t|² with h summed over particles)."""
+    rng = np.random.default_rng(13)
+    m = model_for(rng, p=4, f=6, common=True)
+    h = rng.uniform(0.5, 2.0, (m.P, m.F))
+    nc0 = m.size - m.nc
+    z = np.zeros(m.size)
+    c_mat = np.tril(np.ones((m.F, m.F - 1)), k=-1)
+    c_mat -= c_mat.mean(axis=0)  # increments -> zero-mean positions (the model's integration)
+    hess = np.zeros((m.nc, m.nc))
+    step = 1e-2
+    for i in range(m.nc):  # the prior's Hessian in zc by central differences of its (exact) gradient
+        zp, zm = z.copy(), z.copy()
+        zp[nc0 + i] += step
+        zm[nc0 + i] -= step
+        hess[:, i] = (m.prior(zp)[1][nc0:] - m.prior(zm)[1][nc0:]) / (2 * step)
+    data = np.kron(c_mat.T @ np.diag(h.sum(axis=0)) @ c_mat, np.eye(2))  # zc packs (F-1, 2): frame-major
+    cov_z = np.linalg.inv(hess + data)
+    big_c = np.kron(c_mat, np.eye(2))  # positions (F, 2) frame-major from zc
+    var = np.diag(big_c @ cov_z @ big_c.T).reshape(m.F, 2).sum(axis=1)
+    np.testing.assert_allclose(common_uncertainty(m, h), np.sqrt(var), rtol=1e-6)

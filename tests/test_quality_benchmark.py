@@ -71,6 +71,9 @@ def test_pooled_scores_and_table(scored: tuple) -> None:
     cm = score.common_mode_summary(score.common_mode(ms.traj_A["lmc"], ms.truth_A))
     assert summary["common_mode"]["lmc"]["rms"] == pytest.approx(cm["rms"])
     assert cm["worst"] >= cm["rms"] and summary["choices"] == [ms.choice] * 2
+    sd = ms.extra["common_sd_A"]  # lmc's own posterior std of s + c, per frame
+    assert sd.shape == (ms.truth_A.shape[1],) and np.all(sd > 0)
+    assert summary["common_sd"] == pytest.approx({"rms": float(np.sqrt(np.mean(sd**2))), "frame0": float(sd[0])})
     summary.update(regime="tiny", seeds=[5], band_A=[30.0, 2.5])
     row = bq.table([summary]).splitlines()[-1]
     assert row.startswith("| tiny | 5 | ") and f"{summary['fraction_vs_true_ff']:+.2f}" in row
