@@ -40,9 +40,12 @@ Model (one movie, all particles at once). Particle p sits in frame t at ``x_p + 
   With ``field_scale`` = 0: RELION's velocity prior — each frame's velocity an independent
   N(0, σ²) draw, σ = ``sigma_field`` (Å per e/Å²) scaled by ``N0 / (N + N0)`` at exposure N
   (``burst_exposure`` N0) — plus an acceleration prior (``sigma_acceleration``, Å per (e/Å²)²).
-  On the tuning sessions of benchmarks/quality.py, ``field_scale`` 0.15 (basis amplitudes of 3 Å)
-  lowered the field's trajectory error in every regime with a fitted field (BENCHMARKS.md, "Field
-  with the burst-basis prior"); 0.05 shrank large fields, 0.25-1 followed more noise.
+  The field's size differs between movies (1-8 Å), so with ``field_evidence`` the scale is chosen per
+  movie: a first fit at ``field_scale``, then the factor in ``EVIDENCE_FACTORS`` (×1/8 ... ×4) of
+  highest Laplace evidence (:func:`field_scale_evidence`), then the guard's held-out fits and the
+  final fit at that scale. On the tuning sessions of benchmarks/quality.py a fixed 0.15 (basis
+  amplitudes of 3 Å) was the best single value (0.05 shrank large fields, 0.25-1 followed more
+  noise), and the evidence's choice did better on weak and strong fields (BENCHMARKS.md).
 * Time, residual: each particle's ``e_p`` gets RELION's velocity prior (``sigma_velocity``, frame
   displacement std = σ·dose_per_frame/apix px) plus the acceleration prior: the particles' velocities
   have the prior covariance (field) + ``σ_e² I``, a GP whose independent part is strongly shrunk
@@ -114,6 +117,7 @@ from gpu.motion import FrameMotion, prior_precision
 from gpu.quality import heldout_frc, heldout_signal
 
 MAX_ITER = 300
+EVIDENCE_FACTORS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)  # field prior scales the evidence chooses among (× field_scale)
 GUARD_Z = 0.0  # standard errors of held-out gain a more complex candidate must win by (0: a better held-out score)
 
 
@@ -133,7 +137,9 @@ class LocalParams:
     ``field_scale``: > 0 gives every field mode's time course the full-frame motion prior
     (:func:`gpu.motion.prior_precision`: burst basis + smooth residual) with all its scales (Å)
     multiplied by ``field_scale`` (``sigma_field`` and ``burst_exposure`` are then unused); 0 = the
-    velocity prior of ``sigma_field``/``burst_exposure``.
+    velocity prior of ``sigma_field``/``burst_exposure``; ``field_evidence``: with ``field_scale`` > 0
+    (and without ``auto_smoothing``), multiply it per movie by the factor in ``EVIDENCE_FACTORS`` of
+    highest Laplace evidence (:func:`field_scale_evidence`).
     """
 
     band_low: float
@@ -151,6 +157,7 @@ class LocalParams:
     guard: bool
     common: bool
     field_scale: float
+    field_evidence: bool
 
 
 @dataclass
@@ -512,6 +519,52 @@ def common_uncertainty(model: TrajectoryModel, h: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(var[:f] + var[f:], 0.0))
 
 
+def scaled_prior_evidence(b: np.ndarray, h: np.ndarray, p: np.ndarray, factors: tuple[float, ...]) -> np.ndarray:
+    """Log evidence (nats, up to a constant) of a Gaussian observation under the prior precision ``p / k²``
+    for each ``k`` in ``factors``: the latent x ~ N(0, k² p⁻¹) is seen with precision ``h`` and linear term
+    ``b = h x̂``: ``½ bᵀ(h + p/k²)⁻¹ b - ½ log det(h + p/k²) + ½ log det(p/k²)`` (the omitted ``-½ x̂ᵀ h x̂``
+    and ``½ log det h`` do not depend on k). ``b``: (..., n); ``h``, ``p``: (n, n)."""
+    b2 = np.asarray(b, dtype=np.float64).reshape(-1, p.shape[0])
+    out = np.zeros(len(factors))
+    for i, k in enumerate(factors):
+        a = h + p / k**2
+        out[i] = 0.5 * float(np.einsum("ij,ji->", b2, np.linalg.solve(a, b2.T)))
+        out[i] += len(b2) * 0.5 * (np.linalg.slogdet(p / k**2)[1] - np.linalg.slogdet(a)[1])
+    return out
+
+
+def field_scale_evidence(spec: BandSpectra, model: TrajectoryModel, z: np.ndarray, curv: np.ndarray,
+                         factors: tuple[float, ...]) -> np.ndarray:
+    """Laplace evidence (nats, up to a constant) of the field prior scaled by each of ``factors``.
+
+    Each field mode's time course ``f_m`` (per axis, zero-mean) is observed through the data as
+    ``f̂ = f + g/h̄`` (``f``: the MAP of ``z``; ``g``: the log-likelihood's gradient projected on the
+    mode; ``h̄ = Σ_p Ψ_pm² h_p`` from the curvature ``curv`` (P, F)) with precision ``diag(h̄)``;
+    :func:`scaled_prior_evidence` under ``Π_f / k²`` on the zero-mean subspace, modes independent.
+    A type-II maximum likelihood of the field's size, which differs between movies by a factor of
+    ~8 (1-8 Å): on the tuning sessions of benchmarks/quality.py it chose ×0.125-0.25 for weak
+    fields (150 kDa, 1-2 Å) and ×0.5-1 for 2.5-5 Å ones (BENCHMARKS.md).
+    """
+    if model.pi_f is None:
+        raise ValueError("field_scale_evidence: the model has no field time-course prior (field_scale 0)")
+    xp = spec.xp
+    d = model.trajectories(z)
+    _, g = data_term(spec, xp.asarray(d[:, spec.frames]))
+    gd = np.zeros_like(d)
+    gd[:, spec.frames] = backend.to_numpy(g)
+    zf, _, _ = model.split(z)
+    f = model._integrate(zf, model.s_f)  # (R, F, 2) the modes' time courses
+    gm = np.einsum("pm,ptk->mtk", model.psi, gd)
+    hm = (model.psi**2).T @ curv  # (R, F)
+    q = np.linalg.qr(np.eye(model.F) - 1.0 / model.F)[0][:, : model.F - 1]  # zero-mean subspace
+    p_q = q.T @ model.pi_f @ q
+    out = np.zeros(len(factors))
+    for m in range(model.R):
+        b = (hm[m][:, None] * f[m] + gm[m]).T @ q  # (2 axes, F-1)
+        out += scaled_prior_evidence(b, q.T @ (hm[m][:, None] * q), p_q, factors)
+    return out
+
+
 def heldout_gain(spec: BandSpectra, d: np.ndarray) -> float:
     """Log-likelihood gain of shifts d (P, F, 2) over d = 0 on the frames of ``spec``."""
     xp = spec.xp
@@ -803,6 +856,14 @@ def estimate_local(
 
     t1 = time.perf_counter()
     scale = 1.0
+    curv = frame_curvature(spectra, n_frames)
+    if params.field_evidence and params.field_scale > 0 and not params.auto_smoothing:
+        # the field's size differs between movies (1-8 Å): its prior scale by the evidence of a first fit
+        first = make_model(1.0)
+        z1, _ = fit(spectra, first, max_iter, curv=curv)
+        ev = field_scale_evidence(spectra, first, z1, curv, EVIDENCE_FACTORS)
+        scale = EVIDENCE_FACTORS[int(np.argmax(ev))]
+        info["field_evidence"] = [round(float(v - ev.max()), 2) for v in ev]
     validate = params.guard or quality or params.auto_smoothing
     cv: dict[float, CrossValidation] = {}
     if params.auto_smoothing:
@@ -819,7 +880,6 @@ def estimate_local(
     model = make_model(scale)
     # the folds' mean is close to the all-frames optimum: ~half the evaluations of a start from 0
     z0 = np.mean(cv[scale].params, axis=0) if scale in cv else None
-    curv = frame_curvature(spectra, n_frames)
     z, fit_info = fit(spectra, model, max_iter, z0=z0, curv=curv)
     info.update(fit_info)
     info["seconds_fit"] = round(time.perf_counter() - t2, 3)

@@ -96,6 +96,7 @@ class LocalConfig:
     guard: bool = _f(True, "fall back to the (improved) full-frame trajectory for a movie where local motion is not supported by held-out frames")
     common: bool = _f(True, "correct the full-frame trajectory by a common term fitted jointly from all particles and the background")
     field_scale: float = _f(0.15, "the field's time-course prior = the full-frame motion prior (burst basis + smooth residual) with its scales times this; 0 = the velocity prior of sigma_field/burst_exposure")
+    field_evidence: bool = _f(True, "choose the field prior's scale per movie (field_scale x 1/8 ... 4) by its Laplace evidence from a first fit")
 
     def params(self) -> LocalParams:
         """The per-particle model's parameters (gpu/local.py), every one from this section."""

@@ -11,7 +11,14 @@ import pytest
 
 from gpu.backend import rfft2
 from gpu.dose import dose_weights
-from gpu.local import TrajectoryModel, common_uncertainty, objective, overlap_weights, spatial_basis
+from gpu.local import (
+    TrajectoryModel,
+    common_uncertainty,
+    objective,
+    overlap_weights,
+    scaled_prior_evidence,
+    spatial_basis,
+)
 from gpu.local_model import BandSpectra, data_term, per_particle_term, prepare_spectra, soft_mask
 from gpu.motion import FrameMotion, prior_precision
 from gpu.shift import fourier_shift
@@ -322,3 +329,24 @@ def test_common_uncertainty_is_the_inverse_hessian_of_the_objective() -> None:
     big_c = np.kron(c_mat, np.eye(2))  # positions (F, 2) frame-major from zc
     var = np.diag(big_c @ cov_z @ big_c.T).reshape(m.F, 2).sum(axis=1)
     np.testing.assert_allclose(common_uncertainty(m, h), np.sqrt(var), rtol=1e-6)
+
+
+def test_scaled_prior_evidence_is_the_gaussian_marginal_likelihood() -> None:
+    """``scaled_prior_evidence`` differs from log N(x̂; 0, k² p⁻¹ + h⁻¹) (scipy, written out) by a constant
+    in k, and picks the scale the observations were drawn with."""
+    from scipy.stats import multivariate_normal
+
+    rng = np.random.default_rng(14)
+    n = 8
+    a = rng.standard_normal((n, n))
+    p = a @ a.T + n * np.eye(n)
+    h = np.diag(rng.uniform(1.0, 4.0, n))
+    k_true = 2.0
+    x = rng.multivariate_normal(np.zeros(n), k_true**2 * np.linalg.inv(p), size=400)
+    xhat = x + rng.multivariate_normal(np.zeros(n), np.linalg.inv(h), size=400)
+    factors = (0.5, 1.0, 2.0, 4.0)
+    ev = scaled_prior_evidence(xhat @ h, h, p, factors)
+    direct = np.array([multivariate_normal(np.zeros(n), k**2 * np.linalg.inv(p) + np.linalg.inv(h)).logpdf(xhat).sum()
+                       for k in factors])
+    np.testing.assert_allclose(ev - ev[0], direct - direct[0], rtol=1e-8, atol=1e-6)
+    assert factors[int(np.argmax(ev))] == k_true
