@@ -319,29 +319,24 @@ class LocalTrajectories:
     common_sd: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
-def local_trajectories(cfg: Config, frames: Frames, positions: np.ndarray, motion: FullFrame) -> LocalTrajectories:
-    """Stage "local": per-particle trajectories (``cfg.local``; zeros when disabled).
+def local_spectra(cfg: Config, frames: Frames, positions: np.ndarray, motion: FullFrame) -> tuple[Any, np.ndarray]:
+    """(band spectra, inside): ``gpu.local_model.BandSpectra`` of the particles whose alignment box stays
+    inside every frame along the full-frame track (``inside`` (n,) bool; spectra None when none does).
 
     Band-limited patch spectra are cut chunk by chunk around each particle's full-frame track (from
     ``motion.sums2`` when set: a quarter of the gather), never all patches of a movie at once.
     """
-    n_frames, h, w = frames.shape
-    out = LocalTrajectories(np.zeros((n_frames, 2)), np.zeros((len(positions), n_frames, 2)),
-                            np.zeros((len(positions), n_frames, 2)))
-    if not cfg.local.enabled or len(positions) == 0:
-        return out
     from gpu.extract import boxes_inside
-    from gpu.local import estimate_local
     from gpu.local_model import binned_boxes_inside, spectra_from_frames
 
+    _, h, w = frames.shape
     a = (cfg.local.align_box or cfg.box) * frames.upsampling
     centres = positions[:, None, :] + motion.shifts_px[None, :, :]
     inside = boxes_inside(np.rint(centres), a, (h, w)).all(axis=1)
     if motion.sums2 is not None:
         inside &= binned_boxes_inside(centres, a, (h // 2, w // 2)).all(axis=1)
-    out.n_outside = int((~inside).sum())
     if not inside.any():
-        return out
+        return None, inside
     spectra = spectra_from_frames(
         frames.data,
         centres[inside],
@@ -357,6 +352,22 @@ def local_trajectories(cfg: Config, frames: Frames, positions: np.ndarray, motio
         last_frame=cfg.local.last_frame,
         binned_frames=motion.sums2,
     )
+    return spectra, inside
+
+
+def local_trajectories(cfg: Config, frames: Frames, positions: np.ndarray, motion: FullFrame) -> LocalTrajectories:
+    """Stage "local": per-particle trajectories (``cfg.local``; zeros when disabled), from :func:`local_spectra`."""
+    n_frames = frames.shape[0]
+    out = LocalTrajectories(np.zeros((n_frames, 2)), np.zeros((len(positions), n_frames, 2)),
+                            np.zeros((len(positions), n_frames, 2)))
+    if not cfg.local.enabled or len(positions) == 0:
+        return out
+    from gpu.local import estimate_local
+
+    spectra, inside = local_spectra(cfg, frames, positions, motion)
+    out.n_outside = int((~inside).sum())
+    if spectra is None:
+        return out
     res = estimate_local(
         None,
         None,

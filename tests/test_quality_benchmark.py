@@ -125,3 +125,16 @@ def test_cached_sessions_are_reused_with_the_same_parameters(tmp_path: Path) -> 
     assert again["frc"] == first["frc"] and again["rmse"] == first["rmse"]
     bq.run_regime("default", [9], args, sim_overrides={**tiny, "mass_kda": 500.0})  # other parameters: a new session
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_likelihood_calibration_score_at_the_truth(scored: tuple) -> None:
+    """benchmarks/likelihood_calibration.py: z = score / sqrt(curvature) at the true trajectories is
+    finite per frame and axis and of order 1 (a calibrated likelihood).
+"""
+    import likelihood_calibration as lc
+
+    root, cfg, _ms = scored
+    name = movie_filename(hard_params(seed=5, movies=1, **TINY), 0)
+    z = lc.movie_z(cfg, root, name, overlap=True)
+    assert z.shape == (TINY["frames"], 2) and np.all(np.isfinite(z))
+    assert 0.3 < z.std() < 3.0

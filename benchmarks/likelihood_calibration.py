@@ -1,0 +1,79 @@
+"""Is the per-particle likelihood calibrated? Its score at the TRUE trajectories, against its curvature.
+
+For a calibrated log-likelihood ``ℓ`` the score ``g = ∂ℓ/∂d`` at the true parameters has variance
+equal to the Fisher information, which :func:`gpu.local_model.curvature` estimates (``h``). This
+script takes hard simulated sessions (:mod:`benchmarks.quality`'s regimes and tuning seeds), builds
+the product's band spectra (:func:`streamer.pipeline.local_spectra`, the overlap weights of
+:func:`gpu.local.overlap_weights` applied as :func:`gpu.local.estimate_local` does), evaluates the
+score of the particles' summed log-likelihood in a common shift of frame t (``Σ_p g_pt``, what the
+common term ``c_t`` sees) at the true trajectories (junk picks at the full-frame track), and reports
+``z = Σ_p g_pt / sqrt(Σ_p h_pt)``: its standard deviation over frames 8-39 and both axes (1 when
+calibrated; above 1 the likelihood is overconfident), and over frame 0 alone (pooled over seeds).
+
+Usage::
+
+    python benchmarks/likelihood_calibration.py [--cache DIR] [--no-overlap]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import quality as bq  # benchmarks/quality.py: regimes, seeds, sessions, Config
+
+from gpu.local import overlap_weights
+from gpu.local_model import curvature, data_term
+from streamer import pipeline as pl
+from streamer.sim.simulate import hard_params, load_truth, movie_filename, recommended_box
+
+
+def movie_z(cfg: Any, root: Path, name: str, overlap: bool) -> np.ndarray:
+    """(F, 2) ``z`` of one movie (module docstring)."""
+    truth = load_truth(root, name)
+    est = pl.estimate(cfg, str(root / "movies" / name), None, xp=np, workspace=pl.Workspace(), clock=pl.StageClock(np))
+    frames, apix = est.frames, est.frames.apix
+    spectra, inside = pl.local_spectra(cfg, frames, est.located.positions, est.motion)
+    pos = est.located.positions[inside]
+    if overlap:
+        spectra.x *= np.sqrt(overlap_weights(pos, spectra.box))[:, None, None, None].astype(spectra.rdtype)
+    d = np.hypot(*(pos[:, None, :] - truth["picks"][None, :, :]).transpose(2, 0, 1))
+    near = d.argmin(axis=1)
+    pid = np.where(d[np.arange(len(pos)), near] < 0.01, truth["pick_particle"][near], -1)
+    s = est.motion.shifts_px - est.motion.shifts_px.mean(axis=0)
+    true = np.zeros((len(pos), *s.shape))  # local shifts on top of the motion stage's s (junk: 0)
+    tr = truth["trajectories"][pid[pid >= 0]] / apix
+    true[pid >= 0] = tr - tr.mean(axis=1, keepdims=True) - s[None]
+    _, g = data_term(spectra, true[:, spectra.frames])
+    h = np.asarray(curvature(spectra)).sum(axis=0)
+    return np.asarray(g).sum(axis=0) / np.sqrt(h)[:, None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", help="simulated sessions folder (as benchmarks/quality.py --cache)")
+    ap.add_argument("--no-overlap", action="store_true", help="without the overlap weights (the likelihood before them)")
+    args = ap.parse_args(argv)
+    print("| regime | seeds | z std, frames 8+ | z std, frame 0 |\n|---|---|---|---|")
+    for name, over in bq.REGIMES.items():
+        seeds = list(bq.TUNING_SEEDS)
+        box = max(recommended_box(hard_params(seed=s, movies=1, **over)) for s in seeds)
+        zs = []
+        for seed in seeds:
+            params = hard_params(seed=seed, movies=1, **over)
+            with tempfile.TemporaryDirectory(prefix="lmc-calibration-") as tmp:
+                root = bq.simulated_session(params, Path(tmp), args.cache)
+                cfg = bq.session_config(root, params, {"box": box})
+                zs.append(movie_z(cfg, root, movie_filename(params, 0), not args.no_overlap))
+        z = np.stack(zs)
+        print(f"| {name} | {','.join(map(str, seeds))} | {z[:, 8:].std():.2f} | {np.sqrt((z[:, 0] ** 2).mean()):.2f} |")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
