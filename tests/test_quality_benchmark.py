@@ -129,8 +129,7 @@ def test_cached_sessions_are_reused_with_the_same_parameters(tmp_path: Path) -> 
 
 def test_likelihood_calibration_score_at_the_truth(scored: tuple) -> None:
     """benchmarks/likelihood_calibration.py: z = score / sqrt(curvature) at the true trajectories is
-    finite per frame and axis and of order 1 (a calibrated likelihood).
-"""
+    finite per frame and axis and of order 1 (a calibrated likelihood)."""
     import likelihood_calibration as lc
 
     root, cfg, _ms = scored
