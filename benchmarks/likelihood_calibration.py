@@ -4,7 +4,7 @@ For a calibrated log-likelihood ``ℓ`` the score ``g = ∂ℓ/∂d`` at the tru
 equal to the Fisher information, which :func:`gpu.local_model.curvature` estimates (``h``). This
 script takes hard simulated sessions (:mod:`benchmarks.quality`'s regimes and tuning seeds), builds
 the product's band spectra (:func:`streamer.pipeline.local_spectra`, the overlap weights of
-:func:`gpu.local.overlap_weights` applied as :func:`gpu.local.estimate_local` does), evaluates the
+:func:`gpu.local.weight_overlaps`, as :func:`gpu.local.estimate_local` applies them), evaluates the
 score of the particles' summed log-likelihood in a common shift of frame t (``Σ_p g_pt``, what the
 common term ``c_t`` sees) at the true trajectories (junk picks at the full-frame track), and reports
 ``z = Σ_p g_pt / sqrt(Σ_p h_pt)``: its standard deviation over frames 8-39 and both axes (1 when
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import quality as bq  # benchmarks/quality.py: regimes, seeds, sessions, Config
 
-from gpu.local import overlap_weights
+from gpu.local import weight_overlaps
 from gpu.local_model import curvature, data_term
 from streamer import pipeline as pl
 from streamer.sim.simulate import hard_params, load_truth, movie_filename, recommended_box
@@ -40,7 +40,7 @@ def movie_z(cfg: Any, root: Path, name: str, overlap: bool) -> np.ndarray:
     spectra, inside = pl.local_spectra(cfg, frames, est.located.positions, est.motion)
     pos = est.located.positions[inside]
     if overlap:
-        spectra.x *= np.sqrt(overlap_weights(pos, spectra.box))[:, None, None, None].astype(spectra.rdtype)
+        weight_overlaps(spectra, pos)
     d = np.hypot(*(pos[:, None, :] - truth["picks"][None, :, :]).transpose(2, 0, 1))
     near = d.argmin(axis=1)
     pid = np.where(d[np.arange(len(pos)), near] < 0.01, truth["pick_particle"][near], -1)

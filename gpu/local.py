@@ -498,6 +498,11 @@ def frame_curvature(spec: BandSpectra, n_frames: int) -> np.ndarray:
     return h
 
 
+def _zero_mean_basis(n: int) -> np.ndarray:
+    """(n, n-1) orthonormal basis of the zero-mean vectors of length n (the gauge of every trajectory)."""
+    return np.linalg.qr(np.eye(n) - 1.0 / n)[0][:, : n - 1]
+
+
 def common_uncertainty(model: TrajectoryModel, h: np.ndarray) -> np.ndarray:
     """(F,) px: the posterior standard deviation of the improved full-frame trajectory ``s + c`` per
     frame (both axes: ``sqrt(var_x + var_y)``), zero-mean gauge, Laplace approximation.
@@ -511,7 +516,7 @@ def common_uncertainty(model: TrajectoryModel, h: np.ndarray) -> np.ndarray:
     if model.pi_c is None:
         return np.zeros(f)
     hess = model.pi_c + np.diag(np.tile(h.sum(axis=0), 2))
-    q = np.linalg.qr(np.eye(f) - 1.0 / f)[0][:, : f - 1]  # an orthonormal basis of zero-mean trajectories
+    q = _zero_mean_basis(f)
     q2 = np.zeros((2 * f, 2 * (f - 1)))
     q2[:f, : f - 1] = q
     q2[f:, f - 1 :] = q
@@ -557,7 +562,7 @@ def field_scale_evidence(spec: BandSpectra, model: TrajectoryModel, z: np.ndarra
     f = model._integrate(zf, model.s_f)  # (R, F, 2) the modes' time courses
     gm = np.einsum("pm,ptk->mtk", model.psi, gd)
     hm = (model.psi**2).T @ curv  # (R, F)
-    q = np.linalg.qr(np.eye(model.F) - 1.0 / model.F)[0][:, : model.F - 1]  # zero-mean subspace
+    q = _zero_mean_basis(model.F)
     p_q = q.T @ model.pi_f @ q
     out = np.zeros(len(factors))
     for m in range(model.R):
@@ -646,22 +651,6 @@ def _newton_step(sums: Any, damping: float, max_step: float, xp: Any) -> Any:
 # -- entry point -----------------------------------------------------------------------------
 
 
-def _coverage(positions: np.ndarray, box: int, shape: tuple[int, int], cell: int) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
-    """(ny, nx) how many ``box``² boxes around ``positions`` (P, 2) px cover each ``cell``-px cell of a
-    frame ``shape`` (h, w), and each box's cell range (y0, y1, x0, x1)."""
-    h, w = shape
-    ny, nx = -(-h // cell), -(-w // cell)
-    count = np.zeros((ny, nx), dtype=np.int32)
-    half = box / 2.0
-    ranges = []
-    for x, y in np.asarray(positions, dtype=np.float64).reshape(-1, 2):
-        x0, x1 = int(max(0, (x - half) // cell)), int(min(nx, -(-(x + half) // cell)))
-        y0, y1 = int(max(0, (y - half) // cell)), int(min(ny, -(-(y + half) // cell)))
-        count[y0:y1, x0:x1] += 1
-        ranges.append((y0, y1, x0, x1))
-    return count, ranges
-
-
 def background_share(positions: np.ndarray, box: int, frame_shape: tuple[int, int], cell: int = 8) -> float:
     """Fraction of the frame ``(h, w)`` outside every ``box``² alignment box around ``positions`` (P, 2) px.
 
@@ -669,8 +658,15 @@ def background_share(positions: np.ndarray, box: int, frame_shape: tuple[int, in
     (module docstring): the rest of that evidence came from the particles, which enter in full
     through their own likelihood. Rasterised on ``cell``-px cells.
     """
-    count, _ = _coverage(positions, box, frame_shape, cell)
-    return float((count == 0).mean())
+    h, w = frame_shape
+    ny, nx = -(-h // cell), -(-w // cell)
+    covered = np.zeros((ny, nx), dtype=bool)
+    half = box / 2.0
+    for x, y in np.asarray(positions, dtype=np.float64).reshape(-1, 2):
+        x0, x1 = int(max(0, (x - half) // cell)), int(min(nx, -(-(x + half) // cell)))
+        y0, y1 = int(max(0, (y - half) // cell)), int(min(ny, -(-(y + half) // cell)))
+        covered[y0:y1, x0:x1] = True
+    return float(1.0 - covered.mean())
 
 
 def overlap_weights(positions: np.ndarray, box: int, cells: int = 32) -> np.ndarray:
@@ -703,6 +699,16 @@ def overlap_weights(positions: np.ndarray, box: int, cells: int = 32) -> np.ndar
         grid[y0 : y0 + cells + 1, x0 : x0 + cells + 1] += m
         patches.append((y0, x0, m))
     return np.array([(m * m).sum() / (m * grid[y0 : y0 + cells + 1, x0 : x0 + cells + 1]).sum() for y0, x0, m in patches])
+
+
+def weight_overlaps(spectra: BandSpectra, positions: np.ndarray) -> np.ndarray:
+    """Weight each particle's log-likelihood by :func:`overlap_weights` in place (it scales with
+    ``|x|²``: the spectra by the square root) and return the (P,) weights."""
+    weights = overlap_weights(positions, spectra.box)
+    if len(weights) and weights.min() < 1.0:
+        spectra.x *= spectra.xp.asarray(np.sqrt(weights)[:, None, None, None], dtype=spectra.rdtype)
+        spectra.self_power = None
+    return weights
 
 
 def _frame_folds(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -823,11 +829,7 @@ def estimate_local(
     p_count, n_frames = spectra.x.shape[0], spectra.n_frames
     if len(positions) != p_count:
         raise ValueError(f"estimate_local: {len(positions)} positions for {p_count} particles")
-    overlap = overlap_weights(positions, spectra.box)
-    if p_count and overlap.min() < 1.0:  # each particle's likelihood scales with |x|²: weight it in place
-        xp = spectra.xp
-        spectra.x *= xp.asarray(np.sqrt(overlap)[:, None, None, None], dtype=spectra.rdtype)
-        spectra.self_power = None
+    overlap = weight_overlaps(spectra, positions)
     if not np.isfinite(self_term(spectra)):
         raise ValueError("estimate_local: patches contain NaN or Inf values")
     info: dict[str, Any] = {"particles": p_count, "frames": n_frames, "seconds_prepare": round(time.perf_counter() - t0, 3),

@@ -51,6 +51,7 @@ _FFT_CHUNK_BYTES = 256 * 2**20
 _CPU_FFT_CHUNK_BYTES = 32 * 2**20  # per thread: chunks run concurrently on the CPU
 _TERM_CHUNK_ELEMS = 8 * 2**20
 _CPU_CHUNK_ELEMS = 2**18
+MASK_EDGE = 0.15  # raised-cosine edge of the patch mask (:func:`soft_mask`), in box units
 
 
 @dataclass
@@ -114,9 +115,6 @@ class BandSpectra:
             signal=self.signal,
         )
 
-
-
-MASK_EDGE = 0.15  # raised-cosine edge of the patch mask (:func:`soft_mask`), in box units
 
 def auto_binning(box: int, n: int) -> int:
     """2 when the band (Fourier index <= n) lies within half the Nyquist of 2x2-binned patches, else 1.
