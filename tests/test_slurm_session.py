@@ -89,9 +89,16 @@ def test_a_cancelled_job_is_replaced_and_nothing_is_lost_or_doubled(slurm_cluste
     out = tmp_path / "out"
     proc = lmc([*session_args("watch", tmp_path, source, out, "--headless"), *slurm_args(tmp_path)], cwd=tmp_path)
     try:
-        # as soon as two movies are committed, each worker holds a running and a prefetched movie
-        wait_for(lambda: len(ledger_state(out)[0]) >= 2, 60, proc)
-        victim = our_jobs(slurm_cluster, out)[0]
+        # the victim is a running job whose worker holds a movie. On a loaded machine one job can
+        # still be pending (the last test's jobs hold the node) while the other commits movies:
+        # cancelling a pending job tests nothing of the requeue.
+        def busy_job() -> str | None:
+            jobs = (status(out).get("slurm") or {}).get("jobs") or []
+            return next((j["job_id"] for j in jobs if j["state"] == "running" and j["worker"] and j["movie"]), None)
+
+        wait_for(lambda: len(ledger_state(out)[0]) >= 2 and busy_job() is not None, 60, proc)
+        victim = busy_job()
+        assert victim is not None
         subprocess.run(["scancel", victim], env=slurm_cluster.env, check=True)
         assert len(ledger_state(out)[0]) < len(good)
 
