@@ -25,11 +25,11 @@ import starfile
 from test_live import (
     check_output,
     ledger_state,
-    lmc,
     movie_names,
     picks_for,
     populate,
     read_json,
+    running,
     session_args,
     wait_for,
 )
@@ -114,8 +114,7 @@ def test_nearly_full_disk_pauses_dispatch_and_resumes_when_space_returns(tmp_pat
     ballast = disk / "ballast"
     free = shutil.disk_usage(disk).free
     ballast.write_bytes(b"\0" * (free - 6_000_000))  # ~6 MB left, below the 20 MB threshold
-    proc = lmc(session_args("run", tmp_path, source, out, "--min-free-gb", "0.02"), cwd=tmp_path)
-    try:
+    with running(session_args("run", tmp_path, source, out, "--min-free-gb", "0.02"), cwd=tmp_path) as proc:
         wait_for(lambda: read_json(out / "status.json").get("disk", {}).get("paused") is True, 40, proc)
         time.sleep(2.0)
         status = read_json(out / "status.json")
@@ -124,10 +123,6 @@ def test_nearly_full_disk_pauses_dispatch_and_resumes_when_space_returns(tmp_pat
         assert "dispatch paused" in (out / "logs" / "lmc.log").read_text()
         ballast.unlink()  # the operator frees space
         _, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err.decode()[-2000:]
     assert "dispatch resumed" in (out / "logs" / "lmc.log").read_text()
     check_output(out, good)
@@ -234,18 +229,13 @@ def test_corrupt_movie_fails_at_once_in_live_mode(tmp_path: Path, source: Path) 
     shutil.copyfile(picks_for(source, names[0]), tmp_path / "picks" / "FoilHole_5_Data_5_fractions_autopick.star")
     out = tmp_path / "out"
     t0 = time.monotonic()
-    proc = lmc(session_args("watch", tmp_path, source, out, "--headless"), cwd=tmp_path)  # incomplete_timeout 600 s
-    try:
+    with running(session_args("watch", tmp_path, source, out, "--headless"), cwd=tmp_path) as proc:  # incomplete_timeout 600 s
         wait_for(lambda: ledger_state(out)[0] == good and str(junk) in ledger_state(out)[1], 40, proc)
         assert time.monotonic() - t0 < 40
         reason = ledger_state(out)[1][str(junk)]
         assert "TIFF structure not readable" in reason and "not a valid movie" in reason
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_a_box_that_cannot_fit_is_refused_before_any_movie(tmp_path: Path, source: Path) -> None:
@@ -288,8 +278,7 @@ def test_a_disk_that_fills_anyway_stops_the_session_with_one_line_and_loses_noth
     first = populate(tmp_path, source, names[:1])
     disk = tmpfs("disk", "48m")
     out = disk / "out"
-    proc = lmc(session_args("watch", tmp_path, source, out, "--headless", "--min-free-gb", "0"), cwd=tmp_path)
-    try:
+    with running(session_args("watch", tmp_path, source, out, "--headless", "--min-free-gb", "0"), cwd=tmp_path) as proc:
         wait_for(lambda: ledger_state(out)[0] == first, 40, proc)
         with open(disk / "ballast", "wb") as f:  # the disk fills up (the pause threshold is off here)
             try:
@@ -299,10 +288,6 @@ def test_a_disk_that_fills_anyway_stops_the_session_with_one_line_and_loses_noth
                 pass
         populate(tmp_path, source, names)  # more movies arrive; their commit cannot be written
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = err.decode()
     assert proc.returncode == 3, text[-2000:]
     assert "Traceback" not in text

@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mrcfile
@@ -61,6 +62,19 @@ def picks_for(src: Path, movie: str) -> Path:
 def lmc(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "streamer.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, **kw)
+
+
+@contextmanager
+def running(args: list[str], cwd: Path, **kw) -> Iterator[subprocess.Popen]:
+    """``lmc`` with ``args`` for the body of a ``with``; killed at the end if the body left it running
+    (a failed assertion), so no session outlives its test."""
+    proc = lmc(args, cwd, **kw)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def session_args(cmd: str, tmp: Path, src: Path, out: Path, *extra: str) -> list[str]:
@@ -292,8 +306,7 @@ def test_emulated_session_processes_each_good_movie_once(tmp_path: Path, source:
 def test_sigkill_worker_then_drain_then_restart(tmp_path: Path, source: Path) -> None:
     good = populate(tmp_path, source, movie_names(source), copies=2)
     out = tmp_path / "out"
-    proc = lmc(session_args("watch", tmp_path, source, out, "--workers", "2", "--headless"), cwd=tmp_path)
-    try:
+    with running(session_args("watch", tmp_path, source, out, "--workers", "2", "--headless"), cwd=tmp_path) as proc:
         wait_for(lambda: len(ledger_state(out)[0]) >= 1, 30, proc)
         workers = children(proc.pid)
         assert len(workers) == 2
@@ -303,10 +316,6 @@ def test_sigkill_worker_then_drain_then_restart(tmp_path: Path, source: Path) ->
         wait_for(lambda: len(ledger_state(out)[0]) >= 2, 30, proc)
         proc.send_signal(signal.SIGINT)  # drain: running movies finish and are committed, prefetched ones wait
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err.decode()[-2000:]
     log = (out / "logs" / "lmc.log").read_text()
     assert "worker cpu0 lost" in log or "worker cpu1 lost" in log

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_live import check_output, ledger_state, lmc, movie_names, populate, session_args, wait_for
+from test_live import check_output, ledger_state, lmc, movie_names, populate, running, session_args, wait_for
 
 from streamer.live.keys import create_keys
 from streamer.live.slurm import job_name
@@ -87,8 +87,7 @@ def test_run_with_two_slurm_workers_writes_every_particle_once(slurm_cluster, tm
 def test_a_cancelled_job_is_replaced_and_nothing_is_lost_or_doubled(slurm_cluster, tmp_path: Path, source: Path) -> None:
     good = populate(tmp_path, source, movie_names(source), copies=3)
     out = tmp_path / "out"
-    proc = lmc([*session_args("watch", tmp_path, source, out, "--headless"), *slurm_args(tmp_path)], cwd=tmp_path)
-    try:
+    with running([*session_args("watch", tmp_path, source, out, "--headless"), *slurm_args(tmp_path)], cwd=tmp_path) as proc:
         # the victim is a running job whose worker holds a movie. On a loaded machine one job can
         # still be pending (the last test's jobs hold the node) while the other commits movies:
         # cancelling a pending job tests nothing of the requeue.
@@ -110,10 +109,6 @@ def test_a_cancelled_job_is_replaced_and_nothing_is_lost_or_doubled(slurm_cluste
         wait_for(lambda: len(ledger_state(out)[0]) == len(good), 90, proc)
         proc.send_signal(signal.SIGINT)  # drain and end the session
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err.decode()[-3000:]
     check_output(out, good)
     log = (out / "logs" / "lmc.log").read_text()
@@ -161,18 +156,13 @@ def test_slurm_workers_alongside_a_local_worker(slurm_cluster, tmp_path: Path, s
     (tmp_path / "movies").mkdir()
     (tmp_path / "picks").mkdir()
     out = tmp_path / "out"
-    proc = lmc([*session_args("watch", tmp_path, source, out, "--headless"), "--workers", "1", "--slurm-workers", "1"],
-               cwd=tmp_path)
-    try:
+    with running([*session_args("watch", tmp_path, source, out, "--headless"), "--workers", "1", "--slurm-workers", "1"],
+                 cwd=tmp_path) as proc:
         wait_for(lambda: len(status(out).get("workers") or []) == 2, 60, proc)  # the local one and the job's
         good = populate(tmp_path, source, movie_names(source), copies=2)
         wait_for(lambda: len(ledger_state(out)[0]) == len(good), 90, proc)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err.decode()[-3000:]
     check_output(out, good)
     by = Counter(r["worker"] for r in status(out)["recent"])
