@@ -255,12 +255,11 @@ def test_emulated_session_processes_each_good_movie_once(tmp_path: Path, source:
         (1.5, "picks", names[1]),  # picks long after the movie
     ]
     out = tmp_path / "out"
-    proc = lmc(session_args("watch", tmp_path, source, out, "--workers", "2", "--headless", "--incomplete-timeout", "3"),
-               cwd=tmp_path)
-    emu = Emulator(plan, source, tmp_path)
-    emu.start()
     good = {str(tmp_path / "movies" / n) for n in names}
-    try:
+    with running(session_args("watch", tmp_path, source, out, "--workers", "2", "--headless", "--incomplete-timeout", "3"),
+                 cwd=tmp_path) as proc:
+        emu = Emulator(plan, source, tmp_path)
+        emu.start()
         wait_for(lambda: ledger_state(out)[0] == good and len(ledger_state(out)[1]) == 2, 40, proc)
         emu.join()
         assert emu.error is None
@@ -275,10 +274,6 @@ def test_emulated_session_processes_each_good_movie_once(tmp_path: Path, source:
         intruder.close()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 1, err.decode()[-2000:]  # exit code 1: some movies failed (the two bad files)
     assert "draining" in err.decode()
     failed = ledger_state(out)[1]
