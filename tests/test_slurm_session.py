@@ -10,10 +10,12 @@ the same folder cancels; after every session no job of it is left in squeue.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,14 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = tmp_path_factory.mktemp("scope")
     simulate_session(src, SimParams(movies=6, frames=10, shape=(256, 256), particles=5, seed=5))
     return src
+
+
+@pytest.fixture(autouse=True)
+def no_jobs_left(slurm_cluster) -> Iterator[None]:
+    """Every job gone after each test, also after a failed one (whose session was SIGKILLed and
+    cancelled nothing): its jobs would hold the node's GPUs and fail the next test too."""
+    yield
+    slurm_cluster.cancel_all()
 
 
 def slurm_args(tmp: Path, *extra: str) -> list[str]:
@@ -88,15 +98,17 @@ def test_a_cancelled_job_is_replaced_and_nothing_is_lost_or_doubled(slurm_cluste
     good = populate(tmp_path, source, movie_names(source), copies=3)
     out = tmp_path / "out"
     with running([*session_args("watch", tmp_path, source, out, "--headless"), *slurm_args(tmp_path)], cwd=tmp_path) as proc:
-        # the victim is a running job whose worker holds a movie. On a loaded machine one job can
-        # still be pending (the last test's jobs hold the node) while the other commits movies:
-        # cancelling a pending job tests nothing of the requeue.
-        def busy_job() -> str | None:
-            jobs = (status(out).get("slurm") or {}).get("jobs") or []
-            return next((j["job_id"] for j in jobs if j["state"] == "running" and j["worker"] and j["movie"]), None)
+        # the victim is a job whose worker has joined (so it runs; with movies still queued it holds
+        # a running and a prefetched one). On a loaded machine one job can still be pending (the
+        # last test's jobs hold the node) while the other commits movies: cancelling a pending job
+        # tests nothing of the requeue. The log says at once who joined; the tiny movies leave no
+        # time for squeue or status.json polls (all 18 are done within a second).
+        def joined_job() -> str | None:
+            found = re.search(r"worker slurm-(\d+) joined", (out / "logs" / "lmc.log").read_text())
+            return found.group(1) if found else None
 
-        wait_for(lambda: len(ledger_state(out)[0]) >= 2 and busy_job() is not None, 60, proc)
-        victim = busy_job()
+        wait_for(lambda: len(ledger_state(out)[0]) >= 2 and joined_job() is not None, 60, proc)
+        victim = joined_job()
         assert victim is not None
         subprocess.run(["scancel", victim], env=slurm_cluster.env, check=True)
         assert len(ledger_state(out)[0]) < len(good)
