@@ -103,7 +103,7 @@ def main() -> None:
         )
         del motion
         traj = shifts[None] + jitter
-        out, tx, cx = timed("extraction", lambda t=traj: pl.extract(cfg, frames, pos, t))
+        out, tx, cx = timed("extraction", lambda t=traj: pl.extract(cfg, frames, pos, t, None))
         print(
             f"[run {run + 1}] extraction: {tx:.2f} s (CPU {cx:.2f} s) for {out.kept.size} particles, box {args.box} -> "
             f"{args.out_box}, {args.frames} frames; output {tuple(out.particles.shape)} {out.particles.dtype}"

@@ -125,7 +125,7 @@ def _frame_weights(dose: Any, win: Any, n_f: int, box: int, apix: float, xp: Mod
         return None
     if isinstance(dose, dict):
         if "dose_per_frame" not in dose:
-            raise ValueError("extract_particles: dose dict needs 'dose_per_frame' (and optionally pre_exposure, kv)")
+            raise ValueError("extract_particles: dose dict needs 'dose_per_frame' (and optionally pre_exposure, kv, frame_bfactors)")
         k = np.sqrt(win.ky[:, None] ** 2 + win.kx[None, :] ** 2) / apix  # 1/Å
         return dose_weights(
             xp.asarray(k),
@@ -134,6 +134,7 @@ def _frame_weights(dose: Any, win: Any, n_f: int, box: int, apix: float, xp: Mod
             float(dose.get("pre_exposure", 0.0)),
             float(dose.get("kv", 300.0)),
             xp=xp,
+            frame_bfactors=dose.get("frame_bfactors"),
         )
     wts = xp.asarray(dose, dtype=xp.float32)
     if tuple(wts.shape) != (n_f, box, box // 2 + 1):
@@ -208,8 +209,9 @@ def extract_particles(
     ``frames (F, h, w)`` float32; ``positions (P, 2)`` (x, y) px in reference-frame coordinates;
     ``trajectories (P, F, 2)`` or ``(F, 2)`` (dx, dy) px; ``box`` cut size and ``out_box`` output
     size (px, ``out_box <= box``; output pixel = ``apix * box / out_box``). ``dose``: None (plain
-    sum of frames), a dict ``{dose_per_frame, pre_exposure=0, kv=300}`` (Grant & Grigorieff
-    weights normalised so ``Σ_f q_f(k)² = 1``, gpu/dose.py), or precomputed weights
+    sum of frames), a dict ``{dose_per_frame, pre_exposure=0, kv=300, frame_bfactors=None}`` (Grant &
+    Grigorieff weights, optionally with per-frame alignment B-factors, normalised so ``Σ_f q_f(k)² = 1``,
+    gpu/dose.py), or precomputed weights
     ``(F, box, box//2+1)``. ``edge``: "skip" drops a particle whose box leaves the frame in any
     frame (reason "box leaves the frame"), "pad" fills the outside with that frame's mean.
     ``chunk`` particles per Fourier pass (default from ``memory_budget`` bytes, :func:`chunk_shape`;

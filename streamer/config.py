@@ -130,6 +130,7 @@ class Config:
     box: int = _f(256, "extraction box (px, movie pixels); see `lmc boxsize`")
     fcrop_box: int = _f(0, "Fourier-crop the box to this size (px); 0 = no cropping")
     dose_weighting: bool = _f(True, "Grant & Grigorieff exposure weighting")
+    uncertainty_weighting: bool = _f(True, "with dose_weighting: also weight each frame by the expected attenuation of its alignment error (a per-frame B-factor from the posterior sd of the full-frame trajectory s + c)")
     normalize: bool = _f(True, "zero mean, unit std of the background outside a circle (RELION convention)")
     invert_contrast: bool = _f(False, "multiply particles by -1 (dark protein -> white)")
     edge: str = _f("skip", "particles whose box leaves a frame: skip (count them) or pad (frame mean)", ("skip", "pad"))

@@ -401,14 +401,25 @@ class Extracted:
     reasons: list[tuple[int, str]]
 
 
-def extract(cfg: Config, frames: Frames, positions: np.ndarray, traj_px: np.ndarray) -> Extracted:
+def extract(cfg: Config, frames: Frames, positions: np.ndarray, traj_px: np.ndarray,
+            sd_px: np.ndarray | None) -> Extracted:
     """Stage "extract": particles at ``positions`` (frame px) along ``traj_px`` ((n, F, 2) or (F, 2),
     frame px) with Fourier sub-pixel shifts, exposure weighting (``cfg.dose_weighting``), Fourier
-    cropping to ``cfg.out_box``, then background normalisation / contrast inversion (``cfg``)."""
+    cropping to ``cfg.out_box``, then background normalisation / contrast inversion (``cfg``).
+
+    ``sd_px``: (F,) the trajectory's posterior standard deviation per frame (frame px, both axes;
+    :meth:`Estimate.trajectory_sd_px`), or None for a trajectory taken as exact. With
+    ``cfg.uncertainty_weighting`` each frame's exposure weight is multiplied by the expected
+    attenuation of that alignment error, a per-frame B-factor (gpu/dose.py)."""
+    from gpu.dose import alignment_bfactor
     from gpu.extract import extract_particles
     from gpu.normalize import normalize_background
 
-    dose = {"dose_per_frame": cfg.dose_per_frame, "pre_exposure": cfg.pre_exposure, "kv": cfg.kv} if cfg.dose_weighting else None
+    dose: dict[str, Any] | None = None
+    if cfg.dose_weighting:
+        dose = {"dose_per_frame": cfg.dose_per_frame, "pre_exposure": cfg.pre_exposure, "kv": cfg.kv}
+        if cfg.uncertainty_weighting and sd_px is not None:
+            dose["frame_bfactors"] = alignment_bfactor(np.asarray(sd_px, dtype=np.float64) * frames.apix)
     particles, kept, reasons = extract_particles(
         frames.data,
         positions,
@@ -468,6 +479,13 @@ class Estimate:
     def trajectories_px(self) -> np.ndarray:
         """(n, F, 2) the trajectory each particle is extracted along (frame px): full-frame + local."""
         return self.fullframe_px()[None] + self.local.smooth
+
+    def trajectory_sd_px(self) -> np.ndarray | None:
+        """(F,) the posterior standard deviation of :meth:`fullframe_px` per frame (frame px, both axes;
+        ``LocalTrajectories.common_sd``), the part of the extracted trajectories' error shared by every
+        particle; None where the local stage did not run (no estimate of it)."""
+        sd = self.local.common_sd
+        return sd if len(sd) == self.frames.shape[0] else None
 
     def raw_trajectories_px(self) -> np.ndarray:
         """(n, F, 2) the noisy per-frame estimate behind :meth:`trajectories_px` (frame px)."""
@@ -633,7 +651,7 @@ def process_movie(
                    binned_patches=binned_patches)
     del preloaded
     cfg = est.cfg or cfg
-    extracted = extract(cfg, est.frames, est.located.positions, est.trajectories_px())
+    extracted = extract(cfg, est.frames, est.located.positions, est.trajectories_px(), est.trajectory_sd_px())
     clock.lap("extract")
     image, binning = micrograph(est.motion)
     est.motion.binned = None

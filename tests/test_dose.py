@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from gpu.dose import critical_exposure, cumulative_exposure, dose_weights, optimal_exposure, voltage_factor
+from gpu.dose import (
+    alignment_bfactor,
+    critical_exposure,
+    cumulative_exposure,
+    dose_weights,
+    optimal_exposure,
+    voltage_factor,
+)
 
 
 @pytest.mark.parametrize(("res_A", "ne"), [(10.0, 14.1), (5.0, 6.4), (3.0, 4.3), (2.0, 3.6)])
@@ -52,3 +59,32 @@ def test_unnormalised_weights() -> None:
     w = dose_weights(np.array([0.25]), 5, 1.0, normalize=False)
     ne = 0.24499 * 0.25**-1.6649 + 2.8141
     assert np.allclose(w[:, 0], np.exp(-np.arange(1, 6) / (2 * ne)), rtol=1e-6)
+
+
+def test_alignment_bfactor_is_the_characteristic_function_of_a_gaussian_error() -> None:
+    """exp(-B k²/4) with B from the 2-D standard deviation equals the Monte-Carlo mean of the phase
+    factor exp(-2πi k·u) over an isotropic Gaussian error u (an independent computation)."""
+    rng = np.random.default_rng(0)
+    sd = 0.8  # Å, sqrt(var_x + var_y)
+    u = rng.normal(scale=sd / math.sqrt(2), size=(400_000, 2))
+    for k in ([0.25, 0.0], [0.1, 0.2], [0.0, 0.4]):
+        measured = np.mean(np.exp(-2j * np.pi * (u @ np.array(k)))).real
+        b = alignment_bfactor(sd)
+        assert measured == pytest.approx(math.exp(-b * float(np.dot(k, k)) / 4), abs=4e-3)
+    assert alignment_bfactor(np.array([0.0, 1.0])).tolist() == pytest.approx([0.0, 4 * math.pi**2])
+
+
+def test_frame_bfactors_multiply_each_frame_before_the_normalisation() -> None:
+    k = np.array([0.0, 0.1, 0.3])
+    b = np.array([20.0, 5.0, 0.0, 0.0, 0.0])
+    plain = dose_weights(k, 5, 1.0, normalize=False).astype(np.float64)
+    expected = plain * np.exp(-b[:, None] * k[None] ** 2 / 4)
+    expected /= np.sqrt((expected**2).sum(0))
+    w = dose_weights(k, 5, 1.0, frame_bfactors=b)
+    assert np.allclose(w, expected, rtol=1e-5)
+    assert np.allclose((w.astype(np.float64) ** 2).sum(0), 1.0, atol=1e-5)
+    assert w[0, 2] < dose_weights(k, 5, 1.0)[0, 2]  # the uncertain first frame counts less at 3 Å
+    assert np.allclose(dose_weights(k, 5, 1.0, frame_bfactors=np.zeros(5)), dose_weights(k, 5, 1.0))
+    for bad in (np.zeros(4), np.array([1.0, -1, 0, 0, 0]), np.array([np.nan, 0, 0, 0, 0])):
+        with pytest.raises(ValueError, match="frame_bfactors"):
+            dose_weights(k, 5, 1.0, frame_bfactors=bad)

@@ -123,13 +123,37 @@ def test_extract_stage_is_the_plain_window_sum_without_weights(session: Path, mo
     cfg = _cfg(session, dose_weighting=False, normalize=False, box=64)
     frames = pl.correct_gain(cfg, read_movie(str(movie)), xp=np, gain=None, workspace=pl.Workspace())
     pos = np.array([[100.0, 120.0], [300.0, 260.0], [2.0, 250.0]])  # the last box leaves the frame
-    out = pl.extract(cfg, frames, pos, np.zeros((16, 2)))
+    out = pl.extract(cfg, frames, pos, np.zeros((16, 2)), None)
     assert out.kept.tolist() == [0, 1] and [i for i, _ in out.reasons] == [2]
     total = frames.data.sum(axis=0)
     for k, (x, y) in enumerate(pos[:2].astype(int)):
         assert np.allclose(out.particles[k], total[y - 32 : y + 32, x - 32 : x + 32], rtol=1e-4, atol=1e-2)
-    cropped = pl.extract(cfg.with_(fcrop_box=32, normalize=True), frames, pos[:2], np.zeros((16, 2)))
+    cropped = pl.extract(cfg.with_(fcrop_box=32, normalize=True), frames, pos[:2], np.zeros((16, 2)), None)
     assert cropped.particles.shape == (2, 32, 32) and cropped.particles.dtype == np.float32
+
+
+def test_extract_stage_weights_frames_by_their_alignment_uncertainty(session: Path, movie: Path) -> None:
+    """With ``uncertainty_weighting`` each frame's exposure weight carries the B-factor of the
+    trajectory's posterior sd (gpu/dose.py): the same particles as precomputed weights built by hand."""
+    from gpu.dose import dose_weights
+    from gpu.extract import extract_particles
+
+    cfg = _cfg(session, normalize=False, box=64)
+    frames = pl.correct_gain(cfg, read_movie(str(movie)), xp=np, gain=None, workspace=pl.Workspace())
+    pos = np.array([[100.0, 120.0], [300.0, 260.0]])
+    traj = np.zeros((16, 2))
+    sd_px = np.linspace(1.5, 0.1, 16)
+    b = 4 * np.pi**2 * sd_px**2  # 8π² σ², σ² = sd²/2 per axis
+    kr = np.hypot(np.fft.fftfreq(64)[:, None], np.fft.rfftfreq(64)[None, :])  # 1/px = 1/Å at 1 Å/px
+    by_hand = dose_weights(kr, 16, 1.0, frame_bfactors=b)
+    expected, _, _ = extract_particles(frames.data, pos, traj, box=64, out_box=64, apix=1.0, dose=by_hand)
+    weighted = pl.extract(cfg, frames, pos, traj, sd_px)
+    assert np.allclose(weighted.particles, expected, rtol=1e-4, atol=1e-4)
+    plain = pl.extract(cfg, frames, pos, traj, None)
+    assert not np.allclose(weighted.particles, plain.particles, rtol=1e-3, atol=1e-3)
+    assert np.array_equal(pl.extract(cfg.with_(uncertainty_weighting=False), frames, pos, traj, sd_px).particles,
+                          plain.particles)
+    assert np.allclose(pl.extract(cfg, frames, pos, traj, np.zeros(16)).particles, plain.particles, atol=1e-5)
 
 
 def test_process_movie_runs_the_stages_in_order_and_times_each(session: Path, movie: Path, tmp_path: Path) -> None:
