@@ -214,9 +214,11 @@ class FullFrame:
 
 
 def use_binned_patches(cfg: Config, frames: Frames, xp: ModuleType, binned_patches: bool | None) -> bool:
-    """Whether the per-particle patches are cut from the frames' 2x2 sums: when the band allows it
+    """Whether the frames' 2x2 sums are made for the per-particle patches: when the band allows it
     and (``binned_patches`` None) on the CPU only (on a GPU the gather is cheap and device memory is
-    not: EER at upsampling 2 would need 2.7 GB more)."""
+    not: EER at upsampling 2 would need 2.7 GB more). The motion stage reuses them as its first
+    binning; the local stage cuts its patches from them only on a movie with enough particles
+    (:func:`local_spectra`)."""
     if not cfg.local.enabled or not (not backend.is_gpu(xp) if binned_patches is None else binned_patches):
         return False
     from gpu.local_model import auto_binning, band_size
@@ -323,8 +325,12 @@ def local_spectra(cfg: Config, frames: Frames, positions: np.ndarray, motion: Fu
     """(band spectra, inside): ``gpu.local_model.BandSpectra`` of the particles whose alignment box stays
     inside every frame along the full-frame track (``inside`` (n,) bool; spectra None when none does).
 
-    Band-limited patch spectra are cut chunk by chunk around each particle's full-frame track (from
-    ``motion.sums2`` when set: a quarter of the gather), never all patches of a movie at once.
+    Band-limited patch spectra are cut chunk by chunk around each particle's full-frame track, never
+    all patches of a movie at once. With at least ``cfg.local.bin_min_particles`` such particles the
+    patches are summed 2x2 where the band allows (``gpu.local_model.auto_binning``; cut from
+    ``motion.sums2`` when set: a quarter of the gather); with fewer, the full-resolution patches are
+    used: binning loses up to 15 % of the signal power at the band edge, and on a sparse movie the
+    common term and the field need all of it (BENCHMARKS.md), while the stage's cost there is small.
     """
     from gpu.extract import boxes_inside
     from gpu.local_model import binned_boxes_inside, spectra_from_frames
@@ -333,7 +339,8 @@ def local_spectra(cfg: Config, frames: Frames, positions: np.ndarray, motion: Fu
     a = (cfg.local.align_box or cfg.box) * frames.upsampling
     centres = positions[:, None, :] + motion.shifts_px[None, :, :]
     inside = boxes_inside(np.rint(centres), a, (h, w)).all(axis=1)
-    if motion.sums2 is not None:
+    binned = int(inside.sum()) >= cfg.local.bin_min_particles
+    if binned and motion.sums2 is not None:
         inside &= binned_boxes_inside(centres, a, (h // 2, w // 2)).all(axis=1)
     if not inside.any():
         return None, inside
@@ -350,7 +357,8 @@ def local_spectra(cfg: Config, frames: Frames, positions: np.ndarray, motion: Fu
         bfactor=cfg.local.bfactor,
         first_frame=cfg.local.first_frame,
         last_frame=cfg.local.last_frame,
-        binned_frames=motion.sums2,
+        binning=None if binned else 1,
+        binned_frames=motion.sums2 if binned else None,
     )
     return spectra, inside
 

@@ -119,6 +119,30 @@ def test_local_stage_counts_edge_particles_and_is_zero_when_disabled(session: Pa
     assert not on.smooth[~inside].any() and "choice" in on.info
 
 
+def test_local_patches_are_binned_only_with_enough_particles(session: Path, movie: Path) -> None:
+    """``local.bin_min_particles``: at or above it the band spectra are those of the 2x2-summed patches
+    (cut from the motion stage's sums), below it those of the full-resolution patches."""
+    from gpu.local_model import spectra_from_frames
+
+    cfg = _cfg(session, local={"align_box": 96, "band_high": 24.0})  # band index 4 <= 96/8: binnable
+    frames = pl.correct_gain(cfg, read_movie(str(movie)), xp=np, gain=None, workspace=pl.Workspace())
+    motion = pl.full_frame_motion(cfg, frames, sums2=pl.binned_sums(frames, pl.Workspace()))
+    located = pl.locate_picks(cfg, str(movie), None, frames)
+    n_inside = int(pl.local_spectra(cfg, frames, located.positions, motion)[1].sum())
+    assert n_inside >= 4
+    kw = {"apix": 1.0, "dose_per_frame": 1.0, "band_high": 24.0}
+    for threshold, binned in ((n_inside, True), (n_inside + 1, False), (0, True)):
+        c = _cfg(session, local={"align_box": 96, "band_high": 24.0, "bin_min_particles": threshold})
+        spec, inside = pl.local_spectra(c, frames, located.positions, motion)
+        centres = (located.positions[:, None] + motion.shifts_px[None])[inside]
+        expected = (spectra_from_frames(frames.data, centres, 96, binned_frames=motion.sums2, **kw) if binned
+                    else spectra_from_frames(frames.data, centres, 96, binning=1, **kw))
+        assert np.allclose(spec.x, expected.x, rtol=1e-5, atol=1e-5), threshold
+    unbinned = spectra_from_frames(frames.data, centres, 96, binning=1, **kw)
+    binned_x = spectra_from_frames(frames.data, centres, 96, binned_frames=motion.sums2, **kw).x
+    assert not np.allclose(unbinned.x, binned_x, rtol=1e-3, atol=1e-3)
+
+
 def test_extract_stage_is_the_plain_window_sum_without_weights(session: Path, movie: Path) -> None:
     cfg = _cfg(session, dose_weighting=False, normalize=False, box=64)
     frames = pl.correct_gain(cfg, read_movie(str(movie)), xp=np, gain=None, workspace=pl.Workspace())
