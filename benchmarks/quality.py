@@ -27,7 +27,8 @@ oracle's gain: **vs true full-frame** ``(lmc - true_ff)/(oracle - true_ff)`` (th
 better particles than a perfect full-frame correction), vs lmc's own full-frame, and the same for
 the smooth-field ceiling. Trajectory errors (:mod:`streamer.sim.score`, Å, centred): RMSE of lmc, of
 lmc's full-frame only and of the true full-frame; lmc's common-mode error (the mean over particles
-of its error per frame): RMS, worst frame, first and last 6 frames; beside it lmc's own posterior
+of its error per frame): RMS, worst frame, first and last 6 frames, and the same for the motion stage's
+``s`` alone (what the common term started from); beside it lmc's own posterior
 standard deviation of its full-frame trajectory ``s + c`` (``LocalTrajectories.common_sd``, Laplace:
 the error to expect where its prior and likelihood calibration hold), RMS over frames and frame 0.
 
@@ -197,7 +198,8 @@ def score_movie(root: Path, params: SimParams, index: int, cfg: Config, band: tu
         choice=str(est.local.info.get("choice", "off")),
         seconds=seconds,
         extra={"quality_gain": float(est.local.info.get("quality_gain", float("nan"))),
-               "common_sd_A": est.local.common_sd * apix},
+               "common_sd_A": est.local.common_sd * apix,
+               "motion_A": est.motion.shifts_px * apix},  # the motion stage's s alone (before the common term)
     )
 
 
@@ -212,6 +214,7 @@ def summarise(movies: list[MovieScore]) -> dict[str, Any]:
 
     cm = {meth: [score.common_mode_summary(score.common_mode(ms.traj_A[meth], ms.truth_A)) for ms in movies]
           for meth in ("lmc", "lmc_ff", "true_ff")}
+    cm["motion"] = [score.common_mode_summary(score.common_mode(ms.extra["motion_A"], ms.truth_A)) for ms in movies]
 
     def pooled(meth: str, key: str) -> float:
         vals = [c[key] for c in cm[meth]]
@@ -270,11 +273,12 @@ def table(results: list[dict[str, Any]]) -> str:
         "| regime | seeds | n | **fraction vs true full-frame** | the same, plain exposure weights | fraction vs lmc full-frame | smooth-field ceiling | "
         "RMSE lmc Å | RMSE lmc full-frame Å | RMSE true full-frame Å | common-mode lmc: RMS (worst) Å | "
         "first 6 / last 6 Å | lmc's posterior sd of s + c: RMS (frame 0) Å | common-mode lmc full-frame: RMS (worst) Å | "
-        "common-mode true full-frame: RMS (worst) Å | guard |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "common-mode motion stage s alone: RMS (worst), last 6 Å | common-mode true full-frame: RMS (worst) Å | guard |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         cm, cf, ct = (r["common_mode"][k] for k in ("lmc", "lmc_ff", "true_ff"))
+        cs = r["common_mode"].get("motion", {"rms": float("nan"), "worst": float("nan"), "last": float("nan")})
         rm = r["rmse"]
         sd = r.get("common_sd", {"rms": float("nan"), "frame0": float("nan")})
         choices = ", ".join(f"{c} ×{r['choices'].count(c)}" for c in dict.fromkeys(r["choices"]))
@@ -282,7 +286,8 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {r['regime']} | {','.join(map(str, r['seeds']))} | {r['particles']} | **{r['fraction_vs_true_ff']:+.2f}** | "
             f"{r['fraction_plain_vs_true_ff']:+.2f} | {r['fraction_vs_lmc_ff']:+.2f} | {r['field_ceiling']:+.2f} | {rm['lmc']:.2f} | {rm['lmc_ff']:.2f} | "
             f"{rm['true_ff']:.2f} | {cm['rms']:.2f} ({cm['worst']:.2f}) | {cm['first']:.2f} / {cm['last']:.2f} | "
-            f"{sd['rms']:.2f} ({sd['frame0']:.2f}) | {cf['rms']:.2f} ({cf['worst']:.2f}) | {ct['rms']:.2f} ({ct['worst']:.2f}) | "
+            f"{sd['rms']:.2f} ({sd['frame0']:.2f}) | {cf['rms']:.2f} ({cf['worst']:.2f}) | "
+            f"{cs['rms']:.2f} ({cs['worst']:.2f}), {cs['last']:.2f} | {ct['rms']:.2f} ({ct['worst']:.2f}) | "
             f"{choices} |"
         )
     return "\n".join(lines)

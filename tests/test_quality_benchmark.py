@@ -137,3 +137,15 @@ def test_likelihood_calibration_score_at_the_truth(scored: tuple) -> None:
     z = lc.movie_z(cfg, root, name, overlap=True)
     assert z.shape == (TINY["frames"], 2) and np.all(np.isfinite(z))
     assert 0.3 < z.std() < 3.0
+    g, h = lc.movie_score(cfg, root, name, overlap=True)
+    assert np.allclose(g / np.sqrt(h)[:, None], z)
+
+
+def test_worst_block_finds_a_common_pull_on_consecutive_frames() -> None:
+    """A pull of +1 on frames 5-8 of axis y, each of curvature 1, is a block z of 4/sqrt(4) = 2."""
+    import likelihood_calibration as lc
+
+    g = np.zeros((12, 2))
+    g[5:9, 1] = 1.0
+    g[0, 0] = -1.5  # one frame alone: block z 1.5/2
+    assert lc.worst_block(g, np.ones(12)) == (pytest.approx(2.0), 5, "y")
