@@ -62,12 +62,34 @@ def test_pool_keeps_n_jobs_replaces_a_cancelled_one_and_cancels_all_at_close(slu
     _until(lambda: all(j.state == "RUNNING" for j in pool.jobs.values()), 30, "the replacement running", pool)
     assert sorted(j.gpus for j in pool.jobs.values()) == ["0", "1"]  # the freed GPU went to the replacement
     assert [e.job.job_id for e in ended] == [first[0]]
-    assert "CANCELLED" in ended[0].message
+    assert "CANCELLED" in ended[0].message and "its worker never joined" in ended[0].message
     assert first[1] in pool.jobs
     assert sorted(_active(slurm_cluster, tmp_path)) == sorted(pool.jobs)
     pool.close()
     assert _active(slurm_cluster, tmp_path) == []
     assert pool.jobs == {}
+
+
+def test_a_job_cancelled_while_pending_is_reported_as_never_seen_running(slurm_cluster, tmp_path, fast):
+    """Three one-GPU jobs on the two-GPU node: the third waits; cancelled there, it is logged as such."""
+    pool = SlurmPool(SlurmConfig(workers=3, args="--gres=gpu:1"), tmp_path, SLEEPER)
+    pool.start()
+    _until(lambda: sorted(j.state for j in pool.jobs.values()) == ["PENDING", "RUNNING", "RUNNING"], 30,
+           "two jobs running, one pending", pool)
+    waiting = next(j.job_id for j in pool.jobs.values() if j.state == "PENDING")
+    subprocess.run(["scancel", waiting], env=slurm_cluster.env, check=True)
+    ended: list = []
+
+    def gone() -> bool:
+        ended.extend(pool.tick(time.monotonic()))
+        return waiting not in pool.jobs
+
+    _until(gone, 30, "the pending job's end")
+    assert [e.job.job_id for e in ended] == [waiting]
+    assert f"slurm job {waiting} ended: CANCELLED" in ended[0].message  # no node: it never ran
+    assert "before it was seen running" in ended[0].message and "worker never joined" not in ended[0].message
+    pool.close()
+    assert _active(slurm_cluster, tmp_path) == []
 
 
 def test_a_dead_sessions_jobs_are_cancelled_by_the_next(slurm_cluster, tmp_path, fast):

@@ -253,9 +253,11 @@ class SlurmPool:
         self.quick_in_row = self.quick_in_row + 1 if quick else 0
         exit_code = self._field(job.job_id, "ExitCode")
         where = f" on {job.node}" if job.node else ""
+        # a job never seen running (cancelled or failed while pending) had no worker to lose
+        unjoined = ", before it was seen running" if job.started is None else ", its worker never joined"
         msg = (f"slurm job {job.job_id}{where} ended: {job.state}"
                f"{f' (exit {exit_code})' if exit_code and exit_code != '0:0' else ''}"
-               f"{f', {job.reason}' if job.reason else ''}{'' if job.joined else ', its worker never joined'}"
+               f"{f', {job.reason}' if job.reason else ''}{'' if job.joined else unjoined}"
                f"; log {self.log_dir / f'slurm-{job.job_id}.log'}")
         delay = min(BACKOFF_S * 2 ** max(self.quick_in_row - 1, 0), MAX_BACKOFF_S) if quick else BACKOFF_S
         self.next_submit = max(self.next_submit, now + delay)
