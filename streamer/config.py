@@ -395,7 +395,7 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
         if section and SECTION_MAIN_KEY.get(section) == f.name:
             names.insert(0, f"--{section}")
         base = _base_type(f.type)
-        helptext = f.metadata.get("help", "")
+        helptext = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
         if base is bool:
             group.add_argument(*names, dest=dotted, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         else:

@@ -115,3 +115,15 @@ def test_missing_gain_stops_cleanly_before_writing(session: Path) -> None:
     assert res.returncode == 2
     assert "no_such_gain.mrc: gain.file not found" in res.stderr and "Traceback" not in res.stderr
     assert not (session / "outg").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "watch", "worker", "status", "keys", "simulate", "demo", "boxsize"])
+def test_every_command_prints_its_help(tmp_path: Path, command: str) -> None:
+    """``lmc COMMAND --help`` exits 0 with its usage (a config help text with a literal '%' once broke
+    argparse's formatting of ``run --help`` with a traceback)."""
+    res = lmc(command, "--help", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"usage: lmc {command}") and "Traceback" not in res.stderr
+    if command == "run":
+        assert "--local-bin-min-particles" in res.stdout and "15 % of the band edge" in " ".join(res.stdout.split())
+
