@@ -36,17 +36,22 @@ def total_memory() -> int | None:
 
 def check_fits(cfg: Config, movie: str, frames: int, h: int, w: int) -> None:
     """ConfigError when the configuration cannot work for this movie at all: a box (or alignment box)
-    larger than the frame, or a movie whose float32 frames alone exceed this machine's memory (MRC
-    only: an EER header counts raw frames, which are summed into far fewer fractions)."""
+    larger than the frame, or a movie whose float32 frames alone exceed this machine's memory.
+    ``frames, h, w``: the file's header (:func:`streamer.formats.movies.movie_header`); an EER header
+    counts raw frames, which are summed into at most ``eer.fractions`` frames on a grid
+    ``eer.upsampling`` times finer per axis."""
     for name, size in (("box", cfg.box), ("local.align_box", cfg.local.align_box)):
         if size > min(h, w):
             raise ConfigError(f"config: {name} = {size} px does not fit {movie} ({w} x {h} px); "
                               f"choose a {name} below {min(h, w)} (`lmc boxsize` suggests one)")
     memory = total_memory()
-    need = frames * h * w * 4
-    if memory and movie.endswith((".mrc", ".mrcs", ".mrc.bz2")) and need > memory:
-        raise ConfigError(f"config: {movie} needs {need / 2**30:.1f} GiB as float32 frames, more than this "
-                          f"machine's {memory / 2**30:.1f} GiB of memory")
+    eer = movie.lower().endswith(".eer")
+    n, u = (min(frames, cfg.eer.fractions), cfg.eer.upsampling) if eer else (frames, 1)
+    need = n * (h * u) * (w * u) * 4
+    if memory and need > memory:
+        what = f"{n} fractions at eer.upsampling {u}" if eer else f"{n} frames"
+        raise ConfigError(f"config: {movie} needs {need / 2**30:.1f} GiB as float32 frames ({what}), more than "
+                          f"this machine's {memory / 2**30:.1f} GiB of memory")
 
 
 def job_spec(cfg: Config, movie: str, picks: object, columns: ColumnSet) -> ResultSpec:
