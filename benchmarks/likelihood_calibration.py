@@ -38,6 +38,7 @@ import quality as bq  # benchmarks/quality.py: regimes, seeds, sessions, Config
 from gpu.local import weight_overlaps
 from gpu.local_model import curvature, data_term
 from streamer import pipeline as pl
+from streamer.sim.score import pick_ids
 from streamer.sim.simulate import hard_params, load_truth, movie_filename, recommended_box
 
 
@@ -65,9 +66,7 @@ def movie_score(cfg: Any, root: Path, name: str, overlap: bool) -> tuple[np.ndar
     pos = est.located.positions[inside]
     if overlap:
         weight_overlaps(spectra, pos)
-    d = np.hypot(*(pos[:, None, :] - truth["picks"][None, :, :]).transpose(2, 0, 1))
-    near = d.argmin(axis=1)
-    pid = np.where(d[np.arange(len(pos)), near] < 0.01, truth["pick_particle"][near], -1)
+    pid = pick_ids(pos, truth, 0.01)
     s = est.motion.shifts_px - est.motion.shifts_px.mean(axis=0)
     true = np.zeros((len(pos), *s.shape))  # local shifts on top of the motion stage's s (junk: 0)
     tr = truth["trajectories"][pid[pid >= 0]] / apix

@@ -157,9 +157,7 @@ def score_movie(root: Path, params: SimParams, index: int, cfg: Config, band: tu
         raise ValueError(f"{name}: the quality benchmark scores movies at upsampling 1 (got {u})")
     # the picks the product read, matched to the written ones; junk picks are fitted, not scored
     pos = est.located.positions
-    d = np.hypot(*(pos[:, None, :] - truth["picks"][None, :, :]).transpose(2, 0, 1))
-    nearest = d.argmin(axis=1)
-    pid = np.where(d[np.arange(len(pos)), nearest] < 0.01, truth["pick_particle"][nearest], -1)
+    pid = score.pick_ids(pos, truth, 0.01)
     true_px = truth["trajectories"] / apix
     field_px = score.smooth_field_fit(pos[pid >= 0], true_px[pid[pid >= 0]])
     trajs_all = {

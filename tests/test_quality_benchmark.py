@@ -98,6 +98,12 @@ def test_metric_functions_on_known_values() -> None:
     assert np.allclose(score.common_mode(truth + step, truth), step - step.mean(axis=0))
     assert np.allclose(score.reference_offsets(pos[:4], pos[:4] + 1.0, truth, truth), -1.0)
     assert score.oracle_fraction(0.5, 0.4, 0.6) == pytest.approx(0.5) and np.isnan(score.oracle_fraction(1, 1, 1))
+    # picks read back -> particle ids: the nearest written pick within the tolerance; junk and strays -1
+    truth_picks = {"picks": np.array([[10.0, 10.0], [50.0, 20.0], [90.0, 90.0]]), "pick_particle": np.array([4, -1, 7])}
+    read = np.array([[90.0, 90.3], [10.0, 10.0], [50.0, 20.0], [30.0, 30.0]])
+    assert score.pick_ids(read, truth_picks, 0.5).tolist() == [7, 4, -1, -1]
+    assert score.pick_ids(read, truth_picks, 0.01).tolist() == [-1, 4, -1, -1]
+    assert score.pick_ids(read, {"picks": np.zeros((0, 2)), "pick_particle": np.zeros(0, int)}, 0.5).tolist() == [-1] * 4
 
 
 def test_heldout_seeds_are_apart_and_only_scored_on_request() -> None:

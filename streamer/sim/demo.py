@@ -140,15 +140,13 @@ def truth_references(scope: Path, movie: str, x: np.ndarray, y: np.ndarray, box:
     ``(true centre - pick) / (out_apix / apix)`` px.
     """
     from gpu.shift import fourier_shift
+    from streamer.sim.score import pick_ids
     from streamer.sim.simulate import load_truth, truth_particles
 
     truth = load_truth(scope, movie)
-    picks = np.asarray(truth["picks"], np.float64)
     xy = np.stack([x, y], -1).astype(np.float64)
-    d = np.hypot(*(xy[:, None, :] - picks[None, :, :]).transpose(2, 0, 1))
-    nearest = d.argmin(axis=1) if len(picks) else np.zeros(len(xy), np.int64)
-    ids = truth["pick_particle"][nearest] if len(picks) else np.full(len(xy), -1)
-    keep = (ids >= 0) & (d[np.arange(len(xy)), nearest] < 0.5 if len(picks) else False)
+    ids = pick_ids(xy, truth, 0.5)
+    keep = ids >= 0
     if not keep.any():
         return np.zeros((0, box, box), np.float32), keep
     refs = truth_particles(scope, movie, box, out_apix, ids=ids[keep])

@@ -21,6 +21,7 @@ over frames, estimate and truth alike.
   - est_t)``. Shifting the reference there scores each method without its constant offset (as the
   centred error) and without any noisy per-particle alignment.
 * :func:`oracle_fraction`: ``(score - baseline) / (oracle - baseline)``.
+* :func:`pick_ids`: which simulated particle each position (a pick as read back) belongs to.
 """
 
 from __future__ import annotations
@@ -28,6 +29,19 @@ from __future__ import annotations
 import numpy as np
 
 EDGE_FRAMES = 6  # frames at each end reported apart: a fast start and the last frames are where priors fail
+
+
+def pick_ids(xy: np.ndarray, truth: dict, tol_px: float) -> np.ndarray:
+    """(n,) int: for each ``xy`` (n, 2) movie px, the particle id (``truth["pick_particle"]``) of the
+    nearest written pick (``truth["picks"]``) when it lies within ``tol_px``; -1 for junk picks and for
+    positions near no pick."""
+    picks = np.asarray(truth["picks"], np.float64)
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
+    if len(picks) == 0:
+        return np.full(len(xy), -1)
+    d = np.hypot(*(xy[:, None, :] - picks[None, :, :]).transpose(2, 0, 1))
+    nearest = d.argmin(axis=1)
+    return np.where(d[np.arange(len(xy)), nearest] < tol_px, truth["pick_particle"][nearest], -1)
 
 
 def centred(traj: np.ndarray) -> np.ndarray:
