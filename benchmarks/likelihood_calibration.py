@@ -50,9 +50,8 @@ def movie_z(cfg: Any, root: Path, name: str, overlap: bool) -> np.ndarray:
 
 def worst_block(g: np.ndarray, h: np.ndarray, size: int = 4) -> tuple[float, int, str]:
     """(z, first frame, axis) of the block of ``size`` consecutive frames with the largest ``|z|``."""
-    gb = np.stack([g[i : i + size].sum(axis=0) for i in range(len(h) - size + 1)])
-    hb = np.array([h[i : i + size].sum() for i in range(len(h) - size + 1)])
-    z = gb / np.sqrt(hb)[:, None]
+    window = np.lib.stride_tricks.sliding_window_view
+    z = window(g, size, axis=0).sum(axis=-1) / np.sqrt(window(h, size).sum(axis=-1))[:, None]
     i, a = np.unravel_index(np.abs(z).argmax(), z.shape)
     return float(z[i, a]), int(i), "xy"[a]
 

@@ -102,7 +102,7 @@ class MovieScore:
 
     movie: str
     sums: dict[str, np.ndarray]
-    traj_A: dict[str, np.ndarray]  # per method (n, F, 2) or (F, 2)
+    traj_A: dict[str, np.ndarray]  # per method (n, F, 2) or (F, 2), and "motion": the motion stage's s alone
     truth_A: np.ndarray  # (n, F, 2)
     picks_px: np.ndarray  # (n, 2) the scored particles' picks (movie px)
     choice: str = ""
@@ -160,9 +160,10 @@ def score_movie(root: Path, params: SimParams, index: int, cfg: Config, band: tu
     pid = score.pick_ids(pos, truth, 0.01)
     true_px = truth["trajectories"] / apix
     field_px = score.smooth_field_fit(pos[pid >= 0], true_px[pid[pid >= 0]])
+    lmc = est.trajectories_px()[pid >= 0]
     trajs_all = {
-        "lmc": est.trajectories_px()[pid >= 0],
-        "lmc_plain": est.trajectories_px()[pid >= 0],
+        "lmc": lmc,
+        "lmc_plain": lmc,
         "lmc_ff": est.fullframe_px(),
         "true_ff": truth["frame_shifts"] / apix,
         "field": field_px,
@@ -190,14 +191,13 @@ def score_movie(root: Path, params: SimParams, index: int, cfg: Config, band: tu
     return MovieScore(
         movie=file_stem(name),
         sums=sums,
-        traj_A={k: v * apix for k, v in trajs.items()},
+        traj_A={**{k: v * apix for k, v in trajs.items()}, "motion": est.motion.shifts_px * apix},
         truth_A=truth["trajectories"][ids],
         picks_px=picks_px,
         choice=str(est.local.info.get("choice", "off")),
         seconds=seconds,
         extra={"quality_gain": float(est.local.info.get("quality_gain", float("nan"))),
-               "common_sd_A": est.local.common_sd * apix,
-               "motion_A": est.motion.shifts_px * apix},  # the motion stage's s alone (before the common term)
+               "common_sd_A": est.local.common_sd * apix},
     )
 
 
@@ -211,8 +211,7 @@ def summarise(movies: list[MovieScore]) -> dict[str, Any]:
         return float(np.sqrt(sq / n))
 
     cm = {meth: [score.common_mode_summary(score.common_mode(ms.traj_A[meth], ms.truth_A)) for ms in movies]
-          for meth in ("lmc", "lmc_ff", "true_ff")}
-    cm["motion"] = [score.common_mode_summary(score.common_mode(ms.extra["motion_A"], ms.truth_A)) for ms in movies]
+          for meth in ("lmc", "lmc_ff", "true_ff", "motion")}  # motion: the motion stage's s, before the common term
 
     def pooled(meth: str, key: str) -> float:
         vals = [c[key] for c in cm[meth]]
@@ -275,10 +274,8 @@ def table(results: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        cm, cf, ct = (r["common_mode"][k] for k in ("lmc", "lmc_ff", "true_ff"))
-        cs = r["common_mode"].get("motion", {"rms": float("nan"), "worst": float("nan"), "last": float("nan")})
-        rm = r["rmse"]
-        sd = r.get("common_sd", {"rms": float("nan"), "frame0": float("nan")})
+        cm, cf, ct, cs = (r["common_mode"][k] for k in ("lmc", "lmc_ff", "true_ff", "motion"))
+        rm, sd = r["rmse"], r["common_sd"]
         choices = ", ".join(f"{c} ×{r['choices'].count(c)}" for c in dict.fromkeys(r["choices"]))
         lines.append(
             f"| {r['regime']} | {','.join(map(str, r['seeds']))} | {r['particles']} | **{r['fraction_vs_true_ff']:+.2f}** | "

@@ -516,10 +516,7 @@ def common_uncertainty(model: TrajectoryModel, h: np.ndarray) -> np.ndarray:
     if model.pi_c is None:
         return np.zeros(f)
     hess = model.pi_c + np.diag(np.tile(h.sum(axis=0), 2))
-    q = _zero_mean_basis(f)
-    q2 = np.zeros((2 * f, 2 * (f - 1)))
-    q2[:f, : f - 1] = q
-    q2[f:, f - 1 :] = q
+    q2 = np.kron(np.eye(2), _zero_mean_basis(f))  # the zero-mean gauge of each axis (x then y)
     cov = q2 @ np.linalg.inv(q2.T @ hess @ q2) @ q2.T
     var = np.diag(cov)
     return np.sqrt(np.maximum(var[:f] + var[f:], 0.0))
