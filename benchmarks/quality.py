@@ -28,7 +28,9 @@ better particles than a perfect full-frame correction), vs lmc's own full-frame,
 the smooth-field ceiling. Trajectory errors (:mod:`streamer.sim.score`, Å, centred): RMSE of lmc, of
 lmc's full-frame only and of the true full-frame; lmc's common-mode error (the mean over particles
 of its error per frame): RMS, worst frame, first and last 6 frames, and the same for the motion stage's
-``s`` alone (what the common term started from); beside it lmc's own posterior
+``s`` alone (what the common term started from) and for the **limit** of the data
+(:func:`common_limit`: ``s + c`` with ``c`` fitted alone, every particle's true field + residual
+given: what lmc's joint fit would reach if the field were known exactly); beside it lmc's own posterior
 standard deviation of its full-frame trajectory ``s + c`` (``LocalTrajectories.common_sd``, Laplace:
 the error to expect where its prior and likelihood calibration hold), RMS over frames and frame 0.
 
@@ -188,10 +190,12 @@ def score_movie(root: Path, params: SimParams, index: int, cfg: Config, band: tu
             raise RuntimeError(f"{name}: {meth}: {len(picks_px) - len(out.kept)} particles left the frame")
         offsets = score.reference_offsets(truth["positions"][ids], picks_px, true_px[ids], traj)
         sums[meth] = image_ring_sums(out.particles, fourier_shift(refs, offsets), apix, band)
+    limit = common_limit(cfg, est, truth, pid)
     return MovieScore(
         movie=file_stem(name),
         sums=sums,
-        traj_A={**{k: v * apix for k, v in trajs.items()}, "motion": est.motion.shifts_px * apix},
+        traj_A={**{k: v * apix for k, v in trajs.items()}, "motion": est.motion.shifts_px * apix,
+                "common_limit": limit * apix},
         truth_A=truth["trajectories"][ids],
         picks_px=picks_px,
         choice=str(est.local.info.get("choice", "off")),
@@ -199,6 +203,29 @@ def score_movie(root: Path, params: SimParams, index: int, cfg: Config, band: tu
         extra={"quality_gain": float(est.local.info.get("quality_gain", float("nan"))),
                "common_sd_A": est.local.common_sd * apix},
     )
+
+
+def common_limit(cfg: Config, est: pl.Estimate, truth: dict[str, Any], pid: np.ndarray) -> np.ndarray:
+    """(F, 2) px: the full-frame trajectory ``s + c`` with ``c`` fitted knowing every particle's true
+    field + residual (:func:`gpu.local.common_given`): the same data, prior and background share as the
+    product's common term, nothing else unknown. Its common-mode error is the limit of the data for this
+    model; lmc's ``s + c`` can only approach it. Fitted on the true particles among the picks whose
+    alignment box stays inside (junk picks have no true displacement and are left out)."""
+    from gpu.local import background_share, common_given, weight_overlaps
+
+    frames, motion, pos = est.frames, est.motion, est.located.positions
+    spec, inside = pl.local_spectra(cfg, frames, pos, motion)
+    if spec is None or not (pid[inside] >= 0).any():
+        return motion.shifts_px.copy()
+    share = background_share(pos[inside], spec.box, motion.posterior.frame_shape)
+    true = pid[inside] >= 0
+    spec.x = spec.x[true]
+    spec.self_power = None
+    weight_overlaps(spec, pos[inside][true])
+    d = truth["trajectories"][pid[inside][true]] / frames.apix - motion.shifts_px[None]
+    d -= d.mean(axis=1, keepdims=True)
+    known = d - d.mean(axis=0, keepdims=True)  # what differs between particles: field + residual
+    return motion.shifts_px + common_given(spec, known, motion.posterior, share)
 
 
 def summarise(movies: list[MovieScore]) -> dict[str, Any]:
@@ -211,7 +238,8 @@ def summarise(movies: list[MovieScore]) -> dict[str, Any]:
         return float(np.sqrt(sq / n))
 
     cm = {meth: [score.common_mode_summary(score.common_mode(ms.traj_A[meth], ms.truth_A)) for ms in movies]
-          for meth in ("lmc", "lmc_ff", "true_ff", "motion")}  # motion: the motion stage's s, before the common term
+          for meth in ("lmc", "lmc_ff", "true_ff", "motion", "common_limit")}  # motion: the motion stage's s, before
+    # the common term; common_limit: s + c with every particle's own displacement known (the data's limit)
 
     def pooled(meth: str, key: str) -> float:
         vals = [c[key] for c in cm[meth]]
@@ -269,18 +297,20 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| regime | seeds | n | **fraction vs true full-frame** | the same, plain exposure weights | fraction vs lmc full-frame | smooth-field ceiling | "
         "RMSE lmc Å | RMSE lmc full-frame Å | RMSE true full-frame Å | common-mode lmc: RMS (worst) Å | "
-        "first 6 / last 6 Å | lmc's posterior sd of s + c: RMS (frame 0) Å | common-mode lmc full-frame: RMS (worst) Å | "
+        "first 6 / last 6 Å | limit: s + c with every particle's own motion known: RMS (worst), first 6 / last 6 Å | "
+        "lmc's posterior sd of s + c: RMS (frame 0) Å | common-mode lmc full-frame: RMS (worst) Å | "
         "common-mode motion stage s alone: RMS (worst), last 6 Å | common-mode true full-frame: RMS (worst) Å | guard |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        cm, cf, ct, cs = (r["common_mode"][k] for k in ("lmc", "lmc_ff", "true_ff", "motion"))
+        cm, cf, ct, cs, cl = (r["common_mode"][k] for k in ("lmc", "lmc_ff", "true_ff", "motion", "common_limit"))
         rm, sd = r["rmse"], r["common_sd"]
         choices = ", ".join(f"{c} ×{r['choices'].count(c)}" for c in dict.fromkeys(r["choices"]))
         lines.append(
             f"| {r['regime']} | {','.join(map(str, r['seeds']))} | {r['particles']} | **{r['fraction_vs_true_ff']:+.2f}** | "
             f"{r['fraction_plain_vs_true_ff']:+.2f} | {r['fraction_vs_lmc_ff']:+.2f} | {r['field_ceiling']:+.2f} | {rm['lmc']:.2f} | {rm['lmc_ff']:.2f} | "
             f"{rm['true_ff']:.2f} | {cm['rms']:.2f} ({cm['worst']:.2f}) | {cm['first']:.2f} / {cm['last']:.2f} | "
+            f"{cl['rms']:.2f} ({cl['worst']:.2f}), {cl['first']:.2f} / {cl['last']:.2f} | "
             f"{sd['rms']:.2f} ({sd['frame0']:.2f}) | {cf['rms']:.2f} ({cf['worst']:.2f}) | "
             f"{cs['rms']:.2f} ({cs['worst']:.2f}), {cs['last']:.2f} | {ct['rms']:.2f} ({ct['worst']:.2f}) | "
             f"{choices} |"

@@ -522,6 +522,36 @@ def common_uncertainty(model: TrajectoryModel, h: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(var[:f] + var[f:], 0.0))
 
 
+def common_given(spec: BandSpectra, known: np.ndarray, motion: FrameMotion, share: float,
+                 max_iter: int = MAX_ITER) -> np.ndarray:
+    """(F, 2) px: the common term ``c`` fitted alone, every particle's own displacement ``known``.
+
+    ``known``: (P, F, 2) px, each particle's displacement that is not common to all (field + residual,
+    zero-mean over the particles in every frame). The spectra are aligned by it and ``c`` gets the
+    same posterior as in :func:`estimate_local` (the particles' likelihood, the prior on ``s + c`` and the
+    background's share ``share`` of the motion stage's evidence). With the true displacements this is
+    what the data say about the common shift when nothing else is unknown: the limit of any joint fit
+    of this model (benchmarks/quality.py scores lmc's ``s + c`` against it).
+    """
+    known = np.asarray(known, dtype=np.float64)
+    if known.shape != (spec.x.shape[0], spec.n_frames, 2):
+        raise ValueError(f"common_given: known displacements {known.shape} for {spec.x.shape[0]} particles, "
+                         f"{spec.n_frames} frames")
+    xp = spec.xp
+    aligned = BandSpectra(
+        x=_aligned_chunk(spec, xp.asarray(known[:, spec.frames]), slice(None)), kx=spec.kx, ky=spec.ky,
+        weight=spec.weight, shell=spec.shell, band=spec.band, frames=spec.frames, n_frames=spec.n_frames,
+        box=spec.box, apix=spec.apix, noise=spec.noise, signal=spec.signal,
+    )
+    # no field modes and no residual: only c is free, and its prior comes from ``motion`` alone (the
+    # dose and the field's and residual's sigmas scale parameters that do not exist here)
+    model = TrajectoryModel(np.zeros((known.shape[0], 0)), spec.n_frames, spec.apix, dose_per_frame=1.0,
+                            sigma_field=1.0, sigma_velocity=0.0, sigma_acceleration=1.0, residual=False,
+                            common=motion, background_share=share)
+    z, _ = fit(aligned, model, max_iter)
+    return model.parts(z)[0]
+
+
 def scaled_prior_evidence(b: np.ndarray, h: np.ndarray, p: np.ndarray, factors: tuple[float, ...]) -> np.ndarray:
     """Log evidence (nats, up to a constant) of a Gaussian observation under the prior precision ``p / k²``
     for each ``k`` in ``factors``: the latent x ~ N(0, k² p⁻¹) is seen with precision ``h`` and linear term

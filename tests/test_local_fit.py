@@ -207,3 +207,31 @@ def test_patches_cut_from_the_binned_movie_match_the_binned_patches() -> None:
         assert np.abs(frames_k - frames_k.mean(axis=1, keepdims=True)).max() < 0.15
     with pytest.raises(ValueError, match="binned frames"):
         spectra_from_frames(frames, centres + 200.0, box, 1.0, 1.0, band_high=8.0, binned_frames=sums)
+
+
+
+def test_common_given_recovers_the_common_path_when_the_rest_is_known() -> None:
+    """Particles moving along a common path plus their own large paths (zero-mean over the particles):
+    with each particle's own path given, ``common_given`` finds the common path; with the own paths
+    left unknown (zero), the misaligned frames decorrelate and it cannot."""
+    from gpu.local import common_given
+    from gpu.motion import FrameMotion, prior_precision
+
+    rng = np.random.default_rng(11)
+    patches, path, _ = moving_patches(rng, p=16)
+    p, f = patches.shape[:2]
+    t = np.linspace(0.0, 1.0, f)
+    own = rng.normal(0.0, 4.0, (p, 1, 2)) * (t[None, :, None] - 0.5)  # drifts of a few px
+    own -= own.mean(axis=0, keepdims=True)
+    moved = fourier_shift(patches.astype(np.float64), own).astype(np.float32)
+    spec = prepare_spectra(moved, np.zeros((p, f, 2)), 1.0, 1.0, band_low=200.0, band_high=6.0)
+    motion = FrameMotion(np.zeros((f, 2)), prior_precision(f, 1.0, 0.0), np.zeros((f, 2, 2)), (2000, 2000))
+    common = path.mean(axis=0)
+    c = common_given(spec, own, motion, 0.0)
+    assert c.shape == (f, 2)
+    np.testing.assert_allclose(c.mean(axis=0), 0.0, atol=1e-9)  # the gauge: zero-mean over frames
+    err = np.abs(c - common).max()
+    assert err < 0.15
+    assert np.abs(common_given(spec, np.zeros_like(own), motion, 0.0) - common).max() > 2 * err
+    with pytest.raises(ValueError, match="known displacements"):
+        common_given(spec, own[:, :-1], motion, 0.0)

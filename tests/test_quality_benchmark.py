@@ -74,9 +74,15 @@ def test_pooled_scores_and_table(scored: tuple) -> None:
     sd = ms.extra["common_sd_A"]  # lmc's own posterior std of s + c, per frame
     assert sd.shape == (ms.truth_A.shape[1],) and np.all(sd > 0)
     assert summary["common_sd"] == pytest.approx({"rms": float(np.sqrt(np.mean(sd**2))), "frame0": float(sd[0])})
+    # the data's limit: s + c with every particle's own motion known, one full-frame trajectory
+    limit = ms.traj_A["common_limit"]
+    assert limit.shape == (ms.truth_A.shape[1], 2) and not np.allclose(limit, ms.traj_A["motion"])
+    cl = score.common_mode_summary(score.common_mode(limit, ms.truth_A))
+    assert summary["common_mode"]["common_limit"] == pytest.approx(cl)
     summary.update(regime="tiny", seeds=[5], band_A=[30.0, 2.5])
     row = bq.table([summary]).splitlines()[-1]
     assert row.startswith("| tiny | 5 | ") and f"{summary['fraction_vs_true_ff']:+.2f}" in row
+    assert f"{cl['rms']:.2f} ({cl['worst']:.2f}), {cl['first']:.2f} / {cl['last']:.2f}" in row
 
 
 def test_metric_functions_on_known_values() -> None:
