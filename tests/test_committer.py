@@ -355,3 +355,48 @@ def test_writer_writes_side_files_cleans_their_temps_and_refuses_unwritable_name
     with caplog.at_level("INFO"), Committer(out, cfg):
         pass
     assert not list((out / "plots").glob(".*.tmp")) and "temp file left by an interrupted write" in caplog.text
+
+
+def test_a_folder_of_an_earlier_lmc_version_continues(tmp_path, caplog):
+    """A folder whose record lacks a parameter this lmc has (made before it existed) and holds one it
+    no longer has: it reopens, keeps its .cs import signature, reports both, and still refuses a real
+    change of a parameter both know."""
+    import hashlib
+    import json
+    import sqlite3
+
+    from streamer.config import processing_dict
+
+    out = tmp_path / "out"
+    with Committer(out, CFG) as c:
+        c.commit(make_result(0))
+    # rewrite the record as an earlier version would have written it
+    old = processing_dict(CFG)
+    del old["uncertainty_weighting"]
+    old["local"]["retired_knob"] = 3
+    old_fp = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    db = sqlite3.connect(out / "ledger.sqlite")
+    with db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'processing'", (json.dumps(old, sort_keys=True),))
+        db.execute("UPDATE meta SET value = ? WHERE key = 'fingerprint'", (old_fp,))
+    db.close()
+    with pytest.raises(FingerprintMismatch, match=r"box: 16 \(folder\) vs 24 \(now\)") as err:
+        Committer(out, CFG.with_(box=24))  # a parameter both know differs: refused, as before
+    assert "uncertainty_weighting" not in str(err.value)
+    with caplog.at_level("WARNING", logger="lmc.committer"), Committer(out, CFG) as c:
+        assert c.ledger.adopted == {"added": {"uncertainty_weighting": CFG.uncertainty_weighting},
+                                    "dropped": {"local.retired_knob": 3}}
+        assert c.ledger.get_meta("fingerprint") == CFG.fingerprint()
+        assert c.ledger.get_meta("fingerprint_created") == old_fp
+        assert [v["added"] for v in json.loads(c.ledger.get_meta("versions"))] == [{"uncertainty_weighting": True}]
+        c.commit(make_result(1))
+    text = caplog.text
+    assert "new parameters of this lmc version" in text and "uncertainty_weighting=True" in text
+    assert "no longer has: local.retired_knob=3" in text
+    check_folder(out, {0: 7, 1: 7})
+    # the folder's particles keep the import signature of its first fingerprint (the earlier version's;
+    # movie 0 was written here under this version's, before the record was rewritten)
+    sigs = Dataset.load(out / "particles.cs")["blob/import_sig"]
+    assert set(sigs[7:].tolist()) == {int(old_fp, 16)}
+    with Committer(out, CFG) as c:  # the record is this version's now: nothing more to adopt
+        assert c.ledger.adopted == {} and c.done_movies() == {movie_name(0), movie_name(1)}

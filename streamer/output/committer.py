@@ -131,6 +131,11 @@ class Committer:
             os.close(self._lock_fd)
             raise
         self._closed = False
+        for kind, what in (("added", "new parameters of this lmc version, not in the folder's record"),
+                           ("dropped", "parameters in the folder's record that this lmc version no longer has")):
+            if self.ledger.adopted.get(kind):
+                log.warning("%s: %s: %s", self.out, what,
+                            ", ".join(f"{k}={v!r}" for k, v in self.ledger.adopted[kind].items()))
         try:
             self._open_state()
         except BaseException:
@@ -142,7 +147,8 @@ class Committer:
 
     def _open_state(self) -> None:
         cfg = self.cfg
-        self._import_sig = int(cfg.fingerprint(), 16) & 0xFFFF_FFFF_FFFF_FFFF
+        # the folder's first fingerprint: one import signature for all its particles, across lmc versions
+        self._import_sig = int(self.ledger.import_fingerprint() or cfg.fingerprint(), 16) & 0xFFFF_FFFF_FFFF_FFFF
         self._sign = 1.0 if cfg.invert_contrast else -1.0
         self._cs_dtype = folder_format(self.ledger)[1]
         self._columns = folder_columns(self.ledger)

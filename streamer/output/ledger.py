@@ -2,7 +2,13 @@
 
 Tables:
   ``meta(key, value)``: fingerprint, processing (JSON), created, schema, and the snapshot/column state
-  kept by the committer (``star_columns``, ``cs_dtype``, ``snap_star``, ``snap_cs``).
+  kept by the committer (``star_columns``, ``cs_dtype``, ``snap_star``, ``snap_cs``); after an lmc
+  version with other parameter names opened the folder, ``fingerprint_created`` and ``versions``.
+
+A folder is reopened only with the processing parameters it was made with: every parameter the
+folder's record and this lmc both know must be equal (else FingerprintMismatch, naming each). A
+parameter only one side knows (an lmc version added or dropped it) cannot be given either way; the
+folder continues under this version's record, and the change is kept in ``versions`` and reported.
   ``movies``: one row per movie (status done|failed|skipped), with the STAR rows (text) and .cs
   records (an ``.npy`` blob) of its particles, so snapshots can be rebuilt from the ledger alone.
   ``ranges(movie_id, stack, first, count)``: where a movie's particles are (0-based, per stack file).
@@ -103,13 +109,17 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``["box: 256 (folder) vs 200 (now)", ...]`` for every processing key that differs."""
+    """``["box: 256 (folder) vs 200 (now)", ...]`` for every processing key both know that differs."""
     a, b = _flatten(old), _flatten(new)
-    return [
-        f"{k}: {a.get(k, '(absent)')!r} (folder) vs {b.get(k, '(absent)')!r} (now)"
-        for k in sorted(set(a) | set(b))
-        if a.get(k, "(absent)") != b.get(k, "(absent)")
-    ]
+    return [f"{k}: {a[k]!r} (folder) vs {b[k]!r} (now)" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+
+
+def version_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The processing keys only one side knows: ``{"added": {key: value now}, "dropped": {key: value in
+    the folder}}`` (flattened ``section.key``). An lmc version that gained a parameter records it in new
+    folders only; a folder made before has no value for it, and no flag could set one."""
+    a, b = _flatten(old), _flatten(new)
+    return {"added": {k: b[k] for k in sorted(set(b) - set(a))}, "dropped": {k: a[k] for k in sorted(set(a) - set(b))}}
 
 
 class Ledger:
@@ -122,6 +132,7 @@ class Ledger:
         ledger for status tools (no creation, no check unless a fingerprint is given). ``threaded``:
         the connection may be used from several threads (the caller serialises the use)."""
         self.path = Path(path)
+        self.adopted: dict[str, dict[str, Any]] = {}  # parameters a version change added/dropped (see _adopt_version)
         try:
             if readonly:
                 if not self.path.exists():
@@ -149,13 +160,37 @@ class Ledger:
                 self._put_meta("schema", str(SCHEMA_VERSION))
         elif existing != fingerprint:
             old = json.loads(self.get_meta("processing") or "{}")
-            diffs = describe_differences(old, processing or {}) or [f"fingerprint {existing} (folder) vs {fingerprint} (now)"]
-            self.db.close()
-            raise FingerprintMismatch(
-                f"{self.path.parent}: this output folder was made with different processing parameters: "
-                + "; ".join(diffs)
-                + ". Use a new --out folder (or the original parameters)."
-            )
+            diffs = describe_differences(old, processing or {})
+            changes = version_changes(old, processing or {})
+            if diffs or readonly or not (changes["added"] or changes["dropped"]):
+                self.db.close()
+                raise FingerprintMismatch(
+                    f"{self.path.parent}: this output folder was made with different processing parameters: "
+                    + "; ".join(diffs or [f"fingerprint {existing} (folder) vs {fingerprint} (now)"])
+                    + ". Use a new --out folder (or the original parameters)."
+                )
+            self._adopt_version(existing, fingerprint, processing or {}, changes)
+
+    def _adopt_version(self, existing: str, fingerprint: str, processing: dict[str, Any],
+                       changes: dict[str, dict[str, Any]]) -> None:
+        """A folder made by an lmc version with other parameter *names* (every parameter both versions
+        know has the same value): it continues under this version's record, in one transaction. The
+        first fingerprint stays as ``fingerprint_created`` (the folder's .cs import signature), and
+        ``versions`` lists every such change (time, added, dropped); ``adopted`` holds this one for the
+        caller to report."""
+        with self.transaction():
+            if self.get_meta("fingerprint_created") is None:
+                self._put_meta("fingerprint_created", existing)
+            history = json.loads(self.get_meta("versions") or "[]")
+            history.append({"time": time.time(), **changes})
+            self._put_meta("versions", dumps(history))
+            self._put_meta("fingerprint", fingerprint)
+            self._put_meta("processing", dumps(processing))
+        self.adopted = changes
+
+    def import_fingerprint(self) -> str:
+        """The fingerprint the folder was created with (its particles' .cs ``blob/import_sig``)."""
+        return self.get_meta("fingerprint_created") or self.get_meta("fingerprint") or ""
 
     # -- plumbing ---------------------------------------------------------------------
     def transaction(self) -> _Transaction:
