@@ -133,13 +133,29 @@ def session_config(root: Path, params: SimParams, overrides: dict[str, Any]) -> 
     return from_dict(data)
 
 
+# the code that renders a session: a change to any of these files must not reuse a cached session
+SIMULATOR_SOURCES = ("streamer/sim/simulate.py", "streamer/sim/specimen.py", "streamer/sim/motion.py",
+                     "gpu/ctf.py", "gpu/dose.py")
+
+
+def simulator_digest() -> str:
+    """SHA-256 of :data:`SIMULATOR_SOURCES` (the simulator's code, as it is now)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for rel in SIMULATOR_SOURCES:
+        h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def simulated_session(params: SimParams, tmp: Path, cache: str | None) -> Path:
     """The folder of the session ``params``: simulated into ``tmp``, or with ``cache`` into (and, when
-    already there with the same parameters, reused from) ``cache/<hash of params>`` (sessions are a pure
-    function of their parameters)."""
+    already there, reused from) ``cache/seed<seed>-<hash of params and simulator code>``: a session is
+    a pure function of its parameters and of the simulator's code (:func:`simulator_digest`), so a
+    changed simulator renders its sessions anew instead of scoring stale ones."""
     if not cache:
         return simulate_session(tmp, params)
-    key = hashlib.sha256(json.dumps(params.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    text = json.dumps(params.to_dict(), sort_keys=True) + simulator_digest()
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
     root = Path(cache) / f"seed{params.seed}-{key}"
     info = root / "session.json"
     if info.is_file() and json.loads(info.read_text()).get("params") == params.to_dict():

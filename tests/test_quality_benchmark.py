@@ -139,6 +139,18 @@ def test_cached_sessions_are_reused_with_the_same_parameters(tmp_path: Path) -> 
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
+def test_a_changed_simulator_renders_its_sessions_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache key holds the simulator's code: a session cached before a change to it is not reused."""
+    params = hard_params(seed=9, movies=1, **{**TINY, "frames": 6, "particles": 6})
+    digest = bq.simulator_digest()
+    assert len(digest) == 64 and digest == bq.simulator_digest()
+    first = bq.simulated_session(params, tmp_path / "unused", str(tmp_path / "cache"))
+    assert bq.simulated_session(params, tmp_path / "unused", str(tmp_path / "cache")) == first
+    monkeypatch.setattr(bq, "simulator_digest", lambda: "0" * 64)  # as if simulate.py had changed
+    second = bq.simulated_session(params, tmp_path / "unused", str(tmp_path / "cache"))
+    assert second != first and (second / "session.json").is_file() and (first / "session.json").is_file()
+
+
 def test_likelihood_calibration_score_at_the_truth(scored: tuple) -> None:
     """benchmarks/likelihood_calibration.py: z = score / sqrt(curvature) at the true trajectories is
     finite per frame and axis and of order 1 (a calibrated likelihood)."""
