@@ -173,3 +173,35 @@ def test_worst_block_finds_a_common_pull_on_consecutive_frames() -> None:
     g[5:9, 1] = 1.0
     g[0, 0] = -1.5  # one frame alone: block z 1.5/2
     assert lc.worst_block(g, np.ones(12)) == (pytest.approx(2.0), 5, "y")
+
+
+def test_reference_information_is_the_fisher_information_of_a_shift() -> None:
+    """benchmarks/reference_information.py: D a² Σ |∇ image_t|² / 2 from the half-plane spectrum equals
+    the same sum over pixels of the real-space derivatives (each frame's exposure filter and the band
+    applied alike), and the numerical Fisher information of a shift of the Poisson mean."""
+    import reference_information as ri
+
+    from gpu.dose import dose_weights
+
+    rng = np.random.default_rng(3)
+    b, apix, dose, frames, res = 48, 1.2, 1.5, 3, 4.0
+    img = 0.05 * rng.standard_normal((2, b, b))
+    got = ri.reference_information(img, apix, frames, dose, 0.0, 300.0, res)  # (P, F)
+    ky, kx = np.fft.fftfreq(b)[:, None], np.fft.rfftfreq(b)[None, :]
+    kmag = np.hypot(kx, ky) / apix
+    q = dose_weights(kmag, frames, dose, 0.0, 300.0, normalize=False) * (kmag <= 1.0 / res)
+    for t in range(frames):
+        spec = np.fft.rfft2(img) * q[t]
+        gx = np.fft.irfft2(2j * np.pi * kx * spec, s=(b, b))
+        gy = np.fft.irfft2(2j * np.pi * ky * spec, s=(b, b))
+        want = dose * apix**2 * ((gx**2).sum(axis=(1, 2)) + (gy**2).sum(axis=(1, 2))) / 2
+        np.testing.assert_allclose(got[:, t], want, rtol=1e-6)
+    # Fisher information of a shift along x: var of the score of Poisson counts with mean μ(x - δ)
+    def mu(d: float) -> np.ndarray:  # expected counts of frame 0 with its content shifted by d px in x
+        return dose * apix**2 * (1 + np.fft.irfft2(np.fft.rfft2(img[0]) * q[0] * np.exp(-2j * np.pi * kx * d), s=(b, b)))
+
+    eps = 1e-4
+    dmu = (mu(eps) - mu(-eps)) / (2 * eps)
+    fisher_x = float((dmu**2 / mu(0.0)).sum())
+    assert fisher_x == pytest.approx(
+        dose * apix**2 * float((np.fft.irfft2(2j * np.pi * kx * np.fft.rfft2(img[0]) * q[0], s=(b, b)) ** 2).sum()), rel=0.05)
