@@ -221,10 +221,24 @@ def use_binned_patches(cfg: Config, frames: Frames, xp: ModuleType, binned_patch
     (:func:`local_spectra`)."""
     if not cfg.local.enabled or not (not backend.is_gpu(xp) if binned_patches is None else binned_patches):
         return False
+    return binned_alignment_box(cfg, frames) is not None
+
+
+def alignment_box(cfg: Config, frames: Frames) -> int:
+    """The per-particle alignment box on the frames (px): ``local.align_box`` or ``box``, times the upsampling."""
+    return (cfg.local.align_box or cfg.box) * frames.upsampling
+
+
+def binned_alignment_box(cfg: Config, frames: Frames) -> int | None:
+    """The alignment box for 2x2-binned patches, or None where the band does not allow binning
+    (``gpu.local_model.auto_binning``). A box that is not a multiple of 4 is rounded down to one (at
+    most 3 px, inside the soft mask's edge of 15 % of the box): binning halves it, and without this a
+    box of e.g. 254 px cost 2.5x the CPU time of 256 px on a 300-particle movie (BENCHMARKS.md)."""
     from gpu.local_model import auto_binning, band_size
 
-    a = (cfg.local.align_box or cfg.box) * frames.upsampling
-    return auto_binning(a, band_size(a, frames.apix, cfg.local.band_high)) == 2
+    a = alignment_box(cfg, frames)
+    a4 = a - a % 4
+    return a4 if a4 >= 16 and auto_binning(a4, band_size(a4, frames.apix, cfg.local.band_high)) == 2 else None
 
 
 def full_frame_motion(cfg: Config, frames: Frames, *, sums2: Any = None) -> FullFrame:
@@ -331,17 +345,22 @@ def local_spectra(cfg: Config, frames: Frames, positions: np.ndarray, motion: Fu
     ``motion.sums2`` when set: a quarter of the gather); with fewer, the full-resolution patches are
     used: binning loses up to 15 % of the signal power at the band edge, and on a sparse movie the
     common term and the field need all of it (BENCHMARKS.md), while the stage's cost there is small.
+    Binned patches use :func:`binned_alignment_box` (the box rounded down to a multiple of 4).
     """
     from gpu.extract import boxes_inside
     from gpu.local_model import binned_boxes_inside, spectra_from_frames
 
     _, h, w = frames.shape
-    a = (cfg.local.align_box or cfg.box) * frames.upsampling
+    a = alignment_box(cfg, frames)
     centres = positions[:, None, :] + motion.shifts_px[None, :, :]
     inside = boxes_inside(np.rint(centres), a, (h, w)).all(axis=1)
-    binned = int(inside.sum()) >= cfg.local.bin_min_particles
-    if binned and motion.sums2 is not None:
-        inside &= binned_boxes_inside(centres, a, (h // 2, w // 2)).all(axis=1)
+    a_binned = binned_alignment_box(cfg, frames)
+    binned = a_binned is not None and int(inside.sum()) >= cfg.local.bin_min_particles
+    if binned:
+        a = a_binned
+        inside = boxes_inside(np.rint(centres), a, (h, w)).all(axis=1)
+        if motion.sums2 is not None:
+            inside &= binned_boxes_inside(centres, a, (h // 2, w // 2)).all(axis=1)
     if not inside.any():
         return None, inside
     spectra = spectra_from_frames(
@@ -357,7 +376,7 @@ def local_spectra(cfg: Config, frames: Frames, positions: np.ndarray, motion: Fu
         bfactor=cfg.local.bfactor,
         first_frame=cfg.local.first_frame,
         last_frame=cfg.local.last_frame,
-        binning=None if binned else 1,
+        binning=2 if binned else 1,
         binned_frames=motion.sums2 if binned else None,
     )
     return spectra, inside

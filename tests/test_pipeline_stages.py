@@ -143,6 +143,32 @@ def test_local_patches_are_binned_only_with_enough_particles(session: Path, movi
     assert not np.allclose(unbinned.x, binned_x, rtol=1e-3, atol=1e-3)
 
 
+def test_a_box_not_a_multiple_of_4_is_binned_at_the_multiple_below(session: Path, movie: Path) -> None:
+    """An alignment box of 98 px takes the binned path at 96 px (with enough particles), and keeps its
+    98 px at full resolution below ``bin_min_particles``: the same spectra as given those boxes."""
+    from gpu.local_model import spectra_from_frames
+
+    cfg = _cfg(session, local={"align_box": 98, "band_high": 24.0, "bin_min_particles": 0})
+    frames = pl.correct_gain(cfg, read_movie(str(movie)), xp=np, gain=None, workspace=pl.Workspace())
+    assert pl.use_binned_patches(cfg, frames, np, None) and pl.binned_alignment_box(cfg, frames) == 96
+    motion = pl.full_frame_motion(cfg, frames, sums2=pl.binned_sums(frames, pl.Workspace()))
+    located = pl.locate_picks(cfg, str(movie), None, frames)
+    kw = {"apix": 1.0, "dose_per_frame": 1.0, "band_high": 24.0}
+    spec, inside = pl.local_spectra(cfg, frames, located.positions, motion)
+    centres = (located.positions[:, None] + motion.shifts_px[None])[inside]
+    assert spec.box == 96 and inside.sum() >= 4
+    want = spectra_from_frames(frames.data, centres, 96, binned_frames=motion.sums2, **kw)
+    assert np.allclose(spec.x, want.x, rtol=1e-5, atol=1e-5)
+    sparse = _cfg(session, local={"align_box": 98, "band_high": 24.0, "bin_min_particles": 10_000})
+    spec, inside = pl.local_spectra(sparse, frames, located.positions, motion)
+    centres = (located.positions[:, None] + motion.shifts_px[None])[inside]
+    assert spec.box == 98
+    want = spectra_from_frames(frames.data, centres, 98, binning=1, **kw)
+    assert np.allclose(spec.x, want.x, rtol=1e-5, atol=1e-5)
+    wide = _cfg(session, local={"align_box": 98, "band_high": 6.0})  # band index 16 > 96/8: never binned
+    assert pl.binned_alignment_box(wide, frames) is None and not pl.use_binned_patches(wide, frames, np, None)
+
+
 def test_extract_stage_is_the_plain_window_sum_without_weights(session: Path, movie: Path) -> None:
     cfg = _cfg(session, dose_weighting=False, normalize=False, box=64)
     frames = pl.correct_gain(cfg, read_movie(str(movie)), xp=np, gain=None, workspace=pl.Workspace())
