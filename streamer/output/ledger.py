@@ -4,15 +4,15 @@ Tables:
   ``meta(key, value)``: fingerprint, processing (JSON), created, schema, and the snapshot/column state
   kept by the committer (``star_columns``, ``cs_dtype``, ``snap_star``, ``snap_cs``); after an lmc
   version with other parameter names opened the folder, ``fingerprint_created`` and ``versions``.
+  ``movies``: one row per movie (status done|failed|skipped), with the STAR rows (text) and .cs
+  records (an ``.npy`` blob) of its particles, so snapshots can be rebuilt from the ledger alone.
+  ``ranges(movie_id, stack, first, count)``: where a movie's particles are (0-based, per stack file).
+  ``stacks(name, committed_count)``: images of each stack file that belong to committed movies.
 
 A folder is reopened only with the processing parameters it was made with: every parameter the
 folder's record and this lmc both know must be equal (else FingerprintMismatch, naming each). A
 parameter only one side knows (an lmc version added or dropped it) cannot be given either way; the
 folder continues under this version's record, and the change is kept in ``versions`` and reported.
-  ``movies``: one row per movie (status done|failed|skipped), with the STAR rows (text) and .cs
-  records (an ``.npy`` blob) of its particles, so snapshots can be rebuilt from the ledger alone.
-  ``ranges(movie_id, stack, first, count)``: where a movie's particles are (0-based, per stack file).
-  ``stacks(name, committed_count)``: images of each stack file that belong to committed movies.
 
 WAL mode with ``synchronous=FULL``: a commit that returned survives power loss. ``movies.id`` is
 AUTOINCREMENT so ids never repeat and follow commit order (snapshots append rows by id).
