@@ -221,24 +221,38 @@ def score_movie(root: Path, params: SimParams, index: int, cfg: Config, band: tu
     )
 
 
-def common_limit(cfg: Config, est: pl.Estimate, truth: dict[str, Any], pid: np.ndarray) -> np.ndarray:
-    """(F, 2) px: the full-frame trajectory ``s + c`` with ``c`` fitted knowing every particle's true
-    field + residual (:func:`gpu.local.common_given`): the same data, prior and background share as the
-    product's common term, nothing else unknown. Its common-mode error is the limit of the data for this
-    model; lmc's ``s + c`` can only approach it. Fitted on the true particles among the picks whose
-    alignment box stays inside (junk picks have no true displacement and are left out)."""
-    from gpu.local import background_share, common_given, weight_overlaps
+def true_particle_spectra(cfg: Config, est: pl.Estimate, pid: np.ndarray) -> tuple[Any, float, np.ndarray]:
+    """(spectra, share, ids): the product's band spectra (:func:`streamer.pipeline.local_spectra`) of the
+    true particles among the aligned picks, overlap-weighted among themselves (junk picks have no true
+    displacement and no reference), the background share of all aligned picks (as the product's), and
+    their particle ids; spectra None when no true particle is aligned. ``pid``: :func:`score.pick_ids`."""
+    from gpu.local import background_share, weight_overlaps
 
     frames, motion, pos = est.frames, est.motion, est.located.positions
     spec, inside = pl.local_spectra(cfg, frames, pos, motion)
     if spec is None or not (pid[inside] >= 0).any():
-        return motion.shifts_px.copy()
+        return None, 0.0, np.zeros(0, dtype=np.int64)
     share = background_share(pos[inside], spec.box, motion.posterior.frame_shape)
     true = pid[inside] >= 0
     spec.x = spec.x[true]
     spec.self_power = None
     weight_overlaps(spec, pos[inside][true])
-    d = truth["trajectories"][pid[inside][true]] / frames.apix - motion.shifts_px[None]
+    return spec, share, pid[inside][true]
+
+
+def common_limit(cfg: Config, est: pl.Estimate, truth: dict[str, Any], pid: np.ndarray) -> np.ndarray:
+    """(F, 2) px: the full-frame trajectory ``s + c`` with ``c`` fitted knowing every particle's true
+    field + residual (:func:`gpu.local.common_given`): the same data, prior and background share as the
+    product's common term, nothing else unknown. Its common-mode error is the limit of the data for this
+    model; lmc's ``s + c`` can only approach it. Fitted on the true particles among the aligned picks
+    (:func:`true_particle_spectra`)."""
+    from gpu.local import common_given
+
+    motion = est.motion
+    spec, share, ids = true_particle_spectra(cfg, est, pid)
+    if spec is None:
+        return motion.shifts_px.copy()
+    d = truth["trajectories"][ids] / est.frames.apix - motion.shifts_px[None]
     d -= d.mean(axis=1, keepdims=True)
     known = d - d.mean(axis=0, keepdims=True)  # what differs between particles: field + residual
     return motion.shifts_px + common_given(spec, known, motion.posterior, share)

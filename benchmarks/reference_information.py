@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as bq  # benchmarks/quality.py: regimes, seeds, sessions, Config
 
 from gpu.dose import dose_weights
-from gpu.local import TrajectoryModel, background_share, common_uncertainty, frame_curvature, weight_overlaps
+from gpu.local import common_only_model, common_uncertainty, frame_curvature
 from streamer import pipeline as pl
 from streamer.sim import score
 from streamer.sim.simulate import hard_params, load_truth, movie_filename, recommended_box, truth_particles
@@ -70,18 +70,12 @@ def run_movie(regime: str, seed: int, cache: str, resolutions: list[float]) -> d
         truth = load_truth(root, name)
         est = pl.estimate(cfg, str(root / "movies" / name), None, xp=np, workspace=pl.Workspace(),
                           clock=pl.StageClock(np))
-        frames, motion, pos = est.frames, est.motion, est.located.positions
-        spec, inside = pl.local_spectra(cfg, frames, pos, motion)
-        weight_overlaps(spec, pos[inside])
-        share = background_share(pos[inside], spec.box, motion.posterior.frame_shape)
-        pid = score.pick_ids(pos[inside], truth, 0.01)
-        true = pid >= 0
+        frames = est.frames
+        spec, share, ids = bq.true_particle_spectra(cfg, est, score.pick_ids(est.located.positions, truth, 0.01))
         f = frames.shape[0]
-        model = TrajectoryModel(np.zeros((int(true.sum()), 0)), f, frames.apix, dose_per_frame=1.0, sigma_field=1.0,
-                                sigma_velocity=0.0, sigma_acceleration=1.0, residual=False, common=motion.posterior,
-                                background_share=share)
-        h_free = frame_curvature(spec, f)[true]  # the product's reference-free information, true particles only
-        images = truth_particles(root, name, spec.box, frames.apix, ids=pid[true])
+        model = common_only_model(len(ids), f, frames.apix, est.motion.posterior, share)
+        h_free = frame_curvature(spec, f)  # the product's reference-free information, true particles only
+        images = truth_particles(root, name, spec.box, frames.apix, ids=ids)
         out = {"free_info": h_free.sum(0) / frames.apix**2, "free_sd": common_uncertainty(model, h_free) * frames.apix,
                "lmc_sd": est.local.common_sd * frames.apix}
         for res in resolutions:

@@ -543,13 +543,19 @@ def common_given(spec: BandSpectra, known: np.ndarray, motion: FrameMotion, shar
         weight=spec.weight, shell=spec.shell, band=spec.band, frames=spec.frames, n_frames=spec.n_frames,
         box=spec.box, apix=spec.apix, noise=spec.noise, signal=spec.signal,
     )
-    # no field modes and no residual: only c is free, and its prior comes from ``motion`` alone (the
-    # dose and the field's and residual's sigmas scale parameters that do not exist here)
-    model = TrajectoryModel(np.zeros((known.shape[0], 0)), spec.n_frames, spec.apix, dose_per_frame=1.0,
-                            sigma_field=1.0, sigma_velocity=0.0, sigma_acceleration=1.0, residual=False,
-                            common=motion, background_share=share)
+    model = common_only_model(known.shape[0], spec.n_frames, spec.apix, motion, share)
     z, _ = fit(aligned, model, max_iter)
     return model.parts(z)[0]
+
+
+def common_only_model(n_particles: int, n_frames: int, apix: float, motion: FrameMotion, share: float) -> TrajectoryModel:
+    """The model with the common term ``c`` alone (no field modes, no residual): its prior is the one
+    of :func:`estimate_local` (the prior on ``s + c`` and the background's share ``share`` of the motion
+    stage's evidence), for :func:`common_given` and :func:`common_uncertainty` on given particles."""
+    # the dose and the field's and residual's sigmas scale parameters that do not exist here
+    return TrajectoryModel(np.zeros((n_particles, 0)), n_frames, apix, dose_per_frame=1.0, sigma_field=1.0,
+                           sigma_velocity=0.0, sigma_acceleration=1.0, residual=False, common=motion,
+                           background_share=share)
 
 
 def scaled_prior_evidence(b: np.ndarray, h: np.ndarray, p: np.ndarray, factors: tuple[float, ...]) -> np.ndarray:
