@@ -94,7 +94,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -105,6 +105,7 @@ from gpu.local_model import (
     BandSpectra,
     _aligned_chunk,
     _chunk,
+    aligned_spectra,
     curvature,
     data_term,
     mask_profile,
@@ -537,12 +538,7 @@ def common_given(spec: BandSpectra, known: np.ndarray, motion: FrameMotion, shar
     if known.shape != (spec.x.shape[0], spec.n_frames, 2):
         raise ValueError(f"common_given: known displacements {known.shape} for {spec.x.shape[0]} particles, "
                          f"{spec.n_frames} frames")
-    xp = spec.xp
-    aligned = BandSpectra(
-        x=_aligned_chunk(spec, xp.asarray(known[:, spec.frames]), slice(None)), kx=spec.kx, ky=spec.ky,
-        weight=spec.weight, shell=spec.shell, band=spec.band, frames=spec.frames, n_frames=spec.n_frames,
-        box=spec.box, apix=spec.apix, noise=spec.noise, signal=spec.signal,
-    )
+    aligned = replace(spec, x=aligned_spectra(spec, spec.xp.asarray(known[:, spec.frames])), self_power=None)
     model = common_only_model(known.shape[0], spec.n_frames, spec.apix, motion, share)
     z, _ = fit(aligned, model, max_iter)
     return model.parts(z)[0]
