@@ -72,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         total, cpu = time.perf_counter() - t0, time.process_time() - c0
         val, fit = res.info["seconds_validate"], res.info["seconds_fit"]
         rows.append((total - val - fit, val, fit, total, res.info["iterations"], cpu))
-    a = cfg.local.align_box or cfg.box
-    print(f"device {args.device}; {len(located.positions) - res.n_outside} particles, {args.frames} frames, align box {a} px")
+    # the box the stage used: a binned movie rounds the configured box down to a multiple of 4
+    spectra, _ = pl.local_spectra(cfg, frames, located.positions, motion)
+    a = f"{spectra.box} px" if spectra is not None else "none"
+    if spectra is not None and spectra.box != (cfg.local.align_box or cfg.box):
+        a += f" (configured {cfg.local.align_box or cfg.box} px)"
+    print(f"device {args.device}; {len(located.positions) - res.n_outside} particles, {args.frames} frames, align box {a}")
     print("| spectra + rest s | held-out fits s | main fit s | total s per movie | L-BFGS iterations (main) | CPU s |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -205,3 +205,89 @@ def test_reference_information_is_the_fisher_information_of_a_shift() -> None:
     fisher_x = float((dmu**2 / mu(0.0)).sum())
     assert fisher_x == pytest.approx(
         dose * apix**2 * float((np.fft.irfft2(2j * np.pi * kx * np.fft.rfft2(img[0]) * q[0], s=(b, b)) ** 2).sum()), rel=0.05)
+
+
+def test_information_against_a_reference_that_is_not_the_image() -> None:
+    """benchmarks/reference_information.py: aligning against a template μ that is not the image f gives
+    ``(Σ c Re(μ* f))² / Σ c |μ|²``: the same sums over pixels of real-space derivatives; equal to the
+    information of f itself for μ ∝ f and below it otherwise (Cauchy-Schwarz)."""
+    import reference_information as ri
+
+    rng = np.random.default_rng(5)
+    b, apix, dose, frames, res = 40, 1.5, 1.0, 3, 6.0
+    f = 0.05 * rng.standard_normal((2, b, b))
+    mu = f + 0.05 * rng.standard_normal((2, b, b))
+    c = ri.fisher_weights(b, apix, frames, dose, 0.0, 300.0, res)
+    got = ri.mismatched_information(np.fft.rfft2(f), np.fft.rfft2(mu), c)
+    own = ri.reference_information(f, apix, frames, dose, 0.0, 300.0, res)
+    np.testing.assert_allclose(ri.mismatched_information(np.fft.rfft2(f), 3.0 * np.fft.rfft2(f), c), own, rtol=1e-9)
+    assert np.all(got < own)
+    ky, kx = np.fft.fftfreq(b)[:, None], np.fft.rfftfreq(b)[None, :]
+    kmag = np.hypot(kx, ky) / apix
+    from gpu.dose import dose_weights
+
+    q = dose_weights(kmag, frames, dose, 0.0, 300.0, normalize=False) * (kmag <= 1.0 / res)
+
+    def grads(img: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+        spec = np.fft.rfft2(img) * q[t]
+        return (np.fft.irfft2(2j * np.pi * kx * spec, s=(b, b)), np.fft.irfft2(2j * np.pi * ky * spec, s=(b, b)))
+
+    for t in range(frames):
+        (fx, fy), (mx, my) = grads(f, t), grads(mu, t)
+        # q_t appears in both: the frame's attenuated image against the equally attenuated template
+        cross = ((fx * mx + fy * my).sum(axis=(1, 2)) / 2) ** 2
+        norm = (mx**2 + my**2).sum(axis=(1, 2)) / 2
+        np.testing.assert_allclose(got[:, t], dose * apix**2 * cross / norm, rtol=1e-6)
+
+
+def test_rotational_average_and_in_plane_turns() -> None:
+    """The rotational average does not change with the image's orientation (a transpose about the box
+    centre) and keeps a centred round blob; ``in_plane`` turns x towards y by +ψ."""
+    import reference_information as ri
+
+    rng = np.random.default_rng(6)
+    b = 32
+    img = rng.standard_normal((1, b, b))
+    c = b // 2
+    flipped = np.roll(np.roll(img[:, ::-1, ::-1], 1, axis=1), 1, axis=2)  # 180° about index b//2
+    np.testing.assert_allclose(ri.rotational_average(img), ri.rotational_average(np.swapaxes(img, 1, 2)), atol=1e-12)
+    np.testing.assert_allclose(ri.rotational_average(img), ri.rotational_average(flipped), atol=1e-12)
+    yy, xx = np.mgrid[0:b, 0:b]
+    blob = np.exp(-((yy - c) ** 2 + (xx - c) ** 2) / (2 * 3.0**2))[None]
+    avg = ri.rotational_average(blob)
+    assert np.abs(avg - blob).max() < 0.05 * blob.max()  # rings of one Fourier pixel: a few % off
+    assert np.abs(avg - ri.rotational_average(img)).max() > 0.1  # it is not a constant map
+    turned = ri.in_plane(np.eye(3)[None], np.array([90.0]))[0, 0]
+    np.testing.assert_allclose(turned @ np.array([1.0, 0.0, 0.0]), [0.0, 1.0, 0.0], atol=1e-6)
+
+
+def test_best_template_finds_the_particles_view_and_angle() -> None:
+    """``best_templates`` picks, from views × in-plane angles, the CTF-multiplied projection that is the
+    particle's (a view among the candidates, turned by an angle between the coarse steps) from a noisy image."""
+    import reference_information as ri
+
+    from gpu.ctf import ctf_2d
+    from streamer.sim.specimen import project_atoms, random_rotations
+
+    rng = np.random.default_rng(7)
+    b, apix = 48, 2.0
+    atoms = (rng.standard_normal((300, 3)) * np.array([18.0, 10.0, 6.0])).astype(np.float32)
+    views = random_rotations(12, rng)
+    ky, kx = np.fft.fftfreq(b)[:, None], np.fft.rfftfreq(b)[None, :]
+    band = np.hypot(kx, ky) / apix <= 1.0 / 8.0
+    mult = np.where((np.arange(kx.size) == 0) | (np.arange(kx.size) == b // 2), 1.0, 2.0)[None, :]
+
+    def project(rot: np.ndarray) -> np.ndarray:
+        return np.fft.rfft2(project_atoms(atoms, rot, b, apix, 0.2)) * band
+
+    true_rot = ri.in_plane(views[[4, 9]], np.array([22.0]))[:, 0]  # (2, 3, 3): views 4 and 9, turned by 22°
+    ctf = ctf_2d(b, b, apix, np.array([15000.0, 20000.0]), np.array([15500.0, 20000.0]), np.array([10.0, 0.0]),
+                 300.0, 2.7, 0.1)
+    truth = project(true_rot) * ctf
+    noisy = truth + np.fft.rfft2(0.002 * rng.standard_normal((2, b, b)))
+    got = ri.best_templates(noisy, ctf, project, views, band, mult)
+    for p in range(2):
+        corr = (np.conj(got[p]) * truth[p]).real.sum() / np.sqrt((np.abs(got[p]) ** 2).sum() * (np.abs(truth[p]) ** 2).sum())
+        assert corr > 0.999
+    wrong = ri.best_templates(noisy, ctf, project, views[[0, 1, 2]], band, mult)
+    assert (np.conj(wrong[0]) * truth[0]).real.sum() / np.sqrt((np.abs(wrong[0]) ** 2).sum() * (np.abs(truth[0]) ** 2).sum()) < 0.99
