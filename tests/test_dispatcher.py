@@ -72,16 +72,27 @@ def keyed_socket(d: Dispatcher, kind: int = zmq.DEALER) -> zmq.Socket:
     return sock
 
 
-@pytest.fixture
-def dispatcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dispatcher]:
-    keys = tmp_path_factory.mktemp("keys") / "keys"
+def started_dispatcher(keys: Path, max_attempts: int) -> Dispatcher:
+    """The tests' one recipe for a pool: new keys in ``keys``, a Dispatcher on a free local port with
+    the tests' heartbeat, its own context, started. Close it with :func:`shut`."""
     create_keys(keys)
-    d = Dispatcher("tcp://127.0.0.1:0", keys=keys, heartbeat=HB, liveness=LIVENESS, max_attempts=2,
+    d = Dispatcher("tcp://127.0.0.1:0", keys=keys, heartbeat=HB, liveness=LIVENESS, max_attempts=max_attempts,
                    context=zmq.Context())
     d.start()
+    return d
+
+
+def shut(d: Dispatcher) -> None:
+    """Tell the workers it knows to stop, close it and drop its context's unsent messages."""
+    d.close(stop_workers=True)
+    d.ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def dispatcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dispatcher]:
+    d = started_dispatcher(tmp_path_factory.mktemp("keys") / "keys", max_attempts=2)
     yield d
-    d.close(stop_workers=False)
-    d.ctx.term()
+    shut(d)
 
 
 @pytest.fixture

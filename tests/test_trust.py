@@ -13,13 +13,14 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import starfile
 import zmq
-from test_dispatcher import HB, LIVENESS, keyed_socket, kinds, movie, run_until, spawn_worker
+from test_dispatcher import keyed_socket, kinds, movie, run_until, shut, spawn_worker, started_dispatcher
 
 from streamer.config import Config
 from streamer.formats import relion_star
@@ -31,15 +32,11 @@ from streamer.types import MovieResult
 
 
 @pytest.fixture
-def keyed(tmp_path: Path):
-    keys = tmp_path / "keys"
-    create_keys(keys)
-    d = Dispatcher("tcp://127.0.0.1:0", keys=keys, heartbeat=HB, liveness=LIVENESS, max_attempts=20,
-                   context=zmq.Context())
-    d.start()
+def keyed(tmp_path: Path) -> Iterator[Dispatcher]:
+    # refused results are retried: enough attempts that no test runs out of them
+    d = started_dispatcher(tmp_path / "keys", max_attempts=20)
     yield d
-    d.close(stop_workers=True)
-    d.ctx.destroy(linger=0)
+    shut(d)
 
 
 def _result(movie_path: str, n: int = 2, box: int = 8, frames: int = 3, columns: dict | None = None,

@@ -107,6 +107,14 @@ def stack_name(number: int) -> str:
 class Committer:
     """Single writer of ``out_dir`` (see module docstring). Use as a context manager or call ``close()``."""
 
+    # the folder's state, read from its ledger by _open_state (after the lock and the ledger are held)
+    _import_sig: int  # the .cs import signature of every particle: from the folder's first fingerprint
+    _sign: float  # the particles' contrast sign (cfg.invert_contrast)
+    _cs_dtype: np.dtype | None  # the folder's .cs record dtype (None before its first particles)
+    _columns: ColumnSet | None  # the folder's STAR columns (None before the session declares them)
+    _stacks: dict[str, int]  # stack name -> committed image count
+    _snapshots: _Snapshots | None  # None only until _open_state has made it
+
     def __init__(self, out_dir: str | Path, cfg: Config, new: bool = False, snapshot_interval: float = 2.0) -> None:
         """Open (recovering) or create the output folder. ``new=True`` refuses a folder that already
         holds a ledger. Raises FingerprintMismatch when the folder was made with other processing
@@ -131,6 +139,7 @@ class Committer:
             os.close(self._lock_fd)
             raise
         self._closed = False
+        self._snapshots = None
         for kind, what in (("added", "new parameters of this lmc version, not in the folder's record"),
                            ("dropped", "parameters in the folder's record that this lmc version no longer has")):
             if self.ledger.adopted.get(kind):
@@ -139,7 +148,7 @@ class Committer:
         try:
             self._open_state()
         except BaseException:
-            if hasattr(self, "_snapshots"):
+            if self._snapshots is not None:
                 self._snapshots.close(write=False)
             self.ledger.close()
             os.close(self._lock_fd)
